@@ -1,0 +1,161 @@
+"""The two abstractions everything else talks to.
+
+* :class:`RewardModel` scores a batch of (prompt/condition, sample) pairs and returns one float per pair.
+  Add a reward by subclassing it and implementing :meth:`RewardModel.score_batch`.
+* :class:`ConditionalPolicy` is a LightningModule that learns ``pi(sample | prompt, rewards)`` with a
+  conditioned training step, and generates samples for prompts and desired rewards.
+
+The online loop, relabeling DataModule and evaluation only use these interfaces, which is why a new
+modality is a subclass plus a config entry.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch import nn
+
+from ric.conditioning import RewardConditioning
+
+
+class RewardModel(nn.Module, ABC):
+    """A named reward: ``(prompts, samples) -> tensor [B]``, higher is better.
+
+    Subclasses implement :meth:`score_batch` for one batch; :meth:`score` handles splitting into batches,
+    progress, shape and NaN checks, and returns a float32 CPU tensor. Register weights as submodules so
+    ``.to(device)`` moves them; inputs are moved by the subclass (use :attr:`device`).
+
+    Example::
+
+        class Length(RewardModel):
+            def score_batch(self, prompts, samples):
+                return torch.tensor([len(s.split()) for s in samples], dtype=torch.float32)
+
+        Length("verbosity").score(["q1", "q2"], ["a b", "c"])  # tensor([2., 1.])
+
+    Args:
+        name: the reward's name; it names the conditioning dimension and every column of results.
+        batch_size: how many pairs :meth:`score` passes to :meth:`score_batch` at once.
+    """
+
+    def __init__(self, name: str, batch_size: int = 16) -> None:
+        super().__init__()
+        if not name or not isinstance(name, str):
+            raise ValueError(f"a reward needs a non-empty string name, got {name!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size} for reward {name!r}")
+        self.name = name
+        self.batch_size = batch_size
+
+    @property
+    def device(self) -> torch.device:
+        for tensor in (*self.parameters(), *self.buffers()):
+            return tensor.device
+        return torch.device("cpu")
+
+    @abstractmethod
+    def score_batch(self, prompts: Sequence[Any], samples: Sequence[Any]) -> torch.Tensor:
+        """Scores of one batch, shape ``[len(samples)]``."""
+
+    @torch.no_grad()
+    def score(
+        self,
+        prompts: Sequence[Any],
+        samples: Sequence[Any],
+        batch_size: int | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Score every pair, in batches; returns a float32 CPU tensor of shape ``[len(samples)]``."""
+        if len(prompts) != len(samples):
+            raise ValueError(f"reward {self.name!r}: {len(prompts)} prompts for {len(samples)} samples")
+        size = batch_size or self.batch_size
+        starts = range(0, len(samples), size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc=f"scoring {self.name}", unit="batch")
+        was_training = self.training
+        self.eval()
+        out = []
+        try:
+            for start in starts:
+                batch_p, batch_s = prompts[start : start + size], samples[start : start + size]
+                scores = (
+                    torch.as_tensor(self.score_batch(batch_p, batch_s)).detach().float().cpu().reshape(-1)
+                )
+                if scores.shape[0] != len(batch_s):
+                    raise ValueError(
+                        f"reward {self.name!r} returned {scores.shape[0]} scores for a batch of {len(batch_s)}"
+                    )
+                bad = ~torch.isfinite(scores)
+                if bad.any():
+                    k = int(bad.nonzero()[0])
+                    raise ValueError(
+                        f"reward {self.name!r} returned {scores[k].item()} for sample {start + k}: "
+                        f"{str(batch_s[k])[:120]!r}"
+                    )
+                out.append(scores)
+        finally:
+            self.train(was_training)
+        return torch.cat(out) if out else torch.zeros(0)
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, batch_size={self.batch_size}"
+
+
+class FunctionReward(RewardModel):
+    """A reward from a plain function ``(prompts, samples) -> sequence of floats``: the quickest way to
+    add a pure, weight-free reward."""
+
+    def __init__(
+        self, name: str, fn: Callable[[Sequence[Any], Sequence[Any]], Any], batch_size: int = 64
+    ) -> None:
+        super().__init__(name, batch_size)
+        self.fn = fn
+
+    def score_batch(self, prompts: Sequence[Any], samples: Sequence[Any]) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(self.fn(prompts, samples), dtype=np.float32))
+
+
+class ConditionalPolicy(L.LightningModule, ABC):
+    """A policy ``pi(sample | prompt, rewards)`` trained by conditioned supervised learning.
+
+    Subclasses set :attr:`conditioning` (how reward values enter the prompt), implement
+    :meth:`training_step` (the conditioned loss on a batch from the relabeling DataModule) and
+    :meth:`generate` (samples for raw prompts at desired rewards). ``desired_rewards=None`` generates
+    without reward markers, which is how the base model and plain SFT are evaluated.
+    """
+
+    conditioning: RewardConditioning
+
+    @abstractmethod
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """Conditioned supervised loss on one batch."""
+
+    @abstractmethod
+    def generate(
+        self,
+        prompts: Sequence[Any],
+        desired_rewards: np.ndarray | None = None,
+        **sampling: Any,
+    ) -> list[Any]:
+        """One sample per prompt; ``desired_rewards`` is ``[len(prompts), N]`` (or ``[N]`` for all)."""
+
+    def condition(self, prompts: Sequence[Any], desired_rewards: np.ndarray | None) -> list[Any]:
+        """Raw prompts -> conditioned prompts, through the one conditioning format."""
+        if desired_rewards is None:
+            return [self.conditioning.format_unconditioned(p) for p in prompts]
+        values = np.asarray(desired_rewards, dtype=float)
+        if values.ndim == 1:
+            values = np.broadcast_to(values, (len(prompts), values.shape[0]))
+        if values.shape != (len(prompts), self.conditioning.num_rewards):
+            raise ValueError(
+                f"desired_rewards has shape {values.shape}, expected ({len(prompts)}, "
+                f"{self.conditioning.num_rewards}) for rewards {list(self.conditioning.reward_names)}"
+            )
+        return [self.conditioning.format(p, v) for p, v in zip(prompts, values)]
