@@ -72,13 +72,14 @@ class RewardNormalizer:
         return arr
 
     def fit(self, scores: np.ndarray, fitted_on: Mapping[str, Any] | None = None) -> RewardNormalizer:
-        """Fit mean and std on raw scores (a constant column gets std 1 so it stays finite)."""
+        """Fit mean and std on raw scores (a constant column gets std 1)."""
         arr = self._check_scores(scores)
         if arr.shape[0] < 2:
             raise ValueError(f"need at least 2 scored samples to fit normalization, got {arr.shape[0]}")
         self.mean = arr.mean(axis=0)
         std = arr.std(axis=0)
-        self.std = np.where(std > 0, std, 1.0)
+        # a (numerically) constant reward carries no information: keep it finite instead of dividing by ~0
+        self.std = np.where(std > 1e-9 * np.maximum(1.0, np.abs(self.mean)), std, 1.0)
         self.fitted_on = {"num_samples": int(arr.shape[0]), **dict(fitted_on or {})}
         return self
 
