@@ -45,11 +45,7 @@ class RewardConditioning:
         if len(set(names)) != len(names):
             raise ValueError(f"reward_names has duplicates: {list(names)}")
         object.__setattr__(self, "reward_names", names)
-        markers = (
-            tuple(self.markers)
-            if self.markers is not None
-            else tuple(f"<R{i + 1}>" for i in range(len(names)))
-        )
+        markers = tuple(self.markers) if self.markers is not None else tuple(f"<R{i + 1}>" for i in range(len(names)))
         if len(markers) != len(names):
             raise ValueError(f"{len(markers)} markers {list(markers)} for {len(names)} rewards {list(names)}")
         if len(set(markers)) != len(markers) or any(not m.strip() for m in markers):
@@ -83,9 +79,7 @@ class RewardConditioning:
                 f"{list(self.reward_names)}"
             )
         if not np.all(np.isfinite(arr)):
-            raise ValueError(
-                f"reward values must be finite, got {arr.tolist()} for {list(self.reward_names)}"
-            )
+            raise ValueError(f"reward values must be finite, got {arr.tolist()} for {list(self.reward_names)}")
         return arr
 
     def format_value(self, value: float) -> str:
@@ -96,15 +90,11 @@ class RewardConditioning:
     def format_rewards(self, values: Sequence[float] | np.ndarray) -> str:
         """Only the markers and values, e.g. ``<R1> 0.3 <R2> -1.2``."""
         arr = self._check_values(values)
-        return self.separator.join(
-            f"{m}{self.separator}{self.format_value(v)}" for m, v in zip(self.markers, arr)
-        )
+        return self.separator.join(f"{m}{self.separator}{self.format_value(v)}" for m, v in zip(self.markers, arr))
 
     def format(self, prompt: str, values: Sequence[float] | np.ndarray) -> str:
         """The conditioned prompt: the template with the raw prompt and the reward markers inserted."""
-        return self.template.replace(REWARDS_SLOT, self.format_rewards(values)).replace(
-            PROMPT_SLOT, prompt, 1
-        )
+        return self.template.replace(REWARDS_SLOT, self.format_rewards(values)).replace(PROMPT_SLOT, prompt, 1)
 
     def format_unconditioned(self, prompt: str) -> str:
         """The task prompt without markers: plain SFT and the base model see this."""

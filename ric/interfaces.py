@@ -11,8 +11,10 @@ modality is a subclass plus a config entry.
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -21,6 +23,7 @@ import torch
 from torch import nn
 
 from ric.conditioning import RewardConditioning
+from ric.normalization import RewardNormalizer
 
 
 class RewardModel(nn.Module, ABC):
@@ -52,6 +55,10 @@ class RewardModel(nn.Module, ABC):
         self.name = name
         self.batch_size = batch_size
 
+    def train(self, mode: bool = True) -> RewardModel:
+        """Reward models only score: they stay in eval mode (no dropout), whatever a caller asks."""
+        return super().train(False)
+
     @property
     def device(self) -> torch.device:
         for tensor in (*self.parameters(), *self.buffers()):
@@ -79,42 +86,39 @@ class RewardModel(nn.Module, ABC):
             from tqdm.auto import tqdm
 
             starts = tqdm(starts, desc=f"scoring {self.name}", unit="batch")
-        was_training = self.training
         self.eval()
         out = []
-        try:
-            for start in starts:
-                batch_p, batch_s = prompts[start : start + size], samples[start : start + size]
-                scores = (
-                    torch.as_tensor(self.score_batch(batch_p, batch_s)).detach().float().cpu().reshape(-1)
+        for start in starts:
+            batch_p, batch_s = prompts[start : start + size], samples[start : start + size]
+            scores = torch.as_tensor(self.score_batch(batch_p, batch_s)).detach().float().cpu().reshape(-1)
+            if scores.shape[0] != len(batch_s):
+                raise ValueError(
+                    f"reward {self.name!r} returned {scores.shape[0]} scores for a batch of {len(batch_s)}"
                 )
-                if scores.shape[0] != len(batch_s):
-                    raise ValueError(
-                        f"reward {self.name!r} returned {scores.shape[0]} scores for a batch of {len(batch_s)}"
-                    )
-                bad = ~torch.isfinite(scores)
-                if bad.any():
-                    k = int(bad.nonzero()[0])
-                    raise ValueError(
-                        f"reward {self.name!r} returned {scores[k].item()} for sample {start + k}: "
-                        f"{str(batch_s[k])[:120]!r}"
-                    )
-                out.append(scores)
-        finally:
-            self.train(was_training)
+            bad = ~torch.isfinite(scores)
+            if bad.any():
+                k = int(bad.nonzero()[0])
+                raise ValueError(
+                    f"reward {self.name!r} returned {scores[k].item()} for sample {start + k}: "
+                    f"{str(batch_s[k])[:120]!r}"
+                )
+            out.append(scores)
         return torch.cat(out) if out else torch.zeros(0)
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, batch_size={self.batch_size}"
+
+    def identity(self) -> str:
+        """Stable description of what this reward computes; keys the on-disk score cache. Include every
+        setting that changes scores (the default covers the class, the name and :meth:`extra_repr`)."""
+        return f"{type(self).__module__}.{type(self).__qualname__}({self.extra_repr()})"
 
 
 class FunctionReward(RewardModel):
     """A reward from a plain function ``(prompts, samples) -> sequence of floats``: the quickest way to
     add a pure, weight-free reward."""
 
-    def __init__(
-        self, name: str, fn: Callable[[Sequence[Any], Sequence[Any]], Any], batch_size: int = 64
-    ) -> None:
+    def __init__(self, name: str, fn: Callable[[Sequence[Any], Sequence[Any]], Any], batch_size: int = 64) -> None:
         super().__init__(name, batch_size)
         self.fn = fn
 
@@ -132,6 +136,70 @@ class ConditionalPolicy(L.LightningModule, ABC):
     """
 
     conditioning: RewardConditioning
+    #: ``False`` trains and samples without reward markers (plain SFT / base-model baselines)
+    conditioned: bool = True
+    #: normalization statistics of the rewards, set by the DataModule and stored in every checkpoint
+    normalizer: RewardNormalizer | None = None
+
+    def set_normalizer(self, normalizer: RewardNormalizer) -> None:
+        names = list(self.conditioning.reward_names)
+        if list(normalizer.reward_names) != names:
+            raise ValueError(
+                f"normalization statistics are for rewards {list(normalizer.reward_names)}, but the policy is "
+                f"conditioned on {names}"
+            )
+        self.normalizer = normalizer
+
+    def training_prompt(self, prompt: Any, normalized_rewards: np.ndarray) -> Any:
+        """The prompt a training example is shown with: markers carry the rewards its sample earned."""
+        if not self.conditioned:
+            return self.conditioning.format_unconditioned(prompt)
+        return self.conditioning.format(prompt, normalized_rewards)
+
+    def accepts(self, prompt: Any, sample: Any) -> bool:
+        """Whether an example is usable for training (e.g. within a token-length range)."""
+        return True
+
+    def collate(self, examples: Sequence[dict]) -> Any:
+        """Turn ``{"prompt": conditioned prompt, "response": sample}`` examples into a training batch."""
+        return list(examples)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        """Evaluation is a preference sweep run by :class:`ric.evaluation.PreferenceSweep`."""
+
+    def ric_metadata(self) -> dict[str, Any]:
+        """What inference needs besides the weights: conditioning format and normalization."""
+        c = self.conditioning
+        return {
+            "conditioning": {
+                "reward_names": list(c.reward_names),
+                "template": c.template,
+                "markers": list(c.markers),
+                "decimals": c.decimals,
+                "separator": c.separator,
+            },
+            "conditioned": self.conditioned,
+            "normalization": self.normalizer.to_dict() if self.normalizer is not None else None,
+        }
+
+    def save_ric_metadata(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "ric.json").write_text(json.dumps(self.ric_metadata(), indent=2))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["ric"] = self.ric_metadata()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = checkpoint.get("ric") or {}
+        saved = (meta.get("conditioning") or {}).get("reward_names")
+        if saved is not None and list(saved) != list(self.conditioning.reward_names):
+            raise ValueError(
+                f"checkpoint was trained on rewards {saved}, the policy is configured for "
+                f"{list(self.conditioning.reward_names)}"
+            )
+        if meta.get("normalization"):
+            self.normalizer = RewardNormalizer.from_dict(meta["normalization"], self.conditioning.reward_names)
 
     @abstractmethod
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:

@@ -61,9 +61,7 @@ def validate_preference(preference: Any, num_rewards: int | None = None) -> np.n
     if w.ndim != 1 or w.size == 0:
         raise ValueError(f"preference must be a non-empty 1-D vector, got shape {w.shape}: {preference!r}")
     if num_rewards is not None and w.size != num_rewards:
-        raise ValueError(
-            f"preference {w.tolist()} has {w.size} entries, expected {num_rewards} (one per reward)"
-        )
+        raise ValueError(f"preference {w.tolist()} has {w.size} entries, expected {num_rewards} (one per reward)")
     if not np.all(np.isfinite(w)):
         raise ValueError(f"preference {w.tolist()} has non-finite entries")
     if np.any(w < 0):

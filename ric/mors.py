@@ -34,9 +34,7 @@ def mors_thresholds(scores: np.ndarray, quantile: float = 0.7) -> np.ndarray:
     return np.quantile(arr, quantile, axis=0)
 
 
-def mors_keep_mask(
-    scores: np.ndarray, thresholds: np.ndarray | Sequence[float], inclusive: bool = False
-) -> np.ndarray:
+def mors_keep_mask(scores: np.ndarray, thresholds: np.ndarray | Sequence[float], inclusive: bool = False) -> np.ndarray:
     """Boolean mask of kept samples: above the threshold in at least one dimension.
 
     ``inclusive=True`` also keeps samples that only tie a threshold (the authors' ``>=``; it matters with

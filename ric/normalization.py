@@ -59,8 +59,7 @@ class RewardNormalizer:
         arr = np.asarray(scores, dtype=float)
         if arr.ndim != 2 or arr.shape[1] != len(self.reward_names):
             raise ValueError(
-                f"scores must have shape [n, {len(self.reward_names)}] for rewards {self.reward_names}, "
-                f"got {arr.shape}"
+                f"scores must have shape [n, {len(self.reward_names)}] for rewards {self.reward_names}, got {arr.shape}"
             )
         bad = ~np.isfinite(arr)
         if bad.any():
@@ -116,14 +115,10 @@ class RewardNormalizer:
         return path
 
     @classmethod
-    def from_dict(
-        cls, data: Mapping[str, Any], expected_names: Sequence[str] | None = None
-    ) -> RewardNormalizer:
+    def from_dict(cls, data: Mapping[str, Any], expected_names: Sequence[str] | None = None) -> RewardNormalizer:
         version = data.get("schema_version")
         if version != SCHEMA_VERSION:
-            raise ValueError(
-                f"unsupported normalization schema_version {version!r} (expected {SCHEMA_VERSION})"
-            )
+            raise ValueError(f"unsupported normalization schema_version {version!r} (expected {SCHEMA_VERSION})")
         missing = [k for k in ("reward_names", "mean", "std") if k not in data]
         if missing:
             raise ValueError(f"normalization statistics lack the fields {missing}")

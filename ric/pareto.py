@@ -40,9 +40,7 @@ def hypervolume(points: np.ndarray, reference: Sequence[float]) -> float:
     arr = _points(points)
     ref = np.asarray(reference, dtype=float).reshape(-1)
     if ref.shape[0] != arr.shape[1]:
-        raise ValueError(
-            f"reference point {ref.tolist()} has {ref.shape[0]} objectives, points have {arr.shape[1]}"
-        )
+        raise ValueError(f"reference point {ref.tolist()} has {ref.shape[0]} objectives, points have {arr.shape[1]}")
     if not np.all(np.isfinite(ref)):
         raise ValueError(f"reference point must be finite, got {ref.tolist()}")
     arr = arr[np.all(arr > ref, axis=1)]

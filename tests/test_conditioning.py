@@ -30,18 +30,14 @@ def test_negative_zero_is_written_as_zero():
 
 
 def test_custom_markers_and_decimals():
-    c = RewardConditioning(
-        ["a", "b"], template="{rewards} | {prompt}", markers=["[harm]", "[help]"], decimals=2
-    )
+    c = RewardConditioning(["a", "b"], template="{rewards} | {prompt}", markers=["[harm]", "[help]"], decimals=2)
     text = c.format("q?", [1.234, -0.5])
     assert text == "[harm] 1.23 [help] -0.50 | q?"
     assert c.parse(text)[0] == "q?"
     np.testing.assert_allclose(c.parse(text)[1], [1.23, -0.5])
 
 
-prompt_text = st.text(
-    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=60
-)
+prompt_text = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=60)
 
 
 @settings(max_examples=150, deadline=None)
@@ -50,9 +46,7 @@ prompt_text = st.text(
     prompt=prompt_text,
     data=st.data(),
     decimals=st.integers(0, 3),
-    template=st.sampled_from(
-        [HH, SUMMARY, "{rewards}{prompt}", "{prompt}{rewards}", "A {prompt} B {rewards} C"]
-    ),
+    template=st.sampled_from([HH, SUMMARY, "{rewards}{prompt}", "{prompt}{rewards}", "A {prompt} B {rewards} C"]),
 )
 def test_round_trip_any_n(n, prompt, data, decimals, template):
     values = np.array(data.draw(st.lists(st.floats(-50, 50), min_size=n, max_size=n)))

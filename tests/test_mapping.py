@@ -71,9 +71,7 @@ def test_solver_matches_p_norm_closed_form(data, w, p):
 @settings(max_examples=40, deadline=None)
 @given(data=st.data(), w=preferences())
 def test_solver_matches_p_inf(data, w):
-    np.testing.assert_allclose(
-        preference_to_unit(w, "solver", p=np.inf), preference_to_unit(w, "p_inf"), atol=1e-6
-    )
+    np.testing.assert_allclose(preference_to_unit(w, "solver", p=np.inf), preference_to_unit(w, "p_inf"), atol=1e-6)
     lam = data.draw(valid_lambdas(w, np.inf))
     np.testing.assert_allclose(
         preference_to_unit(w, "solver", p=np.inf, lam=lam), preference_to_unit(w, "p_inf", lam=lam), atol=1e-6

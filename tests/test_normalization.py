@@ -23,9 +23,7 @@ def test_fit_transform_inverse(scores):
 
 def test_save_load_round_trip(tmp_path):
     scores = np.random.default_rng(0).normal([1.0, -3.0], [2.0, 0.5], size=(100, 2))
-    norm = RewardNormalizer(["harmless", "helpful"]).fit(
-        scores, fitted_on={"dataset": "hh-rlhf", "split": "train"}
-    )
+    norm = RewardNormalizer(["harmless", "helpful"]).fit(scores, fitted_on={"dataset": "hh-rlhf", "split": "train"})
     path = norm.save(tmp_path / "stats" / "normalization.json")
     data = json.loads(path.read_text())
     assert data["schema_version"] == 1

