@@ -94,9 +94,19 @@ def write_front(
     with (out / "samples.jsonl").open("w") as fh:
         for s in samples:
             fh.write(json.dumps(s, default=float, ensure_ascii=False) + "\n")
-    ref = np.asarray(reference if reference is not None else np.full(len(reward_names), default_reward_range()[0]))
+    if reference is None:
+        reference = meta.get("r_min") or np.full(len(reward_names), default_reward_range()[0]).tolist()
+    ref = np.asarray(reference, dtype=float)
+    steer = {}
+    if len(preferences) > 2 and np.all(np.isfinite(preferences)):
+        from scipy.stats import spearmanr
+
+        for d, name in enumerate(reward_names):
+            if np.ptp(preferences[:, d]) > 0:
+                steer[name] = float(spearmanr(preferences[:, d], means[:, d]).statistic)
     metrics = {
         "hypervolume": hypervolume(means, ref),
+        "steerability": steer,
         "reference_point": ref.tolist(),
         "num_preferences": len(preferences),
         "num_prompts": int(len(obtained[0])) if obtained else 0,
@@ -141,6 +151,10 @@ class PreferenceSweep(L.Callback):
         reference: hypervolume reference point (default: ``r_min`` of the mapping in every dimension).
         sampling: generation overrides (default: temperature 1.0, top_p 0.9 as in the paper's evaluation).
         after_fit: also run at the end of ``fit``.
+        reward_range: ``normal`` (the paper: expected extremes of 50,000 standard-normal draws, about
+            +-4.23) or ``data`` (the ``range_quantiles`` of the normalized training scores, default min and
+            max); ``r_min`` / ``r_max`` (scalars or per-reward lists) override either.
+        samples_per_prompt: responses generated per prompt and preference (more = less noisy means).
     """
 
     def __init__(
@@ -155,7 +169,22 @@ class PreferenceSweep(L.Callback):
         sampling: dict[str, Any] | None = None,
         after_fit: bool = False,
         label: str = "RiC",
+        reward_range: str = "normal",
+        r_min: float | list[float] | None = None,
+        r_max: float | list[float] | None = None,
+        samples_per_prompt: int = 1,
+        range_quantiles: tuple[float, float] = (0.0, 1.0),
     ) -> None:
+        if not 0.0 <= range_quantiles[0] < range_quantiles[1] <= 1.0:
+            raise ValueError(f"range_quantiles must satisfy 0 <= low < high <= 1, got {range_quantiles}")
+        self.range_quantiles = tuple(range_quantiles)
+        if reward_range not in ("normal", "data"):
+            raise ValueError(f"reward_range must be 'normal' or 'data', got {reward_range!r}")
+        if samples_per_prompt < 1:
+            raise ValueError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
+        self.reward_range = reward_range
+        self.r_min, self.r_max = r_min, r_max
+        self.samples_per_prompt = samples_per_prompt
         self.preferences = preferences
         self.num_points = num_points
         self.method = method
@@ -181,11 +210,25 @@ class PreferenceSweep(L.Callback):
         prefs = self.preferences if self.preferences is not None else default_preferences(n, self.num_points)
         return np.array([validate_preference(w, num_rewards=n) for w in prefs])
 
+    def bounds(self, dm: Any, num_rewards: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(r_min, r_max)`` per reward in normalized units."""
+        if self.reward_range == "data" and len(getattr(dm, "train_scores", [])):
+            z = dm.normalizer.transform(dm.train_scores)
+            lo, hi = np.quantile(z, self.range_quantiles, axis=0)
+        else:
+            lo_n, hi_n = default_reward_range()
+            lo, hi = np.full(num_rewards, lo_n), np.full(num_rewards, hi_n)
+        if self.r_min is not None:
+            lo = np.broadcast_to(np.asarray(self.r_min, dtype=float), (num_rewards,)).copy()
+        if self.r_max is not None:
+            hi = np.broadcast_to(np.asarray(self.r_max, dtype=float), (num_rewards,)).copy()
+        return lo, hi
+
     def run(self, trainer: L.Trainer, policy: ConditionalPolicy) -> Path | None:
         dm = trainer.datamodule
         rewards: list[RewardModel] = dm.rewards
         names = [r.name for r in rewards]
-        prompts = list(dm.test_prompts)
+        prompts = [p for p in dm.test_prompts for _ in range(self.samples_per_prompt)]
         if not prompts:
             raise ValueError("no held-out prompts to evaluate: set test_fraction > 0 or test_dataset")
         if policy.normalizer is None:
@@ -195,7 +238,8 @@ class PreferenceSweep(L.Callback):
             desired = np.full((1, len(names)), np.nan)
         else:
             preferences = self.resolve_preferences(names)
-            desired = np.array([desired_rewards(w, self.method, p=self.p) for w in preferences])
+            lo, hi = self.bounds(dm, len(names))
+            desired = np.array([desired_rewards(w, self.method, p=self.p, r_min=lo, r_max=hi) for w in preferences])
         if not trainer.is_global_zero:
             return None
         from tqdm.auto import tqdm
@@ -225,12 +269,27 @@ class PreferenceSweep(L.Callback):
             "unconditioned": self.unconditioned,
             "normalization": policy.normalizer.to_dict(),
             "sampling": self.sampling,
+            "reward_range": self.reward_range,
+            "r_min": None if self.unconditioned else lo.tolist(),
+            "r_max": None if self.unconditioned else hi.tolist(),
+            "samples_per_prompt": self.samples_per_prompt,
         }
+        train_scores = getattr(dm, "train_scores", np.zeros((0, len(names))))
+        if len(train_scores) > 2 and len(names) > 1:
+            meta["train_reward_correlation"] = np.corrcoef(train_scores, rowvar=False).tolist()
         self.last_metrics = write_front(
             out, names, preferences, desired, obtained, samples, meta, self.reference, self.label
         )
         means = np.array([o.mean(axis=0) for o in obtained])
         print(format_table(names, preferences, desired, means))
+        for key, value in self.last_metrics.get("steerability", {}).items():
+            print(f"Spearman(w_{key}, obtained {key}) = {value:+.2f}")
+        if "train_reward_correlation" in self.last_metrics:
+            corr = np.asarray(self.last_metrics["train_reward_correlation"])
+            pairs = [
+                f"{names[i]}/{names[j]} {corr[i, j]:+.2f}" for i in range(len(names)) for j in range(i + 1, len(names))
+            ]
+            print("Pearson correlation of the rewards on the training data: " + ", ".join(pairs))
         print(f"hypervolume {self.last_metrics['hypervolume']:.4f} (reference {self.last_metrics['reference_point']})")
         self.front_csv = (out / "front.csv").resolve()
         print(self.front_csv, flush=True)

@@ -13,10 +13,14 @@ from ric.text.models import load_causal_lm
 ASSETS = Path(__file__).resolve().parents[1] / "ric" / "text" / "assets"
 #: (hidden instruction, token budget): the budget makes lengths vary even where the model ignores the style
 STYLES = [
-    ("Reply in one short, simple sentence.", 24),
-    ("Explain it like I am five years old, in very simple words.", 48),
-    ("Reply in two or three plain, friendly sentences.", 64),
-    ("Give a thorough, detailed answer using precise technical vocabulary.", 112),
+    ("Reply in one short sentence using only simple, everyday words.", 24),
+    ("Reply in two short, simple sentences that a child could read.", 48),
+    ("Reply in a few sentences.", 64),
+    (
+        "Give a long, thorough answer in formal academic language, with advanced technical terminology "
+        "and long, complex sentences.",
+        112,
+    ),
 ]
 
 
@@ -48,7 +52,11 @@ def main(out: Path = ASSETS / "quickstart.jsonl", batch_size: int = 16) -> None:
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         with torch.no_grad():
             out_ids = model.generate(
-                **enc, max_new_tokens=max(b for _, _, b in chunk), do_sample=True, temperature=0.7, top_p=0.9,
+                **enc,
+                max_new_tokens=max(b for _, _, b in chunk),
+                do_sample=True,
+                temperature=0.7,
+                top_p=0.9,
                 pad_token_id=tok.pad_token_id,
             )
         for (p, _, _), ids in zip(chunk, out_ids[:, enc.input_ids.shape[1] :]):

@@ -310,3 +310,24 @@ def test_clear_errors(tmp_path, tiny_llama, text_data):
     with pytest.raises(ValueError, match=r"3 entries, expected 2"):
         PreferenceSweep(preferences=[[0.2, 0.3, 0.5]]).resolve_preferences(["verbosity", "sentiment"])
     assert len(default_preferences(2)) == 11 and len(default_preferences(3)) == 13
+
+
+def test_sweep_reward_range_from_data():
+    from types import SimpleNamespace
+
+    from ric.normalization import RewardNormalizer
+
+    scores = np.stack([np.arange(101.0), -np.arange(101.0)], axis=1)
+    dm = SimpleNamespace(train_scores=scores, normalizer=RewardNormalizer(["a", "b"]).fit(scores))
+    z = dm.normalizer.transform(scores)
+    lo, hi = PreferenceSweep(reward_range="data").bounds(dm, 2)
+    np.testing.assert_allclose(lo, z.min(axis=0))
+    np.testing.assert_allclose(hi, z.max(axis=0))
+    lo, hi = PreferenceSweep(reward_range="data", range_quantiles=(0.1, 0.9)).bounds(dm, 2)
+    np.testing.assert_allclose(lo, np.quantile(z, 0.1, axis=0))
+    lo, hi = PreferenceSweep(r_min=-1.0, r_max=[2.0, 3.0]).bounds(dm, 2)
+    assert lo.tolist() == [-1.0, -1.0] and hi.tolist() == [2.0, 3.0]
+    with pytest.raises(ValueError, match="reward_range"):
+        PreferenceSweep(reward_range="dataset")
+    with pytest.raises(ValueError, match="range_quantiles"):
+        PreferenceSweep(range_quantiles=(0.9, 0.1))

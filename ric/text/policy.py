@@ -14,6 +14,7 @@ from ric.conditioning import RewardConditioning
 from ric.interfaces import ConditionalPolicy
 from ric.text.models import load_causal_lm
 
+LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -48,7 +49,7 @@ class TextPolicy(ConditionalPolicy):
         lora_r: int = 64,
         lora_alpha: int = 128,
         lora_dropout: float = 0.05,
-        lora_target_modules: Sequence[str] | str = "all-linear",
+        lora_target_modules: Sequence[str] | str = LLAMA_PROJECTIONS,
         lora_layers: Sequence[int] | None = None,
         quantization: Literal["8bit", "4bit"] | None = None,
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
@@ -85,6 +86,8 @@ class TextPolicy(ConditionalPolicy):
             from peft import LoraConfig, get_peft_model
 
             target = lora_target_modules if isinstance(lora_target_modules, str) else list(lora_target_modules)
+            if isinstance(target, str) and lora_layers is not None:
+                raise ValueError(f"lora_layers needs explicit lora_target_modules (a list), not {target!r}")
             config = LoraConfig(
                 r=lora_r,
                 lora_alpha=lora_alpha,
@@ -96,6 +99,7 @@ class TextPolicy(ConditionalPolicy):
             self.lm = get_peft_model(self.lm, config)
         elif quantization is not None:
             raise ValueError("quantized base weights cannot be fine-tuned without LoRA: set lora_r > 0")
+        self.lm.train()  # GGUF and hub loaders return eval-mode modules; Lightning keeps module modes as found
         # a checkpoint holds only the trained weights (the adapter), not the frozen base
         self.strict_loading = False
 
