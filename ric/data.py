@@ -18,7 +18,7 @@ from typing import Any
 
 import lightning as L
 import numpy as np
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from ric.interfaces import ConditionalPolicy, RewardModel
 from ric.normalization import RewardNormalizer
@@ -123,6 +123,39 @@ class ScoreCache:
         return np.stack(columns, axis=1) if columns else np.zeros((len(records), 0))
 
 
+class ExamplePool(IterableDataset):
+    """One shuffled pass over the DataModule's current training examples per epoch.
+
+    When the online loop replaces the pool, the running pass ends early, so the next batches come from the
+    new data without rebuilding the loader. Under DDP each rank takes an equal share of the pass."""
+
+    def __init__(self, datamodule: RelabelDataModule) -> None:
+        self.dm = datamodule
+
+    def _share(self, n: int) -> tuple[int, int, int]:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            rank, world = dist.get_rank(), dist.get_world_size()
+        else:
+            rank, world = 0, 1
+        return rank, world, n // world
+
+    def __len__(self) -> int:
+        return self._share(len(self.dm.train_examples()))[2]
+
+    def __iter__(self):
+        version = self.dm.pool_version
+        examples = self.dm.train_examples()
+        epoch = self.dm.trainer.current_epoch if self.dm.trainer is not None else 0
+        order = np.random.default_rng([self.dm.seed, epoch, version]).permutation(len(examples))
+        rank, world, share = self._share(len(examples))
+        for i in order[rank::world][:share]:
+            if self.dm.pool_version != version:
+                return
+            yield examples[i]
+
+
 class RelabelDataModule(L.LightningDataModule):
     """Scores a data set with the reward set, normalizes, and serves reward-conditioned examples.
 
@@ -185,6 +218,9 @@ class RelabelDataModule(L.LightningDataModule):
         self.test_prompts: list[Any] = []
         self.train_scores = np.zeros((0, len(rewards)))
         self.val_scores = np.zeros((0, len(rewards)))
+        self.pool_version = 0
+        self._pool: list[dict[str, Any]] | None = None
+        self._offline_examples: list[dict[str, Any]] | None = None
         self._ready = False
 
     @property
@@ -268,15 +304,39 @@ class RelabelDataModule(L.LightningDataModule):
             for r, z in zip(records, normalized)
         ]
 
-    def train_dataloader(self) -> DataLoader:
-        import torch
+    def state_dict(self) -> dict[str, Any]:
+        return {"pool_version": self.pool_version}
 
-        gen = torch.Generator().manual_seed(self.seed)
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # the pool itself is rebuilt from the on-disk buffer by the online loop
+        self.pool_version = int(state_dict.get("pool_version", 0))
+
+    def set_train_pool(self, records: Sequence[dict[str, Any]], scores: np.ndarray, normalized: bool = False) -> None:
+        """Replace the training examples (the online loop's buffer): each record is relabeled with the rewards
+        it obtained; ``scores`` are raw unless ``normalized``."""
+        z = np.asarray(scores, dtype=float) if normalized else self.normalizer.transform(scores)
+        if len(records) != len(z):
+            raise ValueError(f"{len(records)} records but {len(z)} score rows")
+        if not records:
+            raise ValueError("the new training pool is empty")
+        self._pool = [
+            {"prompt": self.policy.training_prompt(r["prompt"], v), "response": r["response"]}
+            for r, v in zip(records, z)
+        ]
+        self.pool_version += 1
+
+    def train_examples(self) -> list[dict[str, Any]]:
+        """The current training examples: the online pool once there is one, else the relabeled data set."""
+        if self._pool is not None:
+            return self._pool
+        if self._offline_examples is None:
+            self._offline_examples = self.examples(self.train_records, self.train_scores)
+        return self._offline_examples
+
+    def train_dataloader(self) -> DataLoader:
         return DataLoader(
-            self.examples(self.train_records, self.train_scores),
+            ExamplePool(self),
             batch_size=self.batch_size,
-            shuffle=True,
-            generator=gen,
             collate_fn=self.policy.collate,
             num_workers=self.num_workers,
         )

@@ -19,7 +19,7 @@ import lightning as L
 import numpy as np
 
 from ric.interfaces import ConditionalPolicy, RewardModel
-from ric.mapping import default_reward_range, desired_rewards, validate_preference
+from ric.mapping import RewardRange, default_reward_range, desired_rewards, validate_preference
 from ric.pareto import hypervolume, plot_fronts
 
 log = logging.getLogger(__name__)
@@ -175,15 +175,9 @@ class PreferenceSweep(L.Callback):
         samples_per_prompt: int = 1,
         range_quantiles: tuple[float, float] = (0.0, 1.0),
     ) -> None:
-        if not 0.0 <= range_quantiles[0] < range_quantiles[1] <= 1.0:
-            raise ValueError(f"range_quantiles must satisfy 0 <= low < high <= 1, got {range_quantiles}")
-        self.range_quantiles = tuple(range_quantiles)
-        if reward_range not in ("normal", "data"):
-            raise ValueError(f"reward_range must be 'normal' or 'data', got {reward_range!r}")
+        self.range = RewardRange(reward_range, tuple(range_quantiles), r_min, r_max)
         if samples_per_prompt < 1:
             raise ValueError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
-        self.reward_range = reward_range
-        self.r_min, self.r_max = r_min, r_max
         self.samples_per_prompt = samples_per_prompt
         self.preferences = preferences
         self.num_points = num_points
@@ -212,17 +206,9 @@ class PreferenceSweep(L.Callback):
 
     def bounds(self, dm: Any, num_rewards: int) -> tuple[np.ndarray, np.ndarray]:
         """``(r_min, r_max)`` per reward in normalized units."""
-        if self.reward_range == "data" and len(getattr(dm, "train_scores", [])):
-            z = dm.normalizer.transform(dm.train_scores)
-            lo, hi = np.quantile(z, self.range_quantiles, axis=0)
-        else:
-            lo_n, hi_n = default_reward_range()
-            lo, hi = np.full(num_rewards, lo_n), np.full(num_rewards, hi_n)
-        if self.r_min is not None:
-            lo = np.broadcast_to(np.asarray(self.r_min, dtype=float), (num_rewards,)).copy()
-        if self.r_max is not None:
-            hi = np.broadcast_to(np.asarray(self.r_max, dtype=float), (num_rewards,)).copy()
-        return lo, hi
+        scores = getattr(dm, "train_scores", None)
+        normalized = dm.normalizer.transform(scores) if scores is not None and len(scores) else None
+        return self.range.bounds(num_rewards, normalized)
 
     def run(self, trainer: L.Trainer, policy: ConditionalPolicy) -> Path | None:
         dm = trainer.datamodule
@@ -269,7 +255,7 @@ class PreferenceSweep(L.Callback):
             "unconditioned": self.unconditioned,
             "normalization": policy.normalizer.to_dict(),
             "sampling": self.sampling,
-            "reward_range": self.reward_range,
+            "reward_range": self.range.kind,
             "r_min": None if self.unconditioned else lo.tolist(),
             "r_max": None if self.unconditioned else hi.tolist(),
             "samples_per_prompt": self.samples_per_prompt,

@@ -16,6 +16,7 @@ Methods:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Literal
 
@@ -50,6 +51,43 @@ def default_reward_range(num_draws: int = PAPER_RANGE_DRAWS) -> tuple[float, flo
     """``(r_min, r_max)`` in normalized reward space, as the paper sets them."""
     top = expected_normal_max(num_draws)
     return -top, top
+
+
+@dataclass(frozen=True)
+class RewardRange:
+    """Where ``[r_min, r_max]`` comes from, in normalized reward units.
+
+    ``normal``: the paper's choice, the expected extremes of 50,000 standard-normal draws (+-4.23);
+    ``data``: the ``quantiles`` of the normalized training scores. ``r_min`` / ``r_max`` (scalars or one
+    value per reward) override either bound.
+    """
+
+    kind: str = "normal"
+    quantiles: tuple[float, float] = (0.0, 1.0)
+    r_min: float | Sequence[float] | None = None
+    r_max: float | Sequence[float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("normal", "data"):
+            raise ValueError(f"reward_range must be 'normal' or 'data', got {self.kind!r}")
+        lo, hi = self.quantiles
+        if not 0.0 <= lo < hi <= 1.0:
+            raise ValueError(f"range_quantiles must satisfy 0 <= low < high <= 1, got {tuple(self.quantiles)}")
+
+    def bounds(self, num_rewards: int, normalized_scores: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(r_min, r_max)``, one value per reward."""
+        if self.kind == "data" and normalized_scores is not None and len(normalized_scores):
+            lo, hi = np.quantile(np.asarray(normalized_scores, dtype=float), self.quantiles, axis=0)
+        else:
+            lo_n, hi_n = default_reward_range()
+            lo, hi = np.full(num_rewards, lo_n), np.full(num_rewards, hi_n)
+        if self.r_min is not None:
+            lo = _per_dim("r_min", self.r_min, num_rewards)
+        if self.r_max is not None:
+            hi = _per_dim("r_max", self.r_max, num_rewards)
+        if not np.all(hi > lo):
+            raise ValueError(f"need r_min < r_max, got r_min {lo.tolist()} and r_max {hi.tolist()}")
+        return lo, hi
 
 
 def validate_preference(preference: Any, num_rewards: int | None = None) -> np.ndarray:

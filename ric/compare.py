@@ -1,0 +1,92 @@
+"""Compare several evaluated runs on one plot, with every hypervolume against one shared reference point.
+
+    python -m ric.compare runs/base/sweep runs/sft/sweep runs/ric/sweep --labels base SFT RiC --out runs/compare
+
+Each input is a sweep folder (or its ``front.csv``); runs must share reward names. Writes ``front.png``
+(all fronts on one axes), ``compare.csv`` and ``compare.json`` (hypervolume per run, the reference point).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ric.pareto import hypervolume, plot_fronts, shared_reference
+
+
+def read_front(path: str | Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """``(reward names, preferences [P, N], obtained means [P, N])`` of a front.csv (or its folder)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "front.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"no front.csv at {path}")
+    with path.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        raise ValueError(f"{path} has no rows")
+    names = [c[len("obtained_") :] for c in rows[0] if c.startswith("obtained_") and not c.endswith("_sem")]
+    prefs = np.array([[float(r[f"w_{n}"]) for n in names] for r in rows])
+    means = np.array([[float(r[f"obtained_{n}"]) for n in names] for r in rows])
+    return names, prefs, means
+
+
+def compare(
+    fronts: Sequence[str | Path],
+    labels: Sequence[str] | None = None,
+    out: str | Path = "compare",
+    reference: Sequence[float] | None = None,
+) -> dict:
+    labels = list(labels) if labels else [Path(f).parent.name if Path(f).is_file() else Path(f).name for f in fronts]
+    if len(labels) != len(fronts):
+        raise ValueError(f"{len(labels)} labels for {len(fronts)} runs")
+    loaded = [read_front(f) for f in fronts]
+    names = loaded[0][0]
+    for f, (other, _, _) in zip(fronts, loaded):
+        if other != names:
+            raise ValueError(f"{f} has rewards {other}, the first run has {names}")
+    ref = np.asarray(reference, dtype=float) if reference is not None else shared_reference([m for _, _, m in loaded])
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for label, (_, _, means) in zip(labels, loaded):
+        results.append({"run": label, "hypervolume": hypervolume(means, ref), "points": len(means)})
+    with (out / "compare.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["run", "hypervolume", "points"])
+        writer.writeheader()
+        writer.writerows(results)
+    summary = {"reward_names": names, "reference_point": ref.tolist(), "runs": results}
+    (out / "compare.json").write_text(json.dumps(summary, indent=2))
+    if len(names) in (2, 3):
+        w1 = {label: p[:, 0].tolist() for label, (_, p, _) in zip(labels, loaded) if np.all(np.isfinite(p))}
+        plot_fronts(
+            {label: m for label, (_, _, m) in zip(labels, loaded)},
+            out / "front.png",
+            names,
+            w1,
+            title="obtained rewards (shared hypervolume reference)",
+        )
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Compare evaluated runs on one front plot.")
+    parser.add_argument("fronts", nargs="+", help="sweep folders or front.csv files")
+    parser.add_argument("--labels", nargs="+")
+    parser.add_argument("--out", default="compare")
+    parser.add_argument("--reference", nargs="+", type=float, help="hypervolume reference point")
+    args = parser.parse_args(argv)
+    summary = compare(args.fronts, args.labels, args.out, args.reference)
+    for r in summary["runs"]:
+        print(f"{r['run']:>20}  hypervolume {r['hypervolume']:.4f}")
+    print(f"reference point {summary['reference_point']}")
+    print(Path(args.out).resolve() / "front.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ric.cli import RiCCLI
+from ric.compare import compare
+from ric.mors import mors_keep_mask, mors_thresholds
+from ric.online import read_rows
+
+TEMPLATE = "Q: {prompt} {rewards}\nA:"
+
+
+def _config(tmp_path, tiny_llama, data_path, *, offline_steps=2, online=None, checkpoint_every=1):
+    online_args = {
+        "iterations": 1,
+        "steps_per_iteration": 2,
+        "prompts_per_iteration": 16,
+        "chunk_size": 4,
+        "buffer_dir": str(tmp_path / "buffer"),
+        "sampling": {"max_new_tokens": 8},
+        **(online or {}),
+    }
+    cfg = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu", "devices": 1, "max_steps": offline_steps, "logger": False,
+            "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0,
+            "default_root_dir": str(tmp_path / "run"), "limit_val_batches": 0,
+            "callbacks": [
+                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                 "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True,
+                               "every_n_train_steps": checkpoint_every}},
+                {"class_path": "ric.online.OnlineLoop", "init_args": online_args},
+            ],
+        },
+        "model": {"class_path": "ric.text.policy.TextPolicy",
+                  "init_args": {"model": tiny_llama, "reward_names": ["verbosity", "readability"], "template": TEMPLATE,
+                                "lora_r": 4, "lora_alpha": 8, "max_new_tokens": 4, "learning_rate": 1e-3}},
+        "data": {"dataset": {"class_path": "ric.data.JsonlExamples", "init_args": {"path": str(data_path)}},
+                 "rewards": [{"class_path": "ric.text.rewards.Verbosity"},
+                             {"class_path": "ric.text.rewards.Readability"}],
+                 "batch_size": 4, "test_fraction": 0.2, "cache_dir": str(tmp_path / "cache"),
+                 "output_dir": str(tmp_path / "run"), "progress": False},
+    }  # fmt: skip
+    path = tmp_path / "config.yaml"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def _buffer(tmp_path):
+    return [row for f in sorted((tmp_path / "buffer" / "round0").glob("rank*.jsonl")) for row in read_rows(f)]
+
+
+def test_one_online_iteration(tmp_path, tiny_llama, text_data):
+    cli = RiCCLI(args=["fit", "--config", str(_config(tmp_path, tiny_llama, text_data))])
+    assert cli.trainer.global_step == 4  # 2 offline + 2 online
+    rows = _buffer(tmp_path)
+    assert sorted(r["index"] for r in rows) == list(range(16))
+    summary = json.loads((tmp_path / "buffer" / "round0" / "summary.json").read_text())
+    dm = cli.datamodule
+    z = dm.normalizer.transform(np.array([r["raw"] for r in rows]))
+    kept = mors_keep_mask(z, mors_thresholds(z, 0.7))
+    assert summary["generated"] == 16 and summary["kept_by_mors"] == int(kept.sum())
+    assert summary["buffer_online"] == int(kept.sum())
+    assert summary["buffer_original"] == min(round(0.5 * kept.sum()), summary["buffer_original"])
+    assert len(dm.train_examples()) == summary["buffer_online"] + summary["buffer_original"]
+    np.testing.assert_allclose(list(summary["thresholds"].values()), mors_thresholds(z, 0.7))
+    # every training prompt of the pool carries the rewards its sample obtained
+    prompt, values = cli.model.conditioning.parse(dm.train_examples()[0]["prompt"])
+    assert values.shape == (2,)
+    # the online learning rate is constant
+    assert cli.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-5)
+    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    state = next(v for k, v in ckpt["callbacks"].items() if "OnlineLoop" in k)
+    assert state["phase"] == 1 and state["summaries"][0]["kept_by_mors"] == summary["kept_by_mors"]
+
+
+def test_killed_round_resumes_without_loss_or_duplicates(tmp_path, tiny_llama, text_data):
+    config = _config(tmp_path, tiny_llama, text_data, online={"fail_after": 6})
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        RiCCLI(args=["fit", "--config", str(config)])
+    first = _buffer(tmp_path)
+    assert len(first) == 6
+    # a torn line from a kill mid-write is dropped, not fatal
+    with (tmp_path / "buffer" / "round0" / "rank0.jsonl").open("a") as fh:
+        fh.write('{"index": 99, "prompt": "tor')
+    resumed = RiCCLI(
+        args=[
+            "fit",
+            "--config",
+            str(config),
+            "--trainer.callbacks.fail_after",
+            "null",
+            "--ckpt_path",
+            str(tmp_path / "ckpt" / "last.ckpt"),
+        ]
+    )
+    rows = _buffer(tmp_path)
+    assert sorted(r["index"] for r in rows) == list(range(16))
+    assert [r for r in rows if r["index"] < 6] == first  # finished samples were not regenerated
+    assert resumed.trainer.global_step == 4
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is unavailable")
+def test_ddp_two_processes_match_one(tmp_path, tiny_llama, text_data):
+    """Greedy generation from the initial weights (no offline steps): the buffer and MORS thresholds of 2
+    gloo processes equal those of 1."""
+    results = {}
+    for devices in (1, 2):
+        folder = tmp_path / f"d{devices}"
+        folder.mkdir()
+        config = _config(
+            folder,
+            tiny_llama,
+            text_data,
+            offline_steps=0,
+            online={"sampling": {"max_new_tokens": 8, "do_sample": False}},
+        )
+        cmd = [sys.executable, "-m", "ric.cli", "fit", "--config", str(config), "--trainer.devices", str(devices)]
+        if devices == 2:
+            cmd += ["--trainer.strategy", "ddp"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[devices] = json.loads((folder / "buffer" / "round0" / "summary.json").read_text())
+        if devices == 2:
+            assert len(list((folder / "buffer" / "round0").glob("rank*.jsonl"))) == 2
+    assert results[1]["generated"] == results[2]["generated"] == 16
+    assert results[1]["kept_by_mors"] == results[2]["kept_by_mors"]
+    assert results[1]["buffer_original"] == results[2]["buffer_original"]
+    for name, value in results[1]["thresholds"].items():
+        assert results[2]["thresholds"][name] == pytest.approx(value)
+
+
+def test_compare_three_runs(tmp_path):
+    import csv
+
+    def fake(name, shift):
+        folder = tmp_path / name
+        folder.mkdir()
+        with (folder / "front.csv").open("w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(
+                ["w_a", "w_b", "desired_a", "desired_b", "obtained_a", "obtained_a_sem", "obtained_b", "obtained_b_sem"]
+            )
+            for t in np.linspace(0, 1, 5):
+                writer.writerow([t, 1 - t, 0, 0, t + shift, 0.1, 1 - t + shift, 0.1])
+        return folder
+
+    runs = [fake("base", 0.0), fake("sft", 0.2), fake("ric", 0.5)]
+    summary = compare(runs, ["base", "SFT", "RiC"], tmp_path / "out")
+    hv = {r["run"]: r["hypervolume"] for r in summary["runs"]}
+    assert hv["base"] < hv["SFT"] < hv["RiC"]
+    assert (tmp_path / "out" / "front.png").stat().st_size > 5000
+    assert json.loads((tmp_path / "out" / "compare.json").read_text())["reference_point"] == summary["reference_point"]
+    with pytest.raises(ValueError, match="2 labels for 3 runs"):
+        compare(runs, ["a", "b"], tmp_path / "x")
+
+
+def test_online_config_errors():
+    from ric.online import OnlineLoop
+
+    with pytest.raises(ValueError, match="target_variant"):
+        OnlineLoop(target_variant="best")
+    with pytest.raises(ValueError, match="reward_range"):
+        OnlineLoop(reward_range="wide")
