@@ -93,7 +93,7 @@ def plot_fronts(
             (line,) = ax.plot(pts[:, 0], pts[:, 1], "-o", label=label, markersize=7, alpha=0.85)
             for k, w1 in enumerate((preferences or {}).get(label, [])[: len(pts)]):
                 ax.annotate(
-                    f"{w1:.1f}",
+                    f"{w1:g}",
                     (pts[k, 0], pts[k, 1]),
                     textcoords="offset points",
                     xytext=(4, 4),

@@ -1,0 +1,139 @@
+"""Front quality on hh-rlhf (harmless-base): base model vs plain SFT vs RiC offline vs RiC + 1 online
+round, and the mapping ablation (linear vs p = 2 vs p = inf) on the RiC model.
+
+SmolLM2-135M-Instruct with the quickstart's offline rewards (verbosity, readability), data from
+``../shared/data/hh-rlhf``. Every arm is evaluated on the same held-out prompts; hypervolumes share one
+reference point. Expected from the paper: online > offline > SFT / base, and p = 2 ~ p = inf > linear.
+
+    .venv/bin/python benchmarks/front_quality.py --scale cpu --out runs/front_quality   # about an hour on 2 cores
+    .venv/bin/python benchmarks/front_quality.py --scale gpu --out runs/front_quality   # minutes on one GPU
+    .venv/bin/python benchmarks/front_quality.py --scale smoke                          # wiring check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ric.cli import RiCCLI
+from ric.compare import compare
+
+ROOT = Path(__file__).resolve().parents[1]
+HH = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+SCALES = {
+    # dialogues, offline steps, online steps, online generations, held-out prompts, new tokens
+    "smoke": dict(limit=200, offline=4, online=2, generations=16, test_prompts=6, new_tokens=16, accelerator="cpu"),
+    "cpu": dict(limit=2312, offline=300, online=100, generations=512, test_prompts=48, new_tokens=64,
+                accelerator="cpu"),
+    "gpu": dict(limit=2312, offline=2000, online=500, generations=4096, test_prompts=200, new_tokens=128,
+                accelerator="gpu"),
+}
+
+
+def config(out: Path, s: dict, *, conditioned: bool = True, online: bool = False) -> dict:
+    callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                  "init_args": {"dirpath": str(out / "ckpt"), "save_last": True}}]
+    if online:
+        callbacks.append({"class_path": "ric.online.OnlineLoop", "init_args": {
+            "iterations": 1, "steps_per_iteration": s["online"], "prompts_per_iteration": s["generations"],
+            "learning_rate": 1e-4, "reward_range": "data", "range_quantiles": [0.05, 0.95],
+            "buffer_dir": str(out / "online"), "chunk_size": 64,
+            "sampling": {"max_new_tokens": s["new_tokens"]}}})
+    return {
+        "seed_everything": 0,
+        "trainer": {"accelerator": s["accelerator"], "devices": 1, "max_steps": s["offline"], "logger": False,
+                    "limit_val_batches": 0, "num_sanity_val_steps": 0, "default_root_dir": str(out),
+                    "callbacks": callbacks},
+        "model": {"class_path": "ric.text.policy.TextPolicy", "init_args": {
+            "model": "smollm2", "reward_names": ["verbosity", "readability"],
+            "template": "{prompt} {rewards}\n\nAssistant:", "conditioned": conditioned,
+            "lora_r": 16, "lora_alpha": 16, "lora_dropout": 0.0, "learning_rate": 1e-3, "warmup_steps": 10,
+            "max_length": 256, "max_tokens": 256, "max_new_tokens": s["new_tokens"],
+            "dtype": "bfloat16" if s["accelerator"] == "gpu" else "float32", "generation_batch_size": 64}},
+        "data": {"dataset": {"class_path": "ric.text.datasets.HHRLHF",
+                             "init_args": {"path": str(HH), "limit": s["limit"]}},
+                 "rewards": [{"class_path": "ric.text.rewards.Verbosity"},
+                             {"class_path": "ric.text.rewards.Readability"}],
+                 "batch_size": 8, "val_fraction": 0.0, "test_fraction": 0.1, "max_test_prompts": s["test_prompts"],
+                 "cache_dir": str(ROOT / ".ric_cache"), "output_dir": str(out)},
+    }  # fmt: skip
+
+
+def sweep_args(out: Path, s: dict, method: str, unconditioned: bool = False) -> list[str]:
+    cb = {"class_path": "ric.evaluation.PreferenceSweep", "init_args": {
+        "num_points": 5, "method": method, "unconditioned": unconditioned, "output_dir": str(out),
+        "reward_range": "data", "range_quantiles": [0.05, 0.95], "label": out.name,
+        "sampling": {"temperature": 0.7, "max_new_tokens": s["new_tokens"]}}}  # fmt: skip
+    return ["--trainer.callbacks+=" + json.dumps(cb)]
+
+
+def run(args: list[str]) -> None:
+    RiCCLI(args=args)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "front_quality")
+    args = parser.parse_args()
+    s, out = SCALES[args.scale], args.out.resolve()
+    if not HH.is_file():
+        raise FileNotFoundError(f"hh-rlhf data not found at {HH} (../shared/data beside the checkout)")
+    arms = {}
+
+    def write(name: str, cfg: dict) -> Path:
+        path = out / name / "config.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(cfg))
+        return path
+
+    base = write("base", config(out / "base", s, conditioned=False))
+    run(["test", "--config", str(base), *sweep_args(out / "sweeps" / "base", s, "p_inf", unconditioned=True)])
+    arms["base"] = out / "sweeps" / "base"
+
+    sft = write("sft", config(out / "sft", s, conditioned=False))
+    run(["fit", "--config", str(sft)])
+    run(["test", "--config", str(sft), "--ckpt_path", str(out / "sft" / "ckpt" / "last.ckpt"),
+         *sweep_args(out / "sweeps" / "sft", s, "p_inf", unconditioned=True)])
+    arms["plain SFT"] = out / "sweeps" / "sft"
+
+    ric = write("ric", config(out / "ric", s))
+    run(["fit", "--config", str(ric)])
+    for method in ("linear", "p_norm", "p_inf"):
+        run(["test", "--config", str(ric), "--ckpt_path", str(out / "ric" / "ckpt" / "last.ckpt"),
+             *sweep_args(out / "sweeps" / f"ric_{method}", s, method)])
+    arms["RiC offline"] = out / "sweeps" / "ric_p_inf"
+
+    # the online arm continues from the offline checkpoint: the same offline steps, then one round
+    online = write("online", config(out / "online", s, online=True))
+    run(["fit", "--config", str(online), "--ckpt_path", str(out / "ric" / "ckpt" / "last.ckpt")])
+    run(["test", "--config", str(online), "--ckpt_path", str(out / "online" / "ckpt" / "last.ckpt"),
+         *sweep_args(out / "sweeps" / "online", s, "p_inf")])
+    arms["RiC + 1 online"] = out / "sweeps" / "online"
+
+    main_cmp = compare(list(arms.values()), list(arms), out / "compare_methods")
+    maps = {"linear": "ric_linear", "p = 2": "ric_p_norm", "p = inf": "ric_p_inf"}
+    map_cmp = compare([out / "sweeps" / v for v in maps.values()], list(maps), out / "compare_mappings")
+    hv = {r["run"]: r["hypervolume"] for r in main_cmp["runs"]}
+    hm = {r["run"]: r["hypervolume"] for r in map_cmp["runs"]}
+    print("\narm                 hypervolume")
+    for name, value in hv.items():
+        print(f"{name:<20}{value:.4f}")
+    print("\nmapping             hypervolume")
+    for name, value in hm.items():
+        print(f"{name:<20}{value:.4f}")
+    checks = {
+        "online > offline": hv["RiC + 1 online"] > hv["RiC offline"],
+        "offline > SFT and base": hv["RiC offline"] > max(hv["plain SFT"], hv["base"]),
+        "p=2 and p=inf > linear": min(hm["p = 2"], hm["p = inf"]) > hm["linear"],
+    }
+    for name, ok in checks.items():
+        print(f"{name}: {'held' if ok else 'did not hold'}")
+    (out / "front_quality.json").write_text(json.dumps({"scale": args.scale, "arms": hv, "mappings": hm,
+                                                        "expectations": checks}, indent=2))
+    print(out / "compare_methods" / "front.png")
+
+
+if __name__ == "__main__":
+    main()
