@@ -24,22 +24,39 @@ HH = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 SCALES = {
     # dialogues, offline steps, online steps, online generations, held-out prompts, new tokens
     "smoke": dict(limit=200, offline=4, online=2, generations=16, test_prompts=6, new_tokens=16, accelerator="cpu"),
-    "cpu": dict(limit=2312, offline=300, online=100, generations=512, test_prompts=48, new_tokens=64,
-                accelerator="cpu"),
-    "gpu": dict(limit=2312, offline=2000, online=500, generations=4096, test_prompts=200, new_tokens=128,
-                accelerator="gpu"),
+    "cpu": dict(
+        limit=2312, offline=300, online=100, generations=512, test_prompts=48, new_tokens=64, accelerator="cpu"
+    ),
+    "gpu": dict(
+        limit=2312, offline=2000, online=500, generations=4096, test_prompts=200, new_tokens=128, accelerator="gpu"
+    ),
 }
 
 
 def config(out: Path, s: dict, *, conditioned: bool = True, online: bool = False) -> dict:
-    callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                  "init_args": {"dirpath": str(out / "ckpt"), "save_last": True}}]
+    callbacks = [
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"dirpath": str(out / "ckpt"), "save_last": True},
+        }
+    ]
     if online:
-        callbacks.append({"class_path": "ric.online.OnlineLoop", "init_args": {
-            "iterations": 1, "steps_per_iteration": s["online"], "prompts_per_iteration": s["generations"],
-            "learning_rate": 1e-4, "reward_range": "data", "range_quantiles": [0.05, 0.95],
-            "buffer_dir": str(out / "online"), "chunk_size": 64,
-            "sampling": {"max_new_tokens": s["new_tokens"]}}})
+        callbacks.append(
+            {
+                "class_path": "ric.online.OnlineLoop",
+                "init_args": {
+                    "iterations": 1,
+                    "steps_per_iteration": s["online"],
+                    "prompts_per_iteration": s["generations"],
+                    "learning_rate": 1e-4,
+                    "reward_range": "data",
+                    "range_quantiles": [0.05, 0.95],
+                    "buffer_dir": str(out / "online"),
+                    "chunk_size": 64,
+                    "sampling": {"max_new_tokens": s["new_tokens"]},
+                },
+            }
+        )
     return {
         "seed_everything": 0,
         "trainer": {"accelerator": s["accelerator"], "devices": 1, "max_steps": s["offline"], "logger": False,
@@ -94,22 +111,46 @@ def main() -> None:
 
     sft = write("sft", config(out / "sft", s, conditioned=False))
     run(["fit", "--config", str(sft)])
-    run(["test", "--config", str(sft), "--ckpt_path", str(out / "sft" / "ckpt" / "last.ckpt"),
-         *sweep_args(out / "sweeps" / "sft", s, "p_inf", unconditioned=True)])
+    run(
+        [
+            "test",
+            "--config",
+            str(sft),
+            "--ckpt_path",
+            str(out / "sft" / "ckpt" / "last.ckpt"),
+            *sweep_args(out / "sweeps" / "sft", s, "p_inf", unconditioned=True),
+        ]
+    )
     arms["plain SFT"] = out / "sweeps" / "sft"
 
     ric = write("ric", config(out / "ric", s))
     run(["fit", "--config", str(ric)])
     for method in ("linear", "p_norm", "p_inf"):
-        run(["test", "--config", str(ric), "--ckpt_path", str(out / "ric" / "ckpt" / "last.ckpt"),
-             *sweep_args(out / "sweeps" / f"ric_{method}", s, method)])
+        run(
+            [
+                "test",
+                "--config",
+                str(ric),
+                "--ckpt_path",
+                str(out / "ric" / "ckpt" / "last.ckpt"),
+                *sweep_args(out / "sweeps" / f"ric_{method}", s, method),
+            ]
+        )
     arms["RiC offline"] = out / "sweeps" / "ric_p_inf"
 
     # the online arm continues from the offline checkpoint: the same offline steps, then one round
     online = write("online", config(out / "online", s, online=True))
     run(["fit", "--config", str(online), "--ckpt_path", str(out / "ric" / "ckpt" / "last.ckpt")])
-    run(["test", "--config", str(online), "--ckpt_path", str(out / "online" / "ckpt" / "last.ckpt"),
-         *sweep_args(out / "sweeps" / "online", s, "p_inf")])
+    run(
+        [
+            "test",
+            "--config",
+            str(online),
+            "--ckpt_path",
+            str(out / "online" / "ckpt" / "last.ckpt"),
+            *sweep_args(out / "sweeps" / "online", s, "p_inf"),
+        ]
+    )
     arms["RiC + 1 online"] = out / "sweeps" / "online"
 
     main_cmp = compare(list(arms.values()), list(arms), out / "compare_methods")
@@ -130,8 +171,9 @@ def main() -> None:
     }
     for name, ok in checks.items():
         print(f"{name}: {'held' if ok else 'did not hold'}")
-    (out / "front_quality.json").write_text(json.dumps({"scale": args.scale, "arms": hv, "mappings": hm,
-                                                        "expectations": checks}, indent=2))
+    (out / "front_quality.json").write_text(
+        json.dumps({"scale": args.scale, "arms": hv, "mappings": hm, "expectations": checks}, indent=2)
+    )
     print(out / "compare_methods" / "front.png")
 
 

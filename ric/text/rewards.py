@@ -220,7 +220,10 @@ def minilm_path() -> str:
 
 
 class Relevance(LengthSortedReward):
-    """Cosine similarity of mean-pooled all-MiniLM-L6-v2 embeddings of prompt and response."""
+    """Cosine similarity of mean-pooled all-MiniLM-L6-v2 embeddings of prompt and response.
+
+    Each distinct prompt is embedded once per :meth:`score` call: relabeling, online generation and sweeps
+    score many responses to the same prompt."""
 
     def __init__(self, name: str = "relevance", model: str | None = None, batch_size: int = 32) -> None:
         super().__init__(name, batch_size)
@@ -229,6 +232,7 @@ class Relevance(LengthSortedReward):
         self.model_name = model or minilm_path()
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_name)
         self.encoder = AutoModel.from_pretrained(self.model_name).requires_grad_(False).eval()
+        self._prompt_cache: dict[str, torch.Tensor] = {}
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, model={Path(self.model_name).name!r}"
@@ -242,10 +246,22 @@ class Relevance(LengthSortedReward):
         return torch.nn.functional.normalize(pooled, dim=-1)
 
     def length_key(self, prompt: Any, sample: Any) -> int:
-        return len(str(prompt)) + len(str(sample))
+        return len(str(sample))
+
+    def score(self, prompts, samples, batch_size=None, progress=False) -> torch.Tensor:
+        self._prompt_cache = {}
+        try:
+            return super().score(prompts, samples, batch_size, progress)
+        finally:
+            self._prompt_cache = {}
 
     def score_batch(self, prompts: Sequence[str], samples: Sequence[str]) -> torch.Tensor:
-        return (self.embed([str(p) for p in prompts]) * self.embed([str(s) for s in samples])).sum(-1)
+        prompts = [str(p) for p in prompts]
+        new = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
+        if new:
+            self._prompt_cache.update(zip(new, self.embed(new)))
+        query = torch.stack([self._prompt_cache[p] for p in prompts])
+        return (query * self.embed([str(s) for s in samples])).sum(-1)
 
 
 def pearson(a: Sequence[float], b: Sequence[float]) -> float:
