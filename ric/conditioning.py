@@ -15,7 +15,12 @@ import numpy as np
 PROMPT_SLOT = "{prompt}"
 REWARDS_SLOT = "{rewards}"
 
-_NUMBER = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)"
+
+def _value_pattern(decimals: int) -> str:
+    """Exactly what :meth:`RewardConditioning.format_value` writes (no leading zeros, fixed decimals), so a
+    prompt that starts with a digit right after the markers still parses unambiguously."""
+    integer = r"-?(?:0|[1-9]\d*)"
+    return integer + (rf"\.\d{{{decimals}}}" if decimals > 0 else "")
 
 
 @dataclass(frozen=True)
@@ -57,7 +62,8 @@ class RewardConditioning:
         if self.decimals < 0:
             raise ValueError(f"decimals must be >= 0, got {self.decimals}")
         sep = re.escape(self.separator)
-        rewards_re = sep.join(f"{re.escape(m)}{sep}(?P<v{i}>{_NUMBER})" for i, m in enumerate(markers))
+        number = _value_pattern(self.decimals)
+        rewards_re = sep.join(f"{re.escape(m)}{sep}(?P<v{i}>{number})" for i, m in enumerate(markers))
         head, tail = self.template.split(PROMPT_SLOT)
         if REWARDS_SLOT in head:
             before, after = head.split(REWARDS_SLOT)

@@ -11,6 +11,7 @@ import gzip
 import hashlib
 import json
 import logging
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -116,7 +117,8 @@ class ScoreCache:
             values = reward.score(prompts, samples, progress=progress).numpy().astype(np.float64)
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(path.stem + ".tmp.npy")
+                # a per-process temporary name: under DDP every rank may write the same entry at once
+                tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
                 np.save(tmp, values)
                 tmp.replace(path)
             columns.append(values)

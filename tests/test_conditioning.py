@@ -73,3 +73,10 @@ def test_errors_name_the_problem():
         RewardConditioning(["a", "b"], markers=["<x>"])
     with pytest.raises(ValueError, match="empty"):
         RewardConditioning([])
+
+
+@pytest.mark.parametrize("decimals", [0, 1, 2])
+def test_digits_right_after_the_markers_parse(decimals):
+    c = RewardConditioning(["a", "b"], template="{rewards}{prompt}", decimals=decimals)
+    for prompt in ["0", "05 apples", "1.5", "-3"]:
+        assert c.parse(c.format(prompt, [0.0, -12.34]))[0] == prompt
