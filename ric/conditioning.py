@@ -59,6 +59,11 @@ class RewardConditioning:
         for slot in (PROMPT_SLOT, REWARDS_SLOT):
             if self.template.count(slot) != 1:
                 raise ValueError(f"template must contain {slot} exactly once: {self.template!r}")
+        if REWARDS_SLOT + PROMPT_SLOT in self.template:
+            raise ValueError(
+                f"template {self.template!r} puts {{prompt}} right after {{rewards}}: a prompt starting with a digit "
+                "would read as part of the last value; put a space or other text between them"
+            )
         if self.decimals < 0:
             raise ValueError(f"decimals must be >= 0, got {self.decimals}")
         sep = re.escape(self.separator)

@@ -46,7 +46,7 @@ prompt_text = st.text(alphabet=st.characters(blacklist_categories=("Cs",), black
     prompt=prompt_text,
     data=st.data(),
     decimals=st.integers(0, 3),
-    template=st.sampled_from([HH, SUMMARY, "{rewards}{prompt}", "{prompt}{rewards}", "A {prompt} B {rewards} C"]),
+    template=st.sampled_from([HH, SUMMARY, "{rewards} {prompt}", "{prompt}{rewards}", "A {prompt} B {rewards} C"]),
 )
 def test_round_trip_any_n(n, prompt, data, decimals, template):
     values = np.array(data.draw(st.lists(st.floats(-50, 50), min_size=n, max_size=n)))
@@ -77,6 +77,8 @@ def test_errors_name_the_problem():
 
 @pytest.mark.parametrize("decimals", [0, 1, 2])
 def test_digits_right_after_the_markers_parse(decimals):
-    c = RewardConditioning(["a", "b"], template="{rewards}{prompt}", decimals=decimals)
-    for prompt in ["0", "05 apples", "1.5", "-3"]:
+    c = RewardConditioning(["a", "b"], template="{rewards}\n{prompt}", decimals=decimals)
+    for prompt in ["0", "05 apples", "1.5", "-3", " 7"]:
         assert c.parse(c.format(prompt, [0.0, -12.34]))[0] == prompt
+    with pytest.raises(ValueError, match="right after"):
+        RewardConditioning(["a"], template="{rewards}{prompt}")
