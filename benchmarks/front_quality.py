@@ -5,9 +5,9 @@ SmolLM2-135M-Instruct with the quickstart's offline rewards (verbosity, readabil
 ``../shared/data/hh-rlhf``. Every arm is evaluated on the same held-out prompts; hypervolumes share one
 reference point. Expected from the paper: online > offline > SFT / base, and p = 2 ~ p = inf > linear.
 
-    .venv/bin/python benchmarks/front_quality.py --scale cpu --out runs/front_quality   # about an hour on 2 cores
+    .venv/bin/python benchmarks/front_quality.py --scale cpu --out runs/front_quality   # estimated 1-2 hours on 2 cores
     .venv/bin/python benchmarks/front_quality.py --scale gpu --out runs/front_quality   # minutes on one GPU
-    .venv/bin/python benchmarks/front_quality.py --scale smoke                          # wiring check
+    .venv/bin/python benchmarks/front_quality.py --scale smoke                          # wiring check, 6 min
 """
 
 from __future__ import annotations

@@ -180,8 +180,9 @@ class TextPolicy(ConditionalPolicy):
         }
         settings.update(sampling)
         batch_size = int(settings.pop("batch_size", self.hparams.generation_batch_size))
-        if not settings["do_sample"]:
-            settings.pop("temperature"), settings.pop("top_p")
+        if not settings["do_sample"]:  # greedy: sampling knobs would only trigger warnings
+            for key in ("temperature", "top_p"):
+                settings.pop(key, None)
         encoded = [self._encode(t)[0] for t in texts]
         order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
         out: list[str] = [""] * len(texts)
