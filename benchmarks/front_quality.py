@@ -5,7 +5,7 @@ SmolLM2-135M-Instruct with the quickstart's offline rewards (verbosity, readabil
 ``../shared/data/hh-rlhf``. Every arm is evaluated on the same held-out prompts; hypervolumes share one
 reference point. Expected from the paper: online > offline > SFT / base, and p = 2 ~ p = inf > linear.
 
-    .venv/bin/python benchmarks/front_quality.py --scale cpu --out runs/front_quality   # estimated 1-2 hours on 2 cores
+    .venv/bin/python benchmarks/front_quality.py --scale cpu --out runs/front_quality   # about 35 min on 2 cores
     .venv/bin/python benchmarks/front_quality.py --scale gpu --out runs/front_quality   # minutes on one GPU
     .venv/bin/python benchmarks/front_quality.py --scale smoke                          # wiring check, 6 min
 """
@@ -25,7 +25,7 @@ SCALES = {
     # dialogues, offline steps, online steps, online generations, held-out prompts, new tokens
     "smoke": dict(limit=200, offline=4, online=2, generations=16, test_prompts=6, new_tokens=16, accelerator="cpu"),
     "cpu": dict(
-        limit=2312, offline=300, online=100, generations=512, test_prompts=48, new_tokens=64, accelerator="cpu"
+        limit=1000, offline=100, online=40, generations=192, test_prompts=24, new_tokens=48, accelerator="cpu"
     ),
     "gpu": dict(
         limit=2312, offline=2000, online=500, generations=4096, test_prompts=200, new_tokens=128, accelerator="gpu"

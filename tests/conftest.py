@@ -109,3 +109,31 @@ def text_data(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+TINY_TEMPLATE = "Q: {prompt} {rewards}\nA:"
+
+
+def tiny_cli_config(tmp_path, model_path, data_path, rewards, callbacks, **trainer):
+    """Write a LightningCLI config for a few CPU steps of the tiny Llama on a JSONL data set.
+
+    ``rewards`` maps reward names to their classes in ``ric.text.rewards``; ``trainer`` overrides trainer
+    settings. Returns the config path."""
+    cfg = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu", "devices": 1, "max_steps": 3, "logger": False, "enable_progress_bar": False,
+            "enable_model_summary": False, "default_root_dir": str(tmp_path / "run"), "num_sanity_val_steps": 0,
+            "callbacks": callbacks, **trainer,
+        },
+        "model": {"class_path": "ric.text.policy.TextPolicy",
+                  "init_args": {"model": model_path, "reward_names": list(rewards), "template": TINY_TEMPLATE,
+                                "lora_r": 4, "lora_alpha": 8, "max_new_tokens": 5, "learning_rate": 1e-3}},
+        "data": {"dataset": {"class_path": "ric.data.JsonlExamples", "init_args": {"path": str(data_path)}},
+                 "rewards": [{"class_path": f"ric.text.rewards.{cls}"} for cls in rewards.values()],
+                 "batch_size": 4, "test_fraction": 0.2, "cache_dir": str(tmp_path / "cache"),
+                 "output_dir": str(tmp_path / "run"), "progress": False},
+    }  # fmt: skip
+    path = tmp_path / "config.yaml"
+    path.write_text(json.dumps(cfg))
+    return path

@@ -6,13 +6,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_cli_config
 
 from ric.cli import RiCCLI
 from ric.compare import compare
 from ric.mors import mors_keep_mask, mors_thresholds
 from ric.online import read_rows
-
-TEMPLATE = "Q: {prompt} {rewards}\nA:"
 
 
 def _config(tmp_path, tiny_llama, data_path, *, offline_steps=2, online=None, checkpoint_every=1):
@@ -25,31 +24,15 @@ def _config(tmp_path, tiny_llama, data_path, *, offline_steps=2, online=None, ch
         "sampling": {"max_new_tokens": 8},
         **(online or {}),
     }
-    cfg = {
-        "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu", "devices": 1, "max_steps": offline_steps, "logger": False,
-            "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0,
-            "default_root_dir": str(tmp_path / "run"), "limit_val_batches": 0,
-            "callbacks": [
-                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                 "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True,
-                               "every_n_train_steps": checkpoint_every}},
-                {"class_path": "ric.online.OnlineLoop", "init_args": online_args},
-            ],
-        },
-        "model": {"class_path": "ric.text.policy.TextPolicy",
-                  "init_args": {"model": tiny_llama, "reward_names": ["verbosity", "readability"], "template": TEMPLATE,
-                                "lora_r": 4, "lora_alpha": 8, "max_new_tokens": 4, "learning_rate": 1e-3}},
-        "data": {"dataset": {"class_path": "ric.data.JsonlExamples", "init_args": {"path": str(data_path)}},
-                 "rewards": [{"class_path": "ric.text.rewards.Verbosity"},
-                             {"class_path": "ric.text.rewards.Readability"}],
-                 "batch_size": 4, "test_fraction": 0.2, "cache_dir": str(tmp_path / "cache"),
-                 "output_dir": str(tmp_path / "run"), "progress": False},
-    }  # fmt: skip
-    path = tmp_path / "config.yaml"
-    path.write_text(json.dumps(cfg))
-    return path
+    callbacks = [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True, "every_n_train_steps": checkpoint_every}},
+        {"class_path": "ric.online.OnlineLoop", "init_args": online_args},
+    ]  # fmt: skip
+    rewards = {"verbosity": "Verbosity", "readability": "Readability"}
+    return tiny_cli_config(
+        tmp_path, tiny_llama, data_path, rewards, callbacks, max_steps=offline_steps, limit_val_batches=0
+    )
 
 
 def _buffer(tmp_path):

@@ -5,6 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_TEMPLATE as TEMPLATE
+from conftest import tiny_cli_config
 
 from ric.cli import RiCCLI
 from ric.data import JsonlExamples, ScoreCache
@@ -15,7 +17,6 @@ from ric.text.rewards import HFRewardModel, PaperRewardModel, Readability, Relev
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
-TEMPLATE = "Q: {prompt} {rewards}\nA:"
 
 
 @pytest.fixture(scope="module")
@@ -180,35 +181,15 @@ def test_every_config_parses(config):
     assert cli.config["data"]["rewards"]
 
 
-def _config(tmp_path, tiny_llama, data_path, **overrides):
-    cfg = {
-        "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu", "devices": 1, "max_steps": 3, "logger": False, "enable_progress_bar": False,
-            "enable_model_summary": False, "default_root_dir": str(tmp_path / "run"), "num_sanity_val_steps": 0,
-            "callbacks": [
-                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                 "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True}},
-                {"class_path": "ric.evaluation.PreferenceSweep",
-                 "init_args": {"num_points": 3, "output_dir": str(tmp_path / "sweep"),
-                               "sampling": {"max_new_tokens": 5}}},
-            ],
-        },
-        "model": {"class_path": "ric.text.policy.TextPolicy",
-                  "init_args": {"model": tiny_llama, "reward_names": ["verbosity", "sentiment"], "template": TEMPLATE,
-                                "lora_r": 4, "lora_alpha": 8, "max_new_tokens": 5, "learning_rate": 1e-3}},
-        "data": {"dataset": {"class_path": "ric.data.JsonlExamples", "init_args": {"path": str(data_path)}},
-                 "rewards": [{"class_path": "ric.text.rewards.Verbosity"},
-                             {"class_path": "ric.text.rewards.Sentiment"}],
-                 "batch_size": 4, "test_fraction": 0.2, "cache_dir": str(tmp_path / "cache"),
-                 "output_dir": str(tmp_path / "run"), "progress": False},
-    }  # fmt: skip
-    for key, value in overrides.items():
-        section, name = key.split("__")
-        cfg[section][name] = value
-    path = tmp_path / "config.yaml"
-    path.write_text(json.dumps(cfg))
-    return path
+def _config(tmp_path, tiny_llama, data_path):
+    callbacks = [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True}},
+        {"class_path": "ric.evaluation.PreferenceSweep",
+         "init_args": {"num_points": 3, "output_dir": str(tmp_path / "sweep"), "sampling": {"max_new_tokens": 5}}},
+    ]  # fmt: skip
+    rewards = {"verbosity": "Verbosity", "sentiment": "Sentiment"}
+    return tiny_cli_config(tmp_path, tiny_llama, data_path, rewards, callbacks)
 
 
 def test_fit_resume_and_sweep(tmp_path, tiny_llama, text_data):
