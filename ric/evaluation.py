@@ -18,7 +18,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 
-from ric.interfaces import ConditionalPolicy, RewardModel
+from ric.interfaces import ConditionalPolicy, RewardModel, score_all
 from ric.mapping import RewardRange, default_reward_range, desired_rewards, validate_preference
 from ric.pareto import hypervolume, plot_fronts
 
@@ -234,7 +234,7 @@ class PreferenceSweep(L.Callback):
         for k in tqdm(range(len(preferences)), desc="preference sweep", unit="pref"):
             target = None if self.unconditioned else np.broadcast_to(desired[k], (len(prompts), len(names)))
             responses = policy.generate(prompts, target, **self.sampling)
-            raw = np.stack([r.score(prompts, responses).numpy() for r in rewards], axis=1)
+            raw = score_all(rewards, prompts, responses)
             z = policy.normalizer.transform(raw)
             obtained.append(z)
             for i, (prompt, response) in enumerate(zip(prompts, responses)):

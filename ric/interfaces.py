@@ -114,6 +114,11 @@ class RewardModel(nn.Module, ABC):
         return f"{type(self).__module__}.{type(self).__qualname__}({self.extra_repr()})"
 
 
+def score_all(rewards: Sequence[RewardModel], prompts: Sequence[Any], samples: Sequence[Any]) -> np.ndarray:
+    """Raw scores of every reward, shape ``[len(samples), len(rewards)]``."""
+    return np.stack([r.score(prompts, samples).numpy() for r in rewards], axis=1)
+
+
 class FunctionReward(RewardModel):
     """A reward from a plain function ``(prompts, samples) -> sequence of floats``: the quickest way to
     add a pure, weight-free reward."""

@@ -24,7 +24,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from ric.interfaces import ConditionalPolicy
+from ric.interfaces import ConditionalPolicy, score_all
 from ric.mapping import RewardRange
 from ric.mors import mors_keep_mask, mors_thresholds, sample_original, sample_targets
 
@@ -212,7 +212,7 @@ class OnlineLoop(L.Callback):
                 if chunk:
                     batch_prompts = [prompts[k] for k in chunk]
                     responses = policy.generate(batch_prompts, targets[chunk], **self.sampling)
-                    raw = np.stack([r.score(batch_prompts, responses).numpy() for r in dm.rewards], axis=1)
+                    raw = score_all(dm.rewards, batch_prompts, responses)
                     for j, k in enumerate(chunk):
                         row = {
                             "index": k,
