@@ -24,9 +24,7 @@ HH = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 SCALES = {
     # dialogues, offline steps, online steps, online generations, held-out prompts, new tokens
     "smoke": dict(limit=200, offline=4, online=2, generations=16, test_prompts=6, new_tokens=16, accelerator="cpu"),
-    "cpu": dict(
-        limit=1000, offline=100, online=40, generations=192, test_prompts=24, new_tokens=48, accelerator="cpu"
-    ),
+    "cpu": dict(limit=1000, offline=100, online=40, generations=192, test_prompts=24, new_tokens=48, accelerator="cpu"),
     "gpu": dict(
         limit=2312, offline=2000, online=500, generations=4096, test_prompts=200, new_tokens=128, accelerator="gpu"
     ),
@@ -85,7 +83,11 @@ def sweep_args(out: Path, s: dict, method: str, unconditioned: bool = False) -> 
     return ["--trainer.callbacks+=" + json.dumps(cb)]
 
 
-def run(args: list[str]) -> None:
+def run(args: list[str], done: Path | None = None) -> None:
+    """Run one CLI step unless ``done`` exists (a re-run of the benchmark continues where it stopped)."""
+    if done is not None and done.exists():
+        print(f"skipping: {done} exists")
+        return
     RiCCLI(args=args)
 
 
@@ -105,53 +107,36 @@ def main() -> None:
         path.write_text(json.dumps(cfg))
         return path
 
+    def sweep(name: str, cfg: Path, method: str, ckpt: Path | None = None, unconditioned: bool = False) -> Path:
+        dest = out / "sweeps" / name
+        ckpt_args = ["--ckpt_path", str(ckpt)] if ckpt else []
+        run(["test", "--config", str(cfg), *ckpt_args, *sweep_args(dest, s, method, unconditioned)],
+            done=dest / "metrics.json")  # fmt: skip
+        return dest
+
     base = write("base", config(out / "base", s, conditioned=False))
-    run(["test", "--config", str(base), *sweep_args(out / "sweeps" / "base", s, "p_inf", unconditioned=True)])
-    arms["base"] = out / "sweeps" / "base"
+    arms["base"] = sweep("base", base, "p_inf", unconditioned=True)
 
     sft = write("sft", config(out / "sft", s, conditioned=False))
-    run(["fit", "--config", str(sft)])
-    run(
-        [
-            "test",
-            "--config",
-            str(sft),
-            "--ckpt_path",
-            str(out / "sft" / "ckpt" / "last.ckpt"),
-            *sweep_args(out / "sweeps" / "sft", s, "p_inf", unconditioned=True),
-        ]
-    )
-    arms["plain SFT"] = out / "sweeps" / "sft"
+    run(["fit", "--config", str(sft)], done=out / "sft" / "ckpt" / "last.ckpt")
+    arms["plain SFT"] = sweep("sft", sft, "p_inf", out / "sft" / "ckpt" / "last.ckpt", unconditioned=True)
 
     ric = write("ric", config(out / "ric", s))
-    run(["fit", "--config", str(ric)])
+    ric_ckpt = out / "ric" / "ckpt" / "last.ckpt"
+    run(["fit", "--config", str(ric)], done=ric_ckpt)
     for method in ("linear", "p_norm", "p_inf"):
-        run(
-            [
-                "test",
-                "--config",
-                str(ric),
-                "--ckpt_path",
-                str(out / "ric" / "ckpt" / "last.ckpt"),
-                *sweep_args(out / "sweeps" / f"ric_{method}", s, method),
-            ]
-        )
+        sweep(f"ric_{method}", ric, method, ric_ckpt)
     arms["RiC offline"] = out / "sweeps" / "ric_p_inf"
 
-    # the online arm continues from the offline checkpoint: the same offline steps, then one round
+    # the online arm continues from the offline checkpoint: the same offline steps, then one round; a killed
+    # online run resumes from its own last checkpoint and reuses the samples already in its buffer
     online = write("online", config(out / "online", s, online=True))
-    run(["fit", "--config", str(online), "--ckpt_path", str(out / "ric" / "ckpt" / "last.ckpt")])
-    run(
-        [
-            "test",
-            "--config",
-            str(online),
-            "--ckpt_path",
-            str(out / "online" / "ckpt" / "last.ckpt"),
-            *sweep_args(out / "sweeps" / "online", s, "p_inf"),
-        ]
-    )
-    arms["RiC + 1 online"] = out / "sweeps" / "online"
+    online_ckpt = out / "online" / "ckpt" / "last.ckpt"
+    online_done = out / "online" / "ckpt" / f"step={s['offline'] + s['online']}.done"
+    run(["fit", "--config", str(online), "--ckpt_path", str(online_ckpt if online_ckpt.exists() else ric_ckpt)],
+        done=online_done)  # fmt: skip
+    online_done.touch()
+    arms["RiC + 1 online"] = sweep("online", online, "p_inf", online_ckpt)
 
     main_cmp = compare(list(arms.values()), list(arms), out / "compare_methods")
     maps = {"linear": "ric_linear", "p = 2": "ric_p_norm", "p = inf": "ric_p_inf"}

@@ -1,7 +1,8 @@
 """Batched vs batch-1 generation and batched vs per-sample reward scoring, side by side on this CPU.
 
 Batch-1 is how the authors' scripts generate and score. Both arms produce exactly the same number of
-tokens (``min_new_tokens = max_new_tokens``) so tokens/s compare like for like.
+tokens (``min_new_tokens = max_new_tokens``) so tokens/s compare like for like. ``throughput.py`` covers
+training and GPU shapes.
 
     .venv/bin/python benchmarks/text_batching.py --batch-size 16 --out benchmarks/results/text_batching.json
 """
@@ -11,24 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
+from measure import matmul_ceiling, scoring_speed, timed
 
 from ric.text.datasets import Quickstart
 from ric.text.policy import TextPolicy
 from ric.text.rewards import Relevance
-
-
-def timed(fn, repeats: int) -> float:
-    runs = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        runs.append(time.perf_counter() - start)
-    return statistics.median(runs)
 
 
 def main() -> None:
@@ -61,15 +52,11 @@ def main() -> None:
     wanted = set(list(dict.fromkeys(r["prompt"] for r in records))[: max(1, args.score_samples // 4)])
     pairs = [r for r in records if r["prompt"] in wanted][: args.score_samples]
     p, s = [r["prompt"] for r in pairs], [r["response"] for r in pairs]
-    reward.score(p[:4], s[:4])  # warm-up
-    s_batched = timed(lambda: reward.score(p, s, batch_size=args.batch_size), args.repeats)
-    # the authors' way: one (prompt, response) pair per call
-    s_single = timed(lambda: [reward.score([a], [b]) for a, b in zip(p, s)], args.repeats)
+    speed = scoring_speed(reward, p, s, args.batch_size, args.repeats)
+    s_batched = speed["batched_seconds"]
 
     # what bounds the scoring speed-up: achieved FLOP/s against a matmul ceiling measured now
-    a = torch.randn(2048, 2048)
-    t_mm = timed(lambda: [a @ a for _ in range(4)], args.repeats)
-    ceiling = 4 * 2 * 2048**3 / t_mm
+    ceiling = matmul_ceiling("cpu", torch.float32, 2048, args.repeats)
     enc_params = sum(p.numel() for n, p in reward.encoder.named_parameters() if "embeddings" not in n)
     tokens_scored = sum(len(reward.tokenizer(x, truncation=True, max_length=256)["input_ids"]) for x in s)
     tokens_scored += sum(len(reward.tokenizer(x, truncation=True, max_length=256)["input_ids"]) for x in set(p))
@@ -89,13 +76,13 @@ def main() -> None:
         "scoring": {
             "reward": "relevance (all-MiniLM-L6-v2)",
             "samples": len(pairs),
-            "batched_samples_per_s": len(pairs) / s_batched,
-            "per_sample_samples_per_s": len(pairs) / s_single,
-            "speedup": s_single / s_batched,
+            "batched_samples_per_s": speed["batched_samples_per_s"],
+            "per_sample_samples_per_s": speed["per_sample_samples_per_s"],
+            "speedup": speed["speedup"],
             "matmul_ceiling_gflops": ceiling / 1e9,
             "batched_gflops": flop / s_batched / 1e9,
             "batched_share_of_ceiling": flop / s_batched / ceiling,
-            "max_speedup_at_ceiling": s_single / (flop / ceiling),
+            "max_speedup_at_ceiling": speed["speedup"] * s_batched / (flop / ceiling),
         },
     }
     g, sc = result["generation"], result["scoring"]

@@ -13,10 +13,12 @@ from lightning.pytorch.cli import LightningCLI
 
 from ric.data import RelabelDataModule
 from ric.interfaces import ConditionalPolicy
+from ric.strategies import check_strategy
 
 
 class RiCCLI(LightningCLI):
-    """LightningCLI with the policy as a subclass choice and configs saved beside each run."""
+    """LightningCLI with the policy as a subclass choice and configs saved beside each run; the strategy is
+    checked against the model's settings before any weights load."""
 
     def __init__(self, args: Sequence[str] | None = None, run: bool = True, **kwargs) -> None:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -29,6 +31,10 @@ class RiCCLI(LightningCLI):
             run=run,
             **kwargs,
         )
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        check_strategy(config.get("trainer.strategy"), config.get("model.init_args.quantization"))
 
 
 def main(args: Sequence[str] | None = None) -> RiCCLI:

