@@ -228,3 +228,27 @@ def test_one_online_iteration_on_tiny_sd(tmp_path):
     pool = cli.datamodule.train_examples()
     assert len(pool) == summary["buffer_online"] + summary["buffer_original"]
     assert all(Path(e["response"]).is_file() for e in pool)
+
+
+def test_lora_unet_trains_only_adapters_and_exports_a_pipeline(tmp_path):
+    from ric.diffusion.models import load_pretrained
+    from ric.diffusion.policy import DiffusionPolicy
+
+    policy = DiffusionPolicy(model="tiny", tiny_config=TINY, resolution=16, lora_r=4, reward_names=["a", "b"])
+    trainable = [n for n, p in policy.named_parameters() if p.requires_grad]
+    assert trainable and all("lora" in n for n in trainable)
+    batch = policy.collate([{"prompt": "a red circle <R1> 0.1 <R2> 0.2", "response": _noise(20)}] * 2)
+    policy.loss(batch, dropout=0.0).backward()
+    assert all(p.grad is not None for n, p in policy.named_parameters() if p.requires_grad)
+    with torch.no_grad():  # a non-zero adapter, so fusing it changes the exported weights
+        for name, p in policy.unet.named_parameters():
+            if "lora_B" in name:
+                p.fill_(0.01)
+    x, t, h = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        expected = policy.unet(x, t, h).sample
+    folder = policy.export(tmp_path / "export")
+    assert json.loads((folder / "ric.json").read_text())["conditioning"]["reward_names"] == ["a", "b"]
+    reloaded = load_pretrained(str(folder))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.unet(x, t, h).sample, expected, rtol=1e-4, atol=1e-5)

@@ -119,6 +119,21 @@ def test_ddp_two_processes_match_one(tmp_path, tiny_llama, text_data):
         assert results[2]["thresholds"][name] == pytest.approx(value)
 
 
+def test_ddp_trains_then_runs_an_online_round(tmp_path, tiny_llama, text_data):
+    """Two gloo processes: offline steps, one online round, the online steps; one checkpoint at the end."""
+    config = _config(tmp_path, tiny_llama, text_data, offline_steps=2, checkpoint_every=4)
+    cmd = [sys.executable, "-m", "ric.cli", "fit", "--config", str(config), "--trainer.devices", "2",
+           "--trainer.strategy", "ddp"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "buffer" / "round0" / "summary.json").read_text())
+    assert summary["generated"] == 16 and summary["global_step"] == 2
+    ranks = {f.name: len(read_rows(f)) for f in (tmp_path / "buffer" / "round0").glob("rank*.jsonl")}
+    assert ranks == {"rank0.jsonl": 8, "rank1.jsonl": 8}
+    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 4
+
+
 def test_compare_three_runs(tmp_path):
     import csv
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -61,8 +60,3 @@ def image_grid(rows: Sequence[Sequence[Image.Image]], cell: int = 128, pad: int 
             )
     return grid
 
-
-def grid_shape(n: int) -> tuple[int, int]:
-    """A near-square ``(rows, cols)`` for ``n`` tiles."""
-    cols = math.ceil(math.sqrt(n))
-    return math.ceil(n / cols), cols
