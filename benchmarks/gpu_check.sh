@@ -51,3 +51,7 @@ step sd_zero2 75 python3 -m ric.cli fit --config configs/quickstart_sd.yaml --tr
     --trainer.strategy deepspeed_stage_2 --trainer.precision bf16-mixed --trainer.max_steps 200 \
     --model.init_args.vae_fit_steps 200 --trainer.logger false --trainer.default_root_dir "$OUT/sd_zero2" \
     --data.output_dir "$OUT/sd_zero2"
+# our generation with a static KV cache and compiled decoding (not yet measured; run alone with
+# ONLY=throughput_static if the full script would pass the 10-minute limit of one device call)
+TAIL=40 step throughput_static 300 python3 benchmarks/throughput.py --shape llama2-7b --static-cache --compile \
+    --out "$OUT/throughput_cuda_static.json"

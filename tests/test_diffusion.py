@@ -252,3 +252,26 @@ def test_lora_unet_trains_only_adapters_and_exports_a_pipeline(tmp_path):
     reloaded = load_pretrained(str(folder))
     with torch.no_grad():
         torch.testing.assert_close(reloaded.unet(x, t, h).sample, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_killed_image_round_resumes_with_every_picture_once(tmp_path):
+    ckpt = {
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True, "every_n_train_steps": 1},
+    }
+    online = {"class_path": "ric.online.OnlineLoop",
+              "init_args": {"iterations": 1, "steps_per_iteration": 1, "prompts_per_iteration": 6, "chunk_size": 2,
+                            "buffer_dir": str(tmp_path / "buffer"), "fail_after": 3}}  # fmt: skip
+    config = _sd_config(tmp_path, [ckpt, online], max_steps=1)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        RiCCLI(args=["fit", "--config", str(config)])
+    buffer = tmp_path / "buffer" / "round0"
+    first = read_rows(buffer / "rank0.jsonl")
+    pictures = {r["response"]: Path(r["response"]).read_bytes() for r in first}
+    assert len(first) == 3
+    RiCCLI(args=["fit", "--config", str(config), "--trainer.callbacks.fail_after", "null",
+                 "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt")])  # fmt: skip
+    rows = read_rows(buffer / "rank0.jsonl")
+    assert sorted(r["index"] for r in rows) == list(range(6))
+    assert len({r["response"] for r in rows}) == 6 and len(list((buffer / "samples").glob("*.png"))) == 6
+    assert all(Path(p).read_bytes() == data for p, data in pictures.items())  # finished pictures untouched
