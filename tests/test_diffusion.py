@@ -275,3 +275,20 @@ def test_killed_image_round_resumes_with_every_picture_once(tmp_path):
     assert sorted(r["index"] for r in rows) == list(range(6))
     assert len({r["response"] for r in rows}) == 6 and len(list((buffer / "samples").glob("*.png"))) == 6
     assert all(Path(p).read_bytes() == data for p, data in pictures.items())  # finished pictures untouched
+
+
+def test_checkpoints_of_a_pretrained_model_hold_only_trained_weights(tmp_path):
+    from ric.diffusion.policy import DiffusionPolicy
+
+    folder = DiffusionPolicy(model="tiny", tiny_config=TINY, resolution=16, reward_names=["a", "b"]).export(
+        tmp_path / "sd"
+    )  # a diffusers folder, loaded below as a pretrained model
+    for lora_r in (0, 4):
+        policy = DiffusionPolicy(model=str(folder), resolution=16, reward_names=["a", "b"], lora_r=lora_r)
+        assert policy.pretrained
+        checkpoint = {"state_dict": policy.state_dict()}
+        policy.on_save_checkpoint(checkpoint)
+        keys = set(checkpoint["state_dict"])
+        assert keys == {n for n, p in policy.named_parameters() if p.requires_grad}
+        assert all(k.startswith("unet.") for k in keys) and (lora_r == 0 or all("lora" in k for k in keys))
+        assert checkpoint["ric"]["conditioning"]["reward_names"] == ["a", "b"]

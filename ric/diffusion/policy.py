@@ -122,7 +122,7 @@ class DiffusionPolicy(ConditionalPolicy):
             self.ema = EMAModel([p for p in self.unet.parameters() if p.requires_grad], decay=ema_decay)
         self.register_buffer("vae_fitted", torch.tensor(False), persistent=True)
         self.register_buffer("uncond_ids", self.tokenize([""]), persistent=False)
-        # a checkpoint of a pretrained model holds only the trained UNet (and EMA), not the frozen parts
+        # a checkpoint of a pretrained model holds only the trained weights (UNet or its LoRA, and EMA)
         self.strict_loading = False
 
     # ---- prompts ------------------------------------------------------------------------------
@@ -241,8 +241,9 @@ class DiffusionPolicy(ConditionalPolicy):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         state = checkpoint.get("state_dict", {})
-        if self.pretrained:
-            for key in [k for k in state if k.startswith(("vae.", "text_encoder."))]:
+        if self.pretrained:  # the frozen weights come back from `model`; keep what training changed
+            trained = {name for name, p in self.named_parameters() if p.requires_grad}
+            for key in [k for k in state if k not in trained]:
                 del state[key]
         checkpoint["vae_scaling_factor"] = float(self.vae.config.scaling_factor)
         if self.ema is not None:
