@@ -31,7 +31,7 @@ SCALES = {
 }
 
 
-def config(out: Path, s: dict, *, conditioned: bool = True, online: bool = False) -> dict:
+def config(out: Path, s: dict, *, conditioned: bool = True, online: bool = False, steps: int | None = None) -> dict:
     callbacks = [
         {
             "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
@@ -57,7 +57,7 @@ def config(out: Path, s: dict, *, conditioned: bool = True, online: bool = False
         )
     return {
         "seed_everything": 0,
-        "trainer": {"accelerator": s["accelerator"], "devices": 1, "max_steps": s["offline"], "logger": False,
+        "trainer": {"accelerator": s["accelerator"], "devices": 1, "max_steps": steps or s["offline"], "logger": False,
                     "limit_val_batches": 0, "num_sanity_val_steps": 0, "default_root_dir": str(out),
                     "callbacks": callbacks},
         "model": {"class_path": "ric.text.policy.TextPolicy", "init_args": {
@@ -138,6 +138,12 @@ def main() -> None:
     online_done.touch()
     arms["RiC + 1 online"] = sweep("online", online, "p_inf", online_ckpt)
 
+    # control: offline training for as many steps as the online arm took in all
+    long = write("ric_long", config(out / "ric_long", s, steps=s["offline"] + s["online"]))
+    long_ckpt = out / "ric_long" / "ckpt" / "last.ckpt"
+    run(["fit", "--config", str(long)], done=long_ckpt)
+    arms["RiC offline, same steps"] = sweep("ric_long", long, "p_inf", long_ckpt)
+
     main_cmp = compare(list(arms.values()), list(arms), out / "compare_methods")
     maps = {"linear": "ric_linear", "p = 2": "ric_p_norm", "p = inf": "ric_p_inf"}
     map_cmp = compare([out / "sweeps" / v for v in maps.values()], list(maps), out / "compare_mappings")
@@ -151,6 +157,7 @@ def main() -> None:
         print(f"{name:<20}{value:.4f}")
     checks = {
         "online > offline": hv["RiC + 1 online"] > hv["RiC offline"],
+        "online > offline with the same steps": hv["RiC + 1 online"] > hv["RiC offline, same steps"],
         "offline > SFT and base": hv["RiC offline"] > max(hv["plain SFT"], hv["base"]),
         "p=2 and p=inf > linear": min(hm["p = 2"], hm["p = inf"]) > hm["linear"],
     }
