@@ -131,6 +131,17 @@ class FunctionReward(RewardModel):
         return torch.as_tensor(np.asarray(self.fn(prompts, samples), dtype=np.float32))
 
 
+#: what FSDP, activation checkpointing and torch.compile insert into parameter names (state dicts omit them)
+WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def unwrapped_name(name: str) -> str:
+    """A parameter's name as state dicts show it, whatever wrappers a strategy put around its modules."""
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
 class ConditionalPolicy(L.LightningModule, ABC):
     """A policy ``pi(sample | prompt, rewards)`` trained by conditioned supervised learning.
 
@@ -213,6 +224,12 @@ class ConditionalPolicy(L.LightningModule, ABC):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "ric.json").write_text(json.dumps(self.ric_metadata(), indent=2))
+
+    def keep_trained_weights(self, checkpoint: dict[str, Any]) -> None:
+        """Drop frozen weights from a checkpoint's state dict: they come back from the base model, so a
+        checkpoint holds only what training changed (e.g. a LoRA adapter)."""
+        trained = {unwrapped_name(n) for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint.get("state_dict", {}).items() if k in trained}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["ric"] = self.ric_metadata()

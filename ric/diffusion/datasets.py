@@ -23,8 +23,6 @@ from ric.data import ExampleSource, read_jsonl
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
 
 def readable_image(path: str | Path) -> bool:
     """Whether the file decodes as an image (header check and a full decode)."""
@@ -54,6 +52,13 @@ def keep_readable(records: list[dict[str, Any]], source: str) -> list[dict[str, 
     for r in good:
         r["fingerprint"] = _fingerprint(Path(r["response"]))
     return good
+
+
+def write_captions(folder: Path, lines: list[str]) -> None:
+    """Write ``captions.jsonl`` last and atomically: its presence marks a folder as complete."""
+    tmp = folder / "captions.jsonl.tmp"
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tmp.replace(folder / "captions.jsonl")
 
 
 class ImageFolder(ExampleSource):
@@ -121,9 +126,7 @@ class _Materialized(ExampleSource):
                 file = f"{k:07d}{Path(name).suffix or '.png'}"
                 (folder / file).write_bytes(data)
                 lines.append(json.dumps({"file": file, "caption": caption}))
-            tmp = folder / "captions.jsonl.tmp"
-            tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-            tmp.replace(index)
+            write_captions(folder, lines)
         return ImageFolder(str(folder), limit=self.limit).load()
 
 
@@ -312,9 +315,7 @@ class Shapes(ExampleSource):
             img, caption = draw_shapes(rng, self.size)
             img.save(folder / f"{k:05d}.png")
             lines.append(json.dumps({"file": f"{k:05d}.png", "caption": caption}))
-        tmp = folder / "captions.jsonl.tmp"
-        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        tmp.replace(folder / "captions.jsonl")
+        write_captions(folder, lines)
         return folder
 
     def load(self) -> list[dict[str, Any]]:

@@ -59,4 +59,3 @@ def image_grid(rows: Sequence[Sequence[Image.Image]], cell: int = 128, pad: int 
                 as_image(img).resize((cell, cell), Image.BICUBIC), (pad + j * (cell + pad), pad + i * (cell + pad))
             )
     return grid
-

@@ -119,11 +119,15 @@ class DiffusionPolicy(ConditionalPolicy):
         if ema_decay is not None:
             from diffusers.training_utils import EMAModel
 
-            self.ema = EMAModel([p for p in self.unet.parameters() if p.requires_grad], decay=ema_decay)
+            self.ema = EMAModel(self.trained_parameters(), decay=ema_decay)
         self.register_buffer("vae_fitted", torch.tensor(False), persistent=True)
         self.register_buffer("uncond_ids", self.tokenize([""]), persistent=False)
         # a checkpoint of a pretrained model holds only the trained weights (UNet or its LoRA, and EMA)
         self.strict_loading = False
+
+    def trained_parameters(self) -> list[torch.nn.Parameter]:
+        """The UNet weights training changes (all of them, or the LoRA adapters), which EMA tracks."""
+        return [p for p in self.unet.parameters() if p.requires_grad]
 
     # ---- prompts ------------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
@@ -197,7 +201,7 @@ class DiffusionPolicy(ConditionalPolicy):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.ema is not None:
             self.ema.to(self.device)
-            self.ema.step([p for p in self.unet.parameters() if p.requires_grad])
+            self.ema.step(self.trained_parameters())
 
     def configure_optimizers(self) -> Any:
         h = self.hparams
@@ -240,11 +244,8 @@ class DiffusionPolicy(ConditionalPolicy):
     # ---- checkpoints --------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        state = checkpoint.get("state_dict", {})
-        if self.pretrained:  # the frozen weights come back from `model`; keep what training changed
-            trained = {name for name, p in self.named_parameters() if p.requires_grad}
-            for key in [k for k in state if k not in trained]:
-                del state[key]
+        if self.pretrained:  # a tiny model's frozen parts (its fitted VAE) exist only in the checkpoint
+            self.keep_trained_weights(checkpoint)
         checkpoint["vae_scaling_factor"] = float(self.vae.config.scaling_factor)
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state_dict()
@@ -298,8 +299,8 @@ class DiffusionPolicy(ConditionalPolicy):
         self.unet.eval()
         if self.ema is not None:
             self.ema.to(device)
-            self.ema.store(self.unet.parameters())
-            self.ema.copy_to([p for p in self.unet.parameters() if p.requires_grad])
+            self.ema.store(self.trained_parameters())
+            self.ema.copy_to(self.trained_parameters())
         out: list[Image.Image] = []
         try:
             with torch.autocast(device.type, dtype=DTYPES[h.frozen_dtype], enabled=autocast):
@@ -317,7 +318,7 @@ class DiffusionPolicy(ConditionalPolicy):
                     out.extend(result.images)
         finally:
             if self.ema is not None:
-                self.ema.restore(self.unet.parameters())
+                self.ema.restore(self.trained_parameters())
             self.unet.train(was_training)
         return out
 
@@ -359,7 +360,7 @@ class DiffusionPolicy(ConditionalPolicy):
         """A diffusers pipeline folder (UNet with LoRA fused, EMA weights if kept) plus ``ric.json``."""
         path = Path(path)
         if self.ema is not None:
-            self.ema.copy_to([p for p in self.unet.parameters() if p.requires_grad])
+            self.ema.copy_to(self.trained_parameters())
         if self.hparams.lora_r > 0:
             self.unet.fuse_lora()
             self.unet.unload_lora()

@@ -18,15 +18,6 @@ from ric.text.models import load_causal_lm
 
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-#: what FSDP, activation checkpointing and torch.compile insert into parameter names (state dicts omit them)
-WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
-
-
-def unwrapped_name(name: str) -> str:
-    """A parameter's name as state dicts show it, whatever wrappers a strategy put around its modules."""
-    for prefix in WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    return name
 
 
 class TextPolicy(ConditionalPolicy):
@@ -294,8 +285,7 @@ class TextPolicy(ConditionalPolicy):
 
     # ---- checkpoints and export ---------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        trainable = {unwrapped_name(n) for n, p in self.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        self.keep_trained_weights(checkpoint)
         super().on_save_checkpoint(checkpoint)
 
     def export(self, path: str | Path, merge: bool = True) -> Path:
