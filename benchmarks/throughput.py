@@ -26,14 +26,16 @@ import gc
 import json
 import platform
 import tempfile
+import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import transformers
-from measure import matmul_ceiling, scoring_speed, timed
+from measure import matmul_ceiling, scoring_speed, synchronize, timed
 
 from ric.text.datasets import Quickstart
 from ric.text.models import load_causal_lm, load_tokenizer
@@ -184,6 +186,28 @@ def free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+#: our SFT step's switch sets (``--sft-variants``) and generation set-ups (``--gen-variants``)
+SFT_VARIANTS = {
+    "eager": {},
+    "compile": {"compile": True},
+    "liger": {"liger_kernel": True},
+    "liger+compile": {"liger_kernel": True, "compile": True},
+}
+GEN_VARIANTS = {
+    "adapter": {"merge": False, "static": False},  # the adapter's matmuls in every step, dynamic KV cache
+    "merged": {"merge": True, "static": False},  # adapter merged into the weights for the call
+    "merged+static": {"merge": True, "static": True},  # plus a static KV cache, compiled decoding on CUDA
+}
+
+
+def variant_list(text: str, known: dict) -> list[str]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [v for v in names if v not in known]
+    if unknown or not names:
+        raise SystemExit(f"unknown variant(s) {unknown or text!r}; choose from {', '.join(known)}")
+    return names
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=["smollm2", "llama2-7b", "tiny"], default="smollm2")
@@ -201,50 +225,114 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--score-batch", type=int)
     parser.add_argument("--repeats", type=int, default=2, help="timed repeats of generation and scoring")
     parser.add_argument("--no-packing", dest="packing", action="store_false", help="our step on padded batches")
-    parser.add_argument("--liger", action="store_true", help="Liger kernels in our step (CUDA, liger-kernel)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile our step (and static-cache decoding)")
-    parser.add_argument("--static-cache", action="store_true", help="our generate with a static KV cache")
+    parser.add_argument(
+        "--sft-variants",
+        default="eager",
+        help=f"comma-separated switch sets of our SFT step: {', '.join(SFT_VARIANTS)}",
+    )
+    parser.add_argument(
+        "--gen-variants",
+        default="adapter,merged",
+        help=f"comma-separated generation set-ups: {', '.join(GEN_VARIANTS)}",
+    )
     parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # fmt: skip
     for key, value in DEFAULTS["cuda" if torch.device(args.device).type == "cuda" else "cpu"].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    args.sft_variants = variant_list(args.sft_variants, SFT_VARIANTS)
+    args.gen_variants = variant_list(args.gen_variants, GEN_VARIANTS)
     return args
 
 
-def measure_ours(args: argparse.Namespace, model_ref: str, dtype: str, device: torch.device) -> dict:
-    """Our stack: TextPolicy with the speed switches, its optimizer, its (packed) batches, its generate."""
+def make_policy(args: argparse.Namespace, model_ref: str, dtype: str, device: torch.device, **switches: Any) -> Any:
     with device:
         policy = TextPolicy(
             model=model_ref, reward_names=["harmless", "helpful"], template=TEMPLATE, dtype=dtype, **LORA,
-            max_length=args.seq_len, attn_implementation="sdpa", packing=args.packing, liger_kernel=args.liger,
-            compile=args.compile, cache_implementation="static" if args.static_cache else None,
-        ).to(device)  # fmt: skip
+            max_length=args.seq_len, attn_implementation="sdpa", packing=args.packing, **switches,
+        )  # fmt: skip
+    return policy.to(device)
+
+
+def attempt(name: str, fn: Any, device: torch.device) -> dict:
+    """One variant's measurement; a failure (a missing kernel package, a compile error, out of memory) is
+    recorded with its message instead of ending the run, and its memory is released either way."""
+    try:
+        return fn()
+    except Exception as err:  # noqa: BLE001 - every variant's failure is reported, the others still run
+        print(f"variant {name} failed: {type(err).__name__}: {err}")
+        return {"error": f"{type(err).__name__}: {str(err)[:500]}"}
+    finally:
+        free(device)
+
+
+def measure_sft_variant(args: argparse.Namespace, name: str, model_ref: str, dtype: str, device: torch.device) -> dict:
+    """Our training step with one set of switches: the policy's optimizer and its (packed) collated batch."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    policy = make_policy(args, model_ref, dtype, device, **SFT_VARIANTS[name])
     examples = sft_examples(policy.tokenizer, args.batch_size, args.seq_len)
     optimizer = policy.configure_optimizers()["optimizer"]
     batch = policy.collate(examples)
-    step = measure_sft(lambda b: policy(**b), optimizer, batch, args, device)
-    memory = peak_memory_gb(device)
+    start = time.perf_counter()
+    sft_step(lambda b: policy(**b), optimizer, {k: v.to(device) for k, v in batch.items()}, device)
+    synchronize(device)
+    first = time.perf_counter() - start  # includes compilation, if any
+    return {
+        "switches": {"attn": "sdpa", "packing": args.packing, **SFT_VARIANTS[name]},
+        "first_step_s": first,
+        "step_s": measure_sft(lambda b: policy(**b), optimizer, batch, args, device),
+        "peak_memory_gb": peak_memory_gb(device),
+        "computed_tokens": int(batch["input_ids"].numel()),
+    }
 
+
+def measure_generation_variants(args: argparse.Namespace, model_ref: str, dtype: str, device: torch.device) -> dict:
+    """TextPolicy.generate under each generation set-up, on one policy (the adapter made non-zero first, so
+    merging changes the weights as it would after training)."""
+    policy = make_policy(args, model_ref, dtype, device)
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 1e-3)
     prompts = list(dict.fromkeys(r["prompt"] for r in Quickstart().load()))
     prompts = [prompts[i % len(prompts)] for i in range(args.gen_batch)]
     desired = np.ones((len(prompts), 2))
-    settings = {"max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens, "do_sample": True}
+    examples = sft_examples(policy.tokenizer, args.batch_size, args.seq_len)
+    out: dict[str, Any] = {
+        "texts": policy.condition(prompts, desired),
+        "padded": pad(policy.training_rows(examples), policy.tokenizer.pad_token_id),
+        "parameters": sum(p.numel() for p in policy.parameters()),
+        "variants": {},
+    }
+    for name in args.gen_variants:
+        spec = GEN_VARIANTS[name]
+        settings = {"max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens, "do_sample": True,
+                    "batch_size": args.gen_batch}  # fmt: skip
+        if spec["static"]:
+            settings.update(cache_implementation="static", disable_compile=False)
+        policy.hparams.merge_lora_for_generation = spec["merge"]
+        run = partial(time_generation, policy, prompts, desired, settings, args.repeats, device)
+        out["variants"][name] = attempt(f"generation {name}", run, device)
+    return out
+
+
+def time_generation(policy: Any, prompts: list[str], desired: np.ndarray, settings: dict, repeats: int,
+                    device: torch.device) -> dict:  # fmt: skip
+    """Seconds of a first call (warm-up, and compilation if any) and the median of ``repeats`` more, in one
+    generation session as in an online round or a sweep; entering it (merging the adapter) is timed apart."""
 
     def generate() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            policy.generate(prompts, desired, batch_size=args.gen_batch, **settings)
+            policy.generate(prompts, desired, **settings)
 
-    generate()  # warm-up (and compilation, if any)
-    return {
-        "parameters": sum(p.numel() for p in policy.parameters()),
-        "padded": pad(policy.training_rows(examples), policy.tokenizer.pad_token_id),
-        "computed_tokens": int(batch["input_ids"].numel()),
-        "texts": policy.condition(prompts, desired),
-        "step_s": step,
-        "sft_memory_gb": memory,
-        "generate_s": timed(generate, args.repeats, device),
-    }
+    session = policy.generation_session()
+    enter = timed(session.__enter__, 1, device)
+    try:
+        first = timed(generate, 1, device)
+        return {"session_enter_s": enter, "first_call_s": first, "generate_s": timed(generate, repeats, device)}
+    finally:
+        session.__exit__(None, None, None)
 
 
 def measure_hf(args: argparse.Namespace, model_ref: str, dtype: str, device: torch.device, tokenizer: Any,
@@ -273,17 +361,29 @@ def measure_hf(args: argparse.Namespace, model_ref: str, dtype: str, device: tor
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
+
+    def save(result: dict) -> None:  # after every section: a run cut short still leaves what it measured
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=2))
+
     with tempfile.TemporaryDirectory(prefix="ric-throughput-") as work:
-        result = measure_all(args, Path(work))
+        result = measure_all(args, Path(work), save)
     report(result)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
         print(args.out)
     return result
 
 
-def measure_all(args: argparse.Namespace, work: Path) -> dict:
+def best(variants: dict, key: str) -> str:
+    """The fastest variant that ran (smallest ``key``)."""
+    ran = {name: v for name, v in variants.items() if "error" not in v}
+    if not ran:
+        raise SystemExit(f"every variant failed: {json.dumps(variants, indent=2)}")
+    return min(ran, key=lambda name: ran[name][key])
+
+
+def measure_all(args: argparse.Namespace, work: Path, save: Any = lambda result: None) -> dict:
     """Every section, one stack at a time on the device; ``work`` holds the random models' files."""
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -297,10 +397,74 @@ def measure_all(args: argparse.Namespace, work: Path) -> dict:
         model_ref = random_llama(args.shape, tokenizer, work / "policy")
 
     ceiling = matmul_ceiling(device, torch.bfloat16 if gpu else torch.float32, args.matmul_size, args.repeats)
-    ours = measure_ours(args, model_ref, dtype, device)
+    cpu_name = f"{platform.machine()}, {torch.get_num_threads()} threads"
+    result: dict[str, Any] = {  # fmt: skip
+        "device": torch.cuda.get_device_name(device) if gpu else cpu_name,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "shape": args.shape,
+        "dtype": dtype,
+        "tokenizer": tokenizer_name,
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "matmul": {"dtype": "bfloat16" if gpu else "float32", "tflops": ceiling / 1e12},
+        "partial": True,
+    }  # fmt: skip
+    generation = measure_generation_variants(args, model_ref, dtype, device)
     free(device)
-    hf = measure_hf(args, model_ref, dtype, device, tokenizer, ours["padded"], ours["texts"])
+    result["generation"] = {"variants": generation["variants"]}
+    save(result)
+    padded, params = generation["padded"], generation["parameters"]
+    real_tokens = int(padded["attention_mask"].sum())
+    hf = measure_hf(args, model_ref, dtype, device, tokenizer, padded, generation["texts"])
     free(device)
+    gen_tokens = len(generation["texts"]) * args.new_tokens
+    single_tokens = hf["single_prompts"] * args.new_tokens
+    hf_batch1 = single_tokens / hf["single_s"]
+    for v in generation["variants"].values():
+        if "error" not in v:
+            v.update(
+                tokens_per_s=gen_tokens / v["generate_s"], speedup_vs_hf_batched=hf["generate_s"] / v["generate_s"]
+            )
+    gen_best = best(generation["variants"], "generate_s")
+    ours_gen = generation["variants"][gen_best]["generate_s"]
+    result["generation"] = {
+        "prompts": len(generation["texts"]),
+        "new_tokens": args.new_tokens,
+        "batch_size": args.gen_batch,
+        "variants": generation["variants"],
+        "ours_variant": gen_best,
+        "ours_tokens_per_s": gen_tokens / ours_gen,
+        "hf_batched_tokens_per_s": gen_tokens / hf["generate_s"],
+        "hf_batch1_tokens_per_s": hf_batch1,
+        "speedup_vs_batch1": gen_tokens / ours_gen / hf_batch1,
+        "speedup_vs_hf_batched": hf["generate_s"] / ours_gen,
+    }
+    save(result)
+    sft_variants: dict[str, dict] = {}
+    for name in args.sft_variants:
+        run = partial(measure_sft_variant, args, name, model_ref, dtype, device)
+        sft_variants[name] = v = attempt(f"SFT {name}", run, device)
+        if "error" not in v:
+            v.update(tokens_per_s=real_tokens / v["step_s"], mfu=4 * params * real_tokens / v["step_s"] / ceiling)
+        result["sft"] = {"variants": sft_variants}
+        save(result)
+    fastest = best(sft_variants, "step_s")
+    ours = sft_variants[fastest]
+    result["parameters"] = params
+    result["sft"] = {
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "real_tokens": real_tokens,
+        "padded_tokens": int(padded["input_ids"].numel()),
+        "ours_computed_tokens": ours["computed_tokens"],
+        "variants": sft_variants,
+        "ours": {"variant": fastest, **ours},
+        "hf_peft": {
+            "step_s": hf["step_s"],
+            "tokens_per_s": real_tokens / hf["step_s"],
+            "mfu": 4 * params * real_tokens / hf["step_s"] / ceiling,
+        },
+        "speedup": hf["step_s"] / ours["step_s"],
+    }
 
     reward_folder = random_reward(args.shape, tokenizer, work / "reward", dtype)
     reward = HFRewardModel("harmless", reward_folder, "pair", dtype=dtype, device=str(device))
@@ -309,76 +473,39 @@ def measure_all(args: argparse.Namespace, work: Path) -> dict:
     prompts, samples = [r["prompt"] for r in pairs], [r["response"] for r in pairs]
     scoring = scoring_speed(reward, prompts, samples, args.score_batch, args.repeats)
     scoring["reward"] = f"random-initialized GPT-2 classifier {REWARD_SHAPES[args.shape]}"
-
-    padded = ours["padded"]
-    real_tokens = int(padded["attention_mask"].sum())
-    params = ours["parameters"]
-    gen_tokens = len(ours["texts"]) * args.new_tokens
-    single_tokens = hf["single_prompts"] * args.new_tokens
-    return {
-        "device": torch.cuda.get_device_name(device)
-        if gpu
-        else f"{platform.machine()}, {torch.get_num_threads()} threads",
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-        "shape": args.shape,
-        "parameters": params,
-        "dtype": dtype,
-        "tokenizer": tokenizer_name,
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "matmul": {"dtype": "bfloat16" if gpu else "float32", "tflops": ceiling / 1e12},
-        "sft": {
-            "batch_size": args.batch_size,
-            "seq_len": args.seq_len,
-            "real_tokens": real_tokens,
-            "padded_tokens": int(padded["input_ids"].numel()),
-            "ours_computed_tokens": ours["computed_tokens"],
-            "ours": {
-                "switches": {"attn": "sdpa", "packing": args.packing, "liger": args.liger, "compile": args.compile},
-                "step_s": ours["step_s"],
-                "tokens_per_s": real_tokens / ours["step_s"],
-                "mfu": 4 * params * real_tokens / ours["step_s"] / ceiling,
-            },
-            "hf_peft": {
-                "step_s": hf["step_s"],
-                "tokens_per_s": real_tokens / hf["step_s"],
-                "mfu": 4 * params * real_tokens / hf["step_s"] / ceiling,
-            },
-            "speedup": hf["step_s"] / ours["step_s"],
-            "ours_peak_memory_gb": ours["sft_memory_gb"],
-        },
-        "generation": {
-            "prompts": len(ours["texts"]),
-            "new_tokens": args.new_tokens,
-            "batch_size": args.gen_batch,
-            "static_cache": args.static_cache,
-            "ours_tokens_per_s": gen_tokens / ours["generate_s"],
-            "hf_batched_tokens_per_s": gen_tokens / hf["generate_s"],
-            "hf_batch1_tokens_per_s": single_tokens / hf["single_s"],
-            "speedup_vs_batch1": (gen_tokens / ours["generate_s"]) / (single_tokens / hf["single_s"]),
-            "speedup_vs_hf_batched": hf["generate_s"] / ours["generate_s"],
-        },
-        "scoring": scoring,
-        "peak_memory_gb": peak_memory_gb(device),
-    }
+    result.update(scoring=scoring, peak_memory_gb=peak_memory_gb(device), partial=False)
+    save(result)
+    return result
 
 
 def report(r: dict) -> None:
     s, g, sc = r["sft"], r["generation"], r["scoring"]
     print(f"{r['shape']} ({r['parameters'] / 1e6:.0f}M parameters, {r['dtype']}) on {r['device']}")
     print(f"matmul ceiling: {r['matmul']['tflops']:.2f} TFLOP/s ({r['matmul']['dtype']})")
-    print(f"{'':34}{'ours':>12}{'HF':>12}{'HF batch 1':>12}{'ours/HF':>9}")
+    print(f"{'':46}{'ours':>12}{'HF':>12}{'HF batch 1':>12}{'ours/HF':>9}")
+    for name, v in s["variants"].items():
+        label = f"SFT tokens/s, {name} ({s['batch_size']}x{s['seq_len']})"
+        if "error" in v:
+            print(f"{label:46}  failed: {v['error'][:80]}")
+            continue
+        print(
+            f"{label:46}{v['tokens_per_s']:12.0f}{s['hf_peft']['tokens_per_s']:12.0f}{'':12}"
+            f"{s['hf_peft']['step_s'] / v['step_s']:8.2f}x  MFU {100 * v['mfu']:.1f}%"
+            f" vs {100 * s['hf_peft']['mfu']:.1f}%"
+            f"  (first step {v['first_step_s']:.1f} s)"
+        )
+    for name, v in g["variants"].items():
+        label = f"generation tokens/s, {name} (batch {g['batch_size']})"
+        if "error" in v:
+            print(f"{label:46}  failed: {v['error'][:80]}")
+            continue
+        print(
+            f"{label:46}{v['tokens_per_s']:12.1f}{g['hf_batched_tokens_per_s']:12.1f}{g['hf_batch1_tokens_per_s']:12.1f}"
+            f"{v['speedup_vs_hf_batched']:8.2f}x  ({v['tokens_per_s'] / g['hf_batch1_tokens_per_s']:.1f}x vs batch 1;"
+            f" first call {v['first_call_s']:.1f} s)"
+        )
     print(
-        f"{'SFT tokens/s (' + str(s['batch_size']) + 'x' + str(s['seq_len']) + ')':34}"
-        f"{s['ours']['tokens_per_s']:12.0f}{s['hf_peft']['tokens_per_s']:12.0f}{'':12}{s['speedup']:8.2f}x"
-    )
-    print(f"{'SFT MFU':34}{100 * s['ours']['mfu']:11.1f}%{100 * s['hf_peft']['mfu']:11.1f}%")
-    print(
-        f"{'generation tokens/s (batch ' + str(g['batch_size']) + ')':34}{g['ours_tokens_per_s']:12.1f}"
-        f"{g['hf_batched_tokens_per_s']:12.1f}{g['hf_batch1_tokens_per_s']:12.1f}{g['speedup_vs_hf_batched']:8.2f}x"
-        f"  ({g['speedup_vs_batch1']:.1f}x vs batch 1)"
-    )
-    print(
-        f"{'scoring samples/s (batch ' + str(sc['batch_size']) + ')':34}{sc['batched_samples_per_s']:12.1f}"
+        f"{'scoring samples/s (batch ' + str(sc['batch_size']) + ')':46}{sc['batched_samples_per_s']:12.1f}"
         f"{'':12}{sc['per_sample_samples_per_s']:12.1f}{sc['speedup']:8.2f}x (vs one pair per call)"
     )
 

@@ -18,6 +18,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 
+from ric.distributed import even_share, gather_objects, rank_and_world
 from ric.interfaces import ConditionalPolicy, RewardModel, score_all
 from ric.mapping import RewardRange, default_reward_range, desired_rewards, validate_preference
 from ric.pareto import hypervolume, plot_fronts
@@ -139,7 +140,7 @@ class PreferenceSweep(L.Callback):
     """Evaluates a policy across preferences on the DataModule's held-out prompts.
 
     Runs after ``test`` (``python -m ric.cli test --ckpt_path ...``) and, with ``after_fit: true``, at the
-    end of ``fit``.
+    end of ``fit``. Every process generates and scores its share of the prompts; rank 0 writes the results.
 
     Args:
         preferences: explicit list of preferences; default: 11 points for 2 rewards, the paper's 13 triples
@@ -193,7 +194,8 @@ class PreferenceSweep(L.Callback):
         self.last_metrics: dict[str, Any] | None = None
         self.front_csv: Path | None = None
 
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # not on_fit_end: by then the strategy's teardown has moved the model to the CPU
         if self.after_fit:
             self.run(trainer, pl_module)
 
@@ -204,6 +206,36 @@ class PreferenceSweep(L.Callback):
         n = len(reward_names)
         prefs = self.preferences if self.preferences is not None else default_preferences(n, self.num_points)
         return np.array([validate_preference(w, num_rewards=n) for w in prefs])
+
+    @staticmethod
+    def generate_all(
+        policy: ConditionalPolicy,
+        rewards: Sequence[RewardModel],
+        prompts: Sequence[Any],
+        desired: np.ndarray | None,
+        settings: dict[str, Any],
+    ) -> list[tuple[list[Any], np.ndarray]] | None:
+        """``(samples, raw scores)`` per preference (row of ``desired``; ``None``: one unconditioned row).
+        Every process generates and scores an equal share of the prompts, in one generation session;
+        rank 0 gets everything back, the other ranks ``None``."""
+        from tqdm.auto import tqdm
+
+        rank, world = rank_and_world()
+        share, real = even_share(len(prompts), rank, world)  # equal counts: sharded weights need lockstep
+        rows = [None] if desired is None else list(desired)
+        results = []
+        with policy.generation_session():
+            for row in tqdm(rows, desc="preference sweep", unit="pref", disable=rank != 0):
+                target = None if row is None else np.broadcast_to(row, (len(share), len(rewards)))
+                mine = policy.generate([prompts[i] for i in share], target, **settings)[:real]
+                mine_raw = score_all(rewards, [prompts[i] for i in share[:real]], mine)
+                responses: list[Any] = [None] * len(prompts)
+                raw = np.zeros((len(prompts), len(rewards)))
+                for r, (their_responses, their_raw) in enumerate(gather_objects((mine, mine_raw))):
+                    for j, i in enumerate(range(r, len(prompts), world)):
+                        responses[i], raw[i] = their_responses[j], their_raw[j]
+                results.append((responses, raw))
+        return results if rank == 0 else None
 
     def bounds(self, dm: Any, num_rewards: int) -> tuple[np.ndarray, np.ndarray]:
         """``(r_min, r_max)`` per reward in normalized units."""
@@ -227,17 +259,15 @@ class PreferenceSweep(L.Callback):
             preferences = self.resolve_preferences(names)
             lo, hi = self.bounds(dm, len(names))
             desired = np.array([desired_rewards(w, self.method, p=self.p, r_min=lo, r_max=hi) for w in preferences])
-        if not trainer.is_global_zero:
-            return None
         from tqdm.auto import tqdm
 
         out = Path(self.output_dir) if self.output_dir else Path(trainer.log_dir or ".") / "sweep"
         obtained, samples, generated = [], [], []
         settings = {**policy.sampling_defaults("evaluation"), **self.sampling}
-        for k in tqdm(range(len(preferences)), desc="preference sweep", unit="pref"):
-            target = None if self.unconditioned else np.broadcast_to(desired[k], (len(prompts), len(names)))
-            responses = policy.generate(prompts, target, **settings)
-            raw = score_all(rewards, prompts, responses)
+        results = self.generate_all(policy, rewards, prompts, None if self.unconditioned else desired, settings)
+        if results is None:  # not rank 0
+            return None
+        for k, (responses, raw) in enumerate(tqdm(results, desc="writing results", unit="pref", leave=False)):
             z = policy.normalizer.transform(raw)
             obtained.append(z)
             generated.append(responses)

@@ -11,6 +11,7 @@ modality is a subclass plus a config entry.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -181,6 +182,11 @@ class ConditionalPolicy(L.LightningModule, ABC):
         """Generation settings the online loop (``purpose="online"``) and the evaluation sweep
         (``"evaluation"``) use unless their ``sampling`` overrides them."""
         return {}
+
+    def generation_session(self) -> contextlib.AbstractContextManager:
+        """Held around a loop of ``generate`` calls (an online round, a sweep): set-up that every call would
+        otherwise repeat, such as merging a LoRA adapter into the weights, happens once. Nothing by default."""
+        return contextlib.nullcontext()
 
     def store_samples(self, samples: Sequence[Any], folder: Path, names: Sequence[str]) -> list[Any]:
         """JSON-storable form of generated samples, for the online buffer and evaluation results. Text is

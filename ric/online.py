@@ -24,6 +24,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from ric.distributed import gather_objects, rank_and_world, sharded_weights
 from ric.interfaces import ConditionalPolicy, score_all
 from ric.mapping import RewardRange
 from ric.mors import mors_keep_mask, mors_thresholds, sample_original, sample_targets
@@ -48,12 +49,6 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
                 break
             raise ValueError(f"{path}:{k + 1} is corrupt") from None
     return rows
-
-
-def _dist() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 class OnlineLoop(L.Callback):
@@ -187,7 +182,7 @@ class OnlineLoop(L.Callback):
     def generate_shard(self, trainer: L.Trainer, policy: ConditionalPolicy, round_idx: int) -> int:
         """Generate and score this rank's share of the round, appending to its buffer file; returns the
         number of new samples."""
-        rank, world = _dist()
+        rank, world = rank_and_world()
         dm = trainer.datamodule
         prompts, targets = self.round_plan(trainer, round_idx)
         path = self.folder(trainer) / f"round{round_idx}" / f"rank{rank}.jsonl"
@@ -206,14 +201,20 @@ class OnlineLoop(L.Callback):
         )
         made = 0
         settings = {**policy.sampling_defaults("online"), **self.sampling}
-        with path.open("a", encoding="utf-8") as fh:
-            for start in range(0, len(todo), self.chunk_size):
-                chunk = todo[start : start + self.chunk_size]
+        chunks = [todo[start : start + self.chunk_size] for start in range(0, len(todo), self.chunk_size)]
+        lockstep = sharded_weights(trainer)
+        if lockstep:  # sharded weights: every rank makes as many generate calls, each of chunk_size prompts
+            chunks += [[]] * (max(gather_objects(len(chunks))) - len(chunks))
+        with path.open("a", encoding="utf-8") as fh, policy.generation_session():
+            for chunk in chunks:
                 if self.fail_after is not None and made + len(chunk) > self.fail_after:
                     chunk = chunk[: max(0, self.fail_after - made)]
+                filler = (chunk or todo or [0])[-1:] * (self.chunk_size - len(chunk)) if lockstep else []
+                if chunk or filler:  # fillers keep lockstep ranks' batch counts equal, then are dropped
+                    calls = chunk + filler
+                    responses = policy.generate([prompts[k] for k in calls], targets[calls], **settings)[: len(chunk)]
                 if chunk:
                     batch_prompts = [prompts[k] for k in chunk]
-                    responses = policy.generate(batch_prompts, targets[chunk], **settings)
                     raw = score_all(dm.rewards, batch_prompts, responses)
                     # images etc. are written to files before their rows, so a row never points at nothing
                     stored = policy.store_samples(responses, path.parent / "samples", [f"{k:07d}" for k in chunk])

@@ -14,7 +14,7 @@ from ric.mors import mors_keep_mask, mors_thresholds
 from ric.online import read_rows
 
 
-def _config(tmp_path, tiny_llama, data_path, *, offline_steps=2, online=None, checkpoint_every=1):
+def _config(tmp_path, tiny_llama, data_path, *, offline_steps=2, online=None, checkpoint_every=1, sweep=False):
     online_args = {
         "iterations": 1,
         "steps_per_iteration": 2,
@@ -29,6 +29,10 @@ def _config(tmp_path, tiny_llama, data_path, *, offline_steps=2, online=None, ch
          "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True, "every_n_train_steps": checkpoint_every}},
         {"class_path": "ric.online.OnlineLoop", "init_args": online_args},
     ]  # fmt: skip
+    if sweep:
+        callbacks.append({"class_path": "ric.evaluation.PreferenceSweep", "init_args": {
+            "num_points": 3, "after_fit": True, "output_dir": str(tmp_path / "sweep"),
+            "sampling": {"max_new_tokens": 4}}})  # fmt: skip
     rewards = {"verbosity": "Verbosity", "readability": "Readability"}
     return tiny_cli_config(
         tmp_path, tiny_llama, data_path, rewards, callbacks, max_steps=offline_steps, limit_val_batches=0
@@ -120,8 +124,9 @@ def test_ddp_two_processes_match_one(tmp_path, tiny_llama, text_data):
 
 
 def test_ddp_trains_then_runs_an_online_round(tmp_path, tiny_llama, text_data):
-    """Two gloo processes: offline steps, one online round, the online steps; one checkpoint at the end."""
-    config = _config(tmp_path, tiny_llama, text_data, offline_steps=2, checkpoint_every=4)
+    """Two gloo processes: offline steps, one online round, the online steps; one checkpoint at the end;
+    then the sweep, each process generating half of the prompts, rank 0 writing all of them."""
+    config = _config(tmp_path, tiny_llama, text_data, offline_steps=2, checkpoint_every=4, sweep=True)
     cmd = [sys.executable, "-m", "ric.cli", "fit", "--config", str(config), "--trainer.devices", "2",
            "--trainer.strategy", "ddp"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])
@@ -132,6 +137,10 @@ def test_ddp_trains_then_runs_an_online_round(tmp_path, tiny_llama, text_data):
     assert ranks == {"rank0.jsonl": 8, "rank1.jsonl": 8}
     ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 4
+    samples = [json.loads(line) for line in (tmp_path / "sweep" / "samples.jsonl").read_text().splitlines()]
+    metrics = json.loads((tmp_path / "sweep" / "metrics.json").read_text())
+    assert metrics["num_prompts"] >= 2 and len(samples) == 3 * metrics["num_prompts"]
+    assert all(s["response"] is not None and set(s["scores"]) == {"verbosity", "readability"} for s in samples)
 
 
 def test_compare_three_runs(tmp_path):
@@ -166,3 +175,37 @@ def test_online_config_errors():
         OnlineLoop(target_variant="best")
     with pytest.raises(ValueError, match="reward_range"):
         OnlineLoop(reward_range="wide")
+
+
+def test_even_share_pads_every_rank_to_the_same_count():
+    from ric.distributed import even_share
+
+    shares = [even_share(7, rank, 3) for rank in range(3)]
+    assert [real for _, real in shares] == [3, 2, 2]
+    assert all(len(idx) == 3 for idx, _ in shares)
+    assert sorted(i for idx, real in shares for i in idx[:real]) == list(range(7))
+    assert even_share(1, 1, 2) == ([0], 0)  # a rank without prompts still makes the same calls
+
+
+def test_sweep_after_fit_runs_before_teardown_moves_the_model(tmp_path, tiny_llama, text_data, monkeypatch):
+    """Lightning's teardown moves the module to the CPU before ``on_fit_end``; a sweep there would generate
+    on the CPU (or, with 8-bit weights, on half-moved ones)."""
+    from ric.text.policy import TextPolicy
+
+    events = []
+    for name in ("cpu", "generate"):
+        original = getattr(TextPolicy, name)
+
+        def spy(self, *args, _name=name, _original=original, **kwargs):
+            events.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(TextPolicy, name, spy)
+    callbacks = [{"class_path": "ric.evaluation.PreferenceSweep", "init_args": {
+        "num_points": 2, "after_fit": True, "output_dir": str(tmp_path / "sweep"), "sampling": {"max_new_tokens": 3}}}]
+    config = tiny_cli_config(tmp_path, tiny_llama, text_data, {"verbosity": "Verbosity"}, callbacks, max_steps=1,
+                             limit_val_batches=0)  # fmt: skip
+    RiCCLI(args=["fit", "--config", str(config)])
+    assert (tmp_path / "sweep" / "front.csv").is_file()
+    assert events.count("generate") >= 1 and "cpu" in events
+    assert events.index("cpu") > max(i for i, e in enumerate(events) if e == "generate")

