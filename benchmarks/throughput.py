@@ -2,12 +2,16 @@
 
 Everything is measured side by side in one run, against a matmul ceiling measured in the same run:
 
-* SFT: our training step (TextPolicy, LoRA r=64 on all Llama projections, packed batches, sdpa, optionally
-  Liger kernels / torch.compile) vs a plain HF + peft loop on the same examples
+* SFT: our training step (TextPolicy, LoRA r=64 on all Llama projections, packed batches, sdpa; each switch set
+  of ``--sft-variants``: eager, Liger kernels, regional torch.compile, both) vs a plain HF + peft loop on the
+  same examples
   (``model(**padded).loss.backward(); optimizer.step()``, AdamW on the LoRA weights). Tokens/s count real
   (non-pad) tokens; MFU = 4 x parameters x tokens/s / matmul FLOP/s (frozen base: forward + input grads).
-* generation: TextPolicy.generate at a batch size vs HF ``generate`` one prompt at a time (the authors' way)
-  and HF ``generate`` at the same batch size; every arm makes exactly ``--new-tokens`` tokens per prompt.
+* generation: TextPolicy.generate at a batch size, in each set-up of ``--gen-variants`` (adapter unmerged;
+  merged; merged + static KV cache with compiled decoding), vs HF ``generate`` one prompt at a time (the
+  authors' way) and HF ``generate`` at the same batch size; every arm makes exactly ``--new-tokens`` tokens
+  per prompt. A variant that fails is recorded with its error and the others still run; the JSON is written
+  after every section.
 * reward scoring: samples/s in batches vs one pair per call (a random-initialized GPT-2 classifier, the class
   of the paper's reward models: gpt2-large shape with ``--shape llama2-7b``).
 
@@ -15,8 +19,10 @@ Shapes: ``smollm2`` (the offline SmolLM2-135M weights, default on CPU), ``llama2
 Llama-2-7B shape in bf16, for a GPU), ``tiny`` (a smoke run in seconds). Random shapes need no network and no
 gguf: the SmolLM2 tokenizer is used when it loads, else a byte-level stand-in (prompts only need token ids).
 
-    .venv/bin/python benchmarks/throughput.py --out benchmarks/results/throughput_cpu.json
-    PYTHONPATH=. python3 benchmarks/throughput.py --shape llama2-7b --out benchmarks/results/throughput_cuda.json
+    .venv/bin/python benchmarks/throughput.py --sft-variants eager,compile \
+        --gen-variants adapter,merged,merged+static --out benchmarks/results/throughput_cpu.json
+    PYTHONPATH=.:benchmarks python3 benchmarks/throughput.py --shape llama2-7b --sft-variants eager,liger,compile \
+        --gen-variants merged,merged+static --out benchmarks/results/throughput_cuda.json
 """
 
 from __future__ import annotations
@@ -240,7 +246,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for key, value in DEFAULTS["cuda" if torch.device(args.device).type == "cuda" else "cpu"].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.sft_variants = variant_list(args.sft_variants, SFT_VARIANTS)
+    # Liger patches transformers' Llama module for the whole process (classes, RoPE, the LM forward), so any
+    # model built after a Liger variant would carry its kernels: those variants run last
+    args.sft_variants = sorted(variant_list(args.sft_variants, SFT_VARIANTS), key=lambda name: "liger" in name)
     args.gen_variants = variant_list(args.gen_variants, GEN_VARIANTS)
     return args
 

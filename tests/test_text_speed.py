@@ -164,3 +164,25 @@ def test_regional_compile_keeps_names_loss_and_generation(tiny_llama, policy):
     prompts, desired = ["short", "mid length prompt"], np.array([[0.5, -1.0], [1.5, 0.0]])
     settings = {"do_sample": False, "batch_size": 2, "max_new_tokens": 5}
     assert compiled.generate(prompts, desired, **settings) == policy.generate(prompts, desired, **settings)
+
+
+def test_compiled_static_decoding_compiles_once_and_matches_dynamic(policy):
+    """Five prompts of spread lengths in batches of 2: the last batch is filled up and the cache length kept,
+    so decoding compiles one graph; greedy outputs equal the dynamic cache's."""
+    from torch._dynamo.utils import counters
+    from transformers.generation.configuration_utils import CompileConfig
+
+    prompts = ["short", "a considerably longer prompt with many more words in it", "mid length prompt", "x",
+               "another one here please"]  # fmt: skip
+    desired = np.zeros((len(prompts), 2))
+    reference = policy.generate(prompts, desired, do_sample=False, batch_size=2, max_new_tokens=5)
+    config = CompileConfig(mode="default")
+    config._compile_all_devices = True  # transformers compiles decoding on CUDA only unless asked
+    torch._dynamo.reset()
+    counters.clear()
+    settings = {"cache_implementation": "static", "disable_compile": False, "compile_config": config}
+    for _ in range(2):
+        out = policy.generate(prompts, desired, do_sample=False, batch_size=2, max_new_tokens=5, **settings)
+        assert out == reference
+    assert counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
