@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -201,11 +202,68 @@ def test_sweep_after_fit_runs_before_teardown_moves_the_model(tmp_path, tiny_lla
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(TextPolicy, name, spy)
-    callbacks = [{"class_path": "ric.evaluation.PreferenceSweep", "init_args": {
-        "num_points": 2, "after_fit": True, "output_dir": str(tmp_path / "sweep"), "sampling": {"max_new_tokens": 3}}}]
+    callbacks = [
+        {
+            "class_path": "ric.evaluation.PreferenceSweep",
+            "init_args": {
+                "num_points": 2,
+                "after_fit": True,
+                "output_dir": str(tmp_path / "sweep"),
+                "sampling": {"max_new_tokens": 3},
+            },
+        }
+    ]
     config = tiny_cli_config(tmp_path, tiny_llama, text_data, {"verbosity": "Verbosity"}, callbacks, max_steps=1,
                              limit_val_batches=0)  # fmt: skip
     RiCCLI(args=["fit", "--config", str(config)])
     assert (tmp_path / "sweep" / "front.csv").is_file()
     assert events.count("generate") >= 1 and "cpu" in events
     assert events.index("cpu") > max(i for i, e in enumerate(events) if e == "generate")
+
+
+LOCKSTEP_LAUNCHER = """
+import json, os, sys
+import ric.online, ric.text.policy
+from ric.distributed import rank_and_world
+from ric.text.policy import TextPolicy
+
+# stand in for FSDP / ZeRO-3 (which Lightning runs on GPUs only): weights count as sharded across 2 ranks
+sharded = lambda trainer: trainer is not None and rank_and_world()[1] > 1
+ric.online.sharded_weights = ric.text.policy.sharded_weights = sharded
+log = os.environ["RIC_LOCKSTEP_LOG"]
+original = TextPolicy._generate_sorted
+
+
+def spy(self, encoded, order, batch_size, device, settings, fixed_shapes=False):
+    with open(f"{log}.rank{rank_and_world()[0]}", "a") as fh:
+        fh.write(json.dumps([len(order), bool(settings.get("synced_gpus"))]) + "\\n")
+    return original(self, encoded, order, batch_size, device, settings, fixed_shapes)
+
+
+TextPolicy._generate_sorted = spy
+from ric.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_sharded_weights_generate_in_lockstep(tmp_path, tiny_llama, text_data):
+    """With sharded weights every forward is collective: both ranks must make the same generate calls with
+    the same prompt counts (15 online prompts: 8 and 7 per rank; the sweep's prompts likewise) and pass
+    ``synced_gpus``, or the run would hang. gloo carries transformers' per-step all-reduce on the CPU."""
+    online = {"prompts_per_iteration": 15, "chunk_size": 4}
+    config = _config(tmp_path, tiny_llama, text_data, offline_steps=2, checkpoint_every=4, sweep=True, online=online)
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(LOCKSTEP_LAUNCHER)
+    log = tmp_path / "calls"
+    cmd = [sys.executable, str(launcher), "fit", "--config", str(config), "--trainer.devices", "2",
+           "--trainer.strategy", "ddp"]  # fmt: skip
+    env = {**os.environ, "RIC_LOCKSTEP_LOG": str(log), "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1], env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    calls = [[json.loads(line) for line in Path(f"{log}.rank{r}").read_text().splitlines()] for r in (0, 1)]
+    assert calls[0] == calls[1] and all(synced for _, synced in calls[0])
+    assert [n for n, _ in calls[0][:2]] == [4, 4]  # online chunks, rank 1's last one filled up
+    assert len(calls[0]) == 2 + 3  # two online chunks, three sweep preferences
+    assert json.loads((tmp_path / "buffer" / "round0" / "summary.json").read_text())["generated"] == 15
+    samples = (tmp_path / "sweep" / "samples.jsonl").read_text().splitlines()
+    assert len(samples) == 3 * json.loads((tmp_path / "sweep" / "metrics.json").read_text())["num_prompts"]
