@@ -3,6 +3,7 @@ measured in the same run, and batched vs one-pair-at-a-time reward scoring."""
 
 from __future__ import annotations
 
+import re
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -51,4 +52,43 @@ def scoring_speed(reward: Any, prompts: Sequence[Any], samples: Sequence[Any], b
         "batched_samples_per_s": len(samples) / batched,
         "per_sample_samples_per_s": len(samples) / single,
         "speedup": single / batched,
+    }
+
+
+MATMUL_KERNELS = re.compile(r"gemm|xmma|nvjet|cublas|cutlass.*(mm|matmul)|^aten::(mm|addmm|bmm|baddbmm)$", re.I)
+ATTENTION_KERNELS = re.compile(r"flash|fmha|attention|scaled_dot_product", re.I)
+
+
+def profile_step(fn: Callable[[], Any], device: torch.device | str, steps: int = 3, top: int = 12) -> dict:
+    """Where a step's time goes: torch.profiler over ``steps`` calls of ``fn``; GPU kernels on CUDA (their
+    self time), operators on the CPU. ``busy_share`` below 1 means the device waits for the host (launch or
+    Python overhead); ``groups`` splits the busy time into matmul, attention and everything else."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.device(device).type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    synchronize(device)
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        synchronize(device)
+        wall = (time.perf_counter() - start) / steps
+    events = []
+    for e in prof.key_averages():
+        us = e.self_device_time_total if cuda else e.self_cpu_time_total
+        if us > 0 and (cuda or e.key.startswith("aten::")):
+            events.append((e.key, us / 1e3 / steps))
+    busy = sum(ms for _, ms in events)
+    groups = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+    for name, ms in events:
+        group = "matmul" if MATMUL_KERNELS.search(name) else "attention" if ATTENTION_KERNELS.search(name) else "other"
+        groups[group] += ms
+    events.sort(key=lambda item: -item[1])
+    return {
+        "step_ms": 1e3 * wall,
+        "busy_ms": busy,
+        "busy_share": busy / (1e3 * wall),
+        "groups_ms": groups,
+        "top": [{"name": name[:120], "ms_per_step": ms, "share": ms / busy} for name, ms in events[:top]],
     }

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 import transformers
-from measure import matmul_ceiling, scoring_speed, synchronize, timed
+from measure import matmul_ceiling, profile_step, scoring_speed, synchronize, timed
 
 from ric.text.datasets import Quickstart
 from ric.text.models import load_causal_lm, load_tokenizer
@@ -241,6 +241,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="adapter,merged",
         help=f"comma-separated generation set-ups: {', '.join(GEN_VARIANTS)}",
     )
+    parser.add_argument("--profile", action="store_true", help="profile SFT steps: where the time goes (kernels)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)  # fmt: skip
     for key, value in DEFAULTS["cuda" if torch.device(args.device).type == "cuda" else "cpu"].items():
@@ -286,13 +287,21 @@ def measure_sft_variant(args: argparse.Namespace, name: str, model_ref: str, dty
     sft_step(lambda b: policy(**b), optimizer, {k: v.to(device) for k, v in batch.items()}, device)
     synchronize(device)
     first = time.perf_counter() - start  # includes compilation, if any
-    return {
+    result = {
         "switches": {"attn": "sdpa", "packing": args.packing, **SFT_VARIANTS[name]},
         "first_step_s": first,
         "step_s": measure_sft(lambda b: policy(**b), optimizer, batch, args, device),
         "peak_memory_gb": peak_memory_gb(device),
         "computed_tokens": int(batch["input_ids"].numel()),
     }
+    if args.profile:
+        result["profile"] = profile_sft(lambda b: policy(**b), optimizer, batch, device)
+    return result
+
+
+def profile_sft(model_call: Any, optimizer: Any, batch: dict, device: torch.device) -> dict:
+    batch = {k: v.to(device) for k, v in batch.items()}
+    return profile_step(lambda: sft_step(model_call, optimizer, batch, device), device)
 
 
 def measure_generation_variants(args: argparse.Namespace, model_ref: str, dtype: str, device: torch.device) -> dict:
@@ -356,6 +365,7 @@ def measure_hf(args: argparse.Namespace, model_ref: str, dtype: str, device: tor
     lm.to(device).train()
     optimizer = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=1.41e-4)
     step = measure_sft(lambda b: lm(**b).loss, optimizer, padded, args, device)
+    profiled = profile_sft(lambda b: lm(**b).loss, optimizer, padded, device) if args.profile else None
     optimizer.state.clear()
     free(device)
     lm.eval()
@@ -364,7 +374,8 @@ def measure_hf(args: argparse.Namespace, model_ref: str, dtype: str, device: tor
         hf_generate(lm, tok, texts[:2], 4, device)  # warm-up
         batched = timed(lambda: hf_generate(lm, tok, texts, args.new_tokens, device), args.repeats, device)
         single = timed(lambda: [hf_generate(lm, tok, [t], args.new_tokens, device) for t in singles], 1, device)
-    return {"step_s": step, "generate_s": batched, "single_s": single, "single_prompts": len(singles)}
+    return {"step_s": step, "profile": profiled, "generate_s": batched, "single_s": single,
+            "single_prompts": len(singles)}  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -470,6 +481,7 @@ def measure_all(args: argparse.Namespace, work: Path, save: Any = lambda result:
             "step_s": hf["step_s"],
             "tokens_per_s": real_tokens / hf["step_s"],
             "mfu": 4 * params * real_tokens / hf["step_s"] / ceiling,
+            "profile": hf["profile"],
         },
         "speedup": hf["step_s"] / ours["step_s"],
     }
@@ -502,6 +514,13 @@ def report(r: dict) -> None:
             f" vs {100 * s['hf_peft']['mfu']:.1f}%"
             f"  (first step {v['first_step_s']:.1f} s)"
         )
+    profiled = {name: v["profile"] for name, v in s["variants"].items() if v.get("profile")}
+    if s["hf_peft"].get("profile"):
+        profiled["HF + peft"] = s["hf_peft"]["profile"]
+    for name, prof in profiled.items():
+        groups = ", ".join(f"{k} {v:.1f} ms" for k, v in prof["groups_ms"].items())
+        print(f"  SFT step profile, {name}: {prof['step_ms']:.1f} ms wall, device busy {100 * prof['busy_share']:.0f}%"
+              f" ({groups}); top: {prof['top'][0]['name'][:50]} {prof['top'][0]['ms_per_step']:.1f} ms")  # fmt: skip
     for name, v in g["variants"].items():
         label = f"generation tokens/s, {name} (batch {g['batch_size']})"
         if "error" in v:

