@@ -498,22 +498,26 @@ def measure_all(args: argparse.Namespace, work: Path, save: Any = lambda result:
     return result
 
 
+def print_variants(variants: dict, label: Any, numbers: Any) -> None:
+    """One table row per variant: ``label(name)`` then ``numbers(result)``, or the variant's error."""
+    for name, v in variants.items():
+        print(f"{label(name):46}" + (f"  failed: {v['error'][:80]}" if "error" in v else numbers(v)))
+
+
 def report(r: dict) -> None:
     s, g, sc = r["sft"], r["generation"], r["scoring"]
     print(f"{r['shape']} ({r['parameters'] / 1e6:.0f}M parameters, {r['dtype']}) on {r['device']}")
     print(f"matmul ceiling: {r['matmul']['tflops']:.2f} TFLOP/s ({r['matmul']['dtype']})")
     print(f"{'':46}{'ours':>12}{'HF':>12}{'HF batch 1':>12}{'ours/HF':>9}")
-    for name, v in s["variants"].items():
-        label = f"SFT tokens/s, {name} ({s['batch_size']}x{s['seq_len']})"
-        if "error" in v:
-            print(f"{label:46}  failed: {v['error'][:80]}")
-            continue
-        print(
-            f"{label:46}{v['tokens_per_s']:12.0f}{s['hf_peft']['tokens_per_s']:12.0f}{'':12}"
-            f"{s['hf_peft']['step_s'] / v['step_s']:8.2f}x  MFU {100 * v['mfu']:.1f}%"
-            f" vs {100 * s['hf_peft']['mfu']:.1f}%"
+    print_variants(
+        s["variants"],
+        lambda name: f"SFT tokens/s, {name} ({s['batch_size']}x{s['seq_len']})",
+        lambda v: (
+            f"{v['tokens_per_s']:12.0f}{s['hf_peft']['tokens_per_s']:12.0f}{'':12}"
+            f"{s['hf_peft']['step_s'] / v['step_s']:8.2f}x  MFU {100 * v['mfu']:.1f}% vs {100 * s['hf_peft']['mfu']:.1f}%"
             f"  (first step {v['first_step_s']:.1f} s)"
-        )
+        ),
+    )
     profiled = {name: v["profile"] for name, v in s["variants"].items() if v.get("profile")}
     if s["hf_peft"].get("profile"):
         profiled["HF + peft"] = s["hf_peft"]["profile"]
@@ -521,16 +525,15 @@ def report(r: dict) -> None:
         groups = ", ".join(f"{k} {v:.1f} ms" for k, v in prof["groups_ms"].items())
         print(f"  SFT step profile, {name}: {prof['step_ms']:.1f} ms wall, device busy {100 * prof['busy_share']:.0f}%"
               f" ({groups}); top: {prof['top'][0]['name'][:50]} {prof['top'][0]['ms_per_step']:.1f} ms")  # fmt: skip
-    for name, v in g["variants"].items():
-        label = f"generation tokens/s, {name} (batch {g['batch_size']})"
-        if "error" in v:
-            print(f"{label:46}  failed: {v['error'][:80]}")
-            continue
-        print(
-            f"{label:46}{v['tokens_per_s']:12.1f}{g['hf_batched_tokens_per_s']:12.1f}{g['hf_batch1_tokens_per_s']:12.1f}"
+    print_variants(
+        g["variants"],
+        lambda name: f"generation tokens/s, {name} (batch {g['batch_size']})",
+        lambda v: (
+            f"{v['tokens_per_s']:12.1f}{g['hf_batched_tokens_per_s']:12.1f}{g['hf_batch1_tokens_per_s']:12.1f}"
             f"{v['speedup_vs_hf_batched']:8.2f}x  ({v['tokens_per_s'] / g['hf_batch1_tokens_per_s']:.1f}x vs batch 1;"
             f" first call {v['first_call_s']:.1f} s)"
-        )
+        ),
+    )
     print(
         f"{'scoring samples/s (batch ' + str(sc['batch_size']) + ')':46}{sc['batched_samples_per_s']:12.1f}"
         f"{'':12}{sc['per_sample_samples_per_s']:12.1f}{sc['speedup']:8.2f}x (vs one pair per call)"

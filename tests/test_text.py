@@ -312,3 +312,16 @@ def test_sweep_reward_range_from_data():
         PreferenceSweep(reward_range="dataset")
     with pytest.raises(ValueError, match="range_quantiles"):
         PreferenceSweep(range_quantiles=(0.9, 0.1))
+
+
+@pytest.mark.parametrize("overlay", sorted((ROOT / "configs" / "speed").glob("*.yaml")), ids=lambda p: p.name)
+def test_speed_overlays_apply_on_the_paper_configs(overlay):
+    class ParseOnly(RiCCLI):
+        def instantiate_classes(self):
+            pass
+
+    for base in ("text_hh.yaml", "text_summary.yaml"):
+        cli = ParseOnly(args=["--config", str(ROOT / "configs" / base), "--config", str(overlay)], run=False)
+        args = cli.config["model"]["init_args"]
+        assert args["quantization"] is None and args["compile"] and args["cache_implementation"] == "static"
+        assert args["lora_r"] == 64  # the base config's other settings stay
