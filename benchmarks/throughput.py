@@ -514,7 +514,8 @@ def report(r: dict) -> None:
         lambda name: f"SFT tokens/s, {name} ({s['batch_size']}x{s['seq_len']})",
         lambda v: (
             f"{v['tokens_per_s']:12.0f}{s['hf_peft']['tokens_per_s']:12.0f}{'':12}"
-            f"{s['hf_peft']['step_s'] / v['step_s']:8.2f}x  MFU {100 * v['mfu']:.1f}% vs {100 * s['hf_peft']['mfu']:.1f}%"
+            f"{s['hf_peft']['step_s'] / v['step_s']:8.2f}x  MFU {100 * v['mfu']:.1f}%"
+            f" vs {100 * s['hf_peft']['mfu']:.1f}%"
             f"  (first step {v['first_step_s']:.1f} s)"
         ),
     )

@@ -267,3 +267,25 @@ def test_sharded_weights_generate_in_lockstep(tmp_path, tiny_llama, text_data):
     assert json.loads((tmp_path / "buffer" / "round0" / "summary.json").read_text())["generated"] == 15
     samples = (tmp_path / "sweep" / "samples.jsonl").read_text().splitlines()
     assert len(samples) == 3 * json.loads((tmp_path / "sweep" / "metrics.json").read_text())["num_prompts"]
+
+
+def test_online_round_merges_the_adapter_once(tmp_path, tiny_llama, text_data, monkeypatch):
+    """16 prompts in chunks of 4 are 4 generate calls, all inside one generation session: one merge."""
+    from ric.text.policy import TextPolicy
+
+    merges, calls = [], []
+    original_merge, original_generate = TextPolicy._mergeable_lora_layers, TextPolicy.generate
+
+    def counting_merge(self):
+        merges.append(1)
+        return original_merge(self)
+
+    def counting_generate(self, *args, **kwargs):
+        calls.append(self._merged)  # generate runs on merged weights
+        return original_generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(TextPolicy, "_mergeable_lora_layers", counting_merge)
+    monkeypatch.setattr(TextPolicy, "generate", counting_generate)
+    config = _config(tmp_path, tiny_llama, text_data, offline_steps=1, checkpoint_every=10)
+    RiCCLI(args=["fit", "--config", str(config)])
+    assert calls == [True] * 4 and len(merges) == 1

@@ -160,6 +160,7 @@ class TextPolicy(ConditionalPolicy):
             for layer in decoder_layers(self.lm):
                 layer.compile()
         self._vllm = None
+        self._merged = False  # inside _merged_adapter: the adapter is in the base weights
 
     # ---- data ---------------------------------------------------------------------------------
     def _encode(self, prompt: str, response: str | None = None) -> tuple[list[int], list[int]]:
@@ -325,7 +326,7 @@ class TextPolicy(ConditionalPolicy):
         every call, so the originals are kept aside (on their device if it has room for them twice over,
         else in host memory) and copied back exactly into the same tensors, so compiled decoding and CUDA
         graphs keep their addresses. Re-entrant: inside a ``generation_session`` a call merges nothing."""
-        layers = [] if getattr(self, "_merged", False) else self._mergeable_lora_layers()
+        layers = [] if self._merged else self._mergeable_lora_layers()
         if not layers:
             yield
             return
@@ -333,17 +334,19 @@ class TextPolicy(ConditionalPolicy):
         keep = backup_device(weights)
         saved: list[tuple[torch.Tensor, torch.Tensor]] = []
         try:
-            for layer, weight in zip(layers, weights):
-                saved.append((weight, weight.detach().to(keep, copy=True)))
-                delta = sum(layer.get_delta_weight(name) for name in layer.active_adapters if name in layer.lora_A)
-                weight.data.copy_(weight.float() + delta.float())
+            with torch.no_grad():
+                for layer, weight in zip(layers, weights):
+                    saved.append((weight, weight.detach().to(keep, copy=True)))
+                    names = [name for name in layer.active_adapters if name in layer.lora_A]
+                    weight.copy_(weight.float() + sum(layer.get_delta_weight(name).float() for name in names))
             self._merged = True
             with self.lm.disable_adapter():
                 yield
         finally:
             self._merged = False
-            for weight, original in saved:
-                weight.data.copy_(original)
+            with torch.no_grad():
+                for weight, original in saved:
+                    weight.copy_(original)
 
     def _mergeable_lora_layers(self) -> list[Any]:
         """The LoRA layers to merge, or none where merging would be wrong or lossy: quantized base weights,
