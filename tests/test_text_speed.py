@@ -123,6 +123,9 @@ def test_merged_generation_equals_adapter_generation_and_restores_weights(policy
     after = base_weights(policy)
     assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
     assert not any(layer.disable_adapters for layer in layers)  # the adapter is switched back on
+    policy.hparams.generation_backend = "vllm"
+    assert policy._mergeable_lora_layers() == []
+    policy.hparams.generation_backend = "hf"
     policy.hparams.merge_lora_for_generation = False
     try:
         assert policy._mergeable_lora_layers() == []

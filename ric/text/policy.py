@@ -354,6 +354,8 @@ class TextPolicy(ConditionalPolicy):
         h = self.hparams
         if not h.merge_lora_for_generation or h.lora_r <= 0 or h.quantization is not None:
             return []
+        if h.generation_backend != "hf":  # vLLM holds its own copy of the base weights
+            return []
         from peft.tuners.lora import LoraLayer
 
         layers = [m for m in self.lm.modules() if isinstance(m, LoraLayer)]
