@@ -27,7 +27,7 @@ def sharded_weights(trainer: Any) -> bool:
 
 
 def gather_objects(obj: Any) -> list[Any]:
-    """Every rank's ``obj``, in rank order (just ``[obj]`` in a single process)."""
+    """Every rank's ``obj``, in rank order, on every rank (just ``[obj]`` in a single process)."""
     _, world = rank_and_world()
     if world == 1:
         return [obj]
@@ -36,10 +36,23 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
+def gather_to_first(obj: Any) -> list[Any] | None:
+    """Every rank's ``obj``, in rank order, on rank 0 only (``None`` elsewhere): results that only rank 0
+    writes need not travel to every rank."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return [obj]
+    out: list[Any] | None = [None] * world if rank == 0 else None
+    torch.distributed.gather_object(obj, out, dst=0)
+    return out
+
+
 def even_share(n: int, rank: int, world: int) -> tuple[list[int], int]:
-    """This rank's indices of ``n`` items (``rank``, ``rank + world``, ...) and how many of them are real;
-    the list is padded by repeating an item so every rank gets the same count (lockstep generation)."""
-    mine = list(range(rank, n, world))
+    """This rank's contiguous block of ``n`` items and how many of them are real; the list is padded by
+    repeating an item so every rank gets the same count (lockstep generation). Contiguous, so the copies
+    of a repeated prompt stay in one rank's call rather than meeting the same random stream on two ranks."""
     size = -(-n // world)
-    filler = mine[-1:] or [0]
+    start = min(n, rank * size)
+    mine = list(range(start, min(n, start + size)))
+    filler = mine[-1:] or [max(0, n - 1)]
     return mine + filler * (size - len(mine)), len(mine)

@@ -7,6 +7,7 @@ Obtained rewards are reported in the same normalized units as the desired reward
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -17,8 +18,9 @@ from typing import Any
 
 import lightning as L
 import numpy as np
+import torch
 
-from ric.distributed import even_share, gather_objects, rank_and_world
+from ric.distributed import even_share, gather_to_first, rank_and_world
 from ric.interfaces import ConditionalPolicy, RewardModel, score_all
 from ric.mapping import RewardRange, default_reward_range, desired_rewards, validate_preference
 from ric.pareto import hypervolume, plot_fronts
@@ -136,6 +138,33 @@ def format_table(reward_names: Sequence[str], preferences: np.ndarray, desired: 
     return "\n".join(lines)
 
 
+def assemble(
+    parts: Sequence[tuple[list[int], list[Any], np.ndarray]], n: int, num_rewards: int
+) -> tuple[list, np.ndarray]:
+    """Ranks' ``(indices, samples, raw scores)`` -> all ``n`` samples and scores in prompt order."""
+    samples: list[Any] = [None] * n
+    raw = np.full((n, num_rewards), np.nan)
+    for indices, their_samples, their_raw in parts:
+        for j, i in enumerate(indices):
+            samples[i], raw[i] = their_samples[j], their_raw[j]
+    missing = [i for i in range(n) if samples[i] is None]
+    if missing:
+        raise RuntimeError(f"the sweep lost samples {missing[:10]} while gathering them from the ranks")
+    return samples, raw
+
+
+def own_random_stream(rank: int, world: int) -> contextlib.AbstractContextManager:
+    """With several processes, sample from a random stream of this rank's own (ranks start from one seed),
+    restoring the global generators afterwards; a single process keeps its stream as it is."""
+    if world == 1:
+        return contextlib.nullcontext()
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.random.fork_rng(devices=devices))
+    torch.manual_seed(torch.initial_seed() + 1_000_003 * rank)
+    return stack
+
+
 class PreferenceSweep(L.Callback):
     """Evaluates a policy across preferences on the DataModule's held-out prompts.
 
@@ -193,10 +222,25 @@ class PreferenceSweep(L.Callback):
         self.label = label
         self.last_metrics: dict[str, Any] | None = None
         self.front_csv: Path | None = None
+        self._swept = False
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._swept = False
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # not on_fit_end: by then the strategy's teardown has moved the model to the CPU
         if self.after_fit:
+            for callback in trainer.checkpoint_callbacks:  # the final checkpoint first: a sweep can take hours
+                callback.on_train_end(trainer, pl_module)
+            self.run(trainer, pl_module)
+            self._swept = True
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A fit with nothing left to train (resumed from its final checkpoint, or no training batches) ends
+        without ``on_train_end``; sweep then, on the device the strategy had the model on."""
+        if self.after_fit and not self._swept:
+            log.warning("no training ran in this fit; running the preference sweep after teardown")
+            pl_module.to(trainer.strategy.root_device)
             self.run(trainer, pl_module)
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -216,26 +260,23 @@ class PreferenceSweep(L.Callback):
         settings: dict[str, Any],
     ) -> list[tuple[list[Any], np.ndarray]] | None:
         """``(samples, raw scores)`` per preference (row of ``desired``; ``None``: one unconditioned row).
-        Every process generates and scores an equal share of the prompts, in one generation session;
-        rank 0 gets everything back, the other ranks ``None``."""
+        Every process generates and scores an equal, contiguous share of the prompts in one generation
+        session, from its own random stream; rank 0 gets everything back, the other ranks ``None``."""
         from tqdm.auto import tqdm
 
         rank, world = rank_and_world()
         share, real = even_share(len(prompts), rank, world)  # equal counts: sharded weights need lockstep
         rows = [None] if desired is None else list(desired)
-        results = []
-        with policy.generation_session():
+        local = []
+        with policy.generation_session(), own_random_stream(rank, world):
             for row in tqdm(rows, desc="preference sweep", unit="pref", disable=rank != 0):
                 target = None if row is None else np.broadcast_to(row, (len(share), len(rewards)))
-                mine = policy.generate([prompts[i] for i in share], target, **settings)[:real]
-                mine_raw = score_all(rewards, [prompts[i] for i in share[:real]], mine)
-                responses: list[Any] = [None] * len(prompts)
-                raw = np.zeros((len(prompts), len(rewards)))
-                for r, (their_responses, their_raw) in enumerate(gather_objects((mine, mine_raw))):
-                    for j, i in enumerate(range(r, len(prompts), world)):
-                        responses[i], raw[i] = their_responses[j], their_raw[j]
-                results.append((responses, raw))
-        return results if rank == 0 else None
+                samples = policy.generate([prompts[i] for i in share], target, **settings)[:real]
+                local.append((share[:real], samples, score_all(rewards, [prompts[i] for i in share[:real]], samples)))
+        gathered = gather_to_first(local)
+        if gathered is None:
+            return None
+        return [assemble([g[k] for g in gathered], len(prompts), len(rewards)) for k in range(len(rows))]
 
     def bounds(self, dm: Any, num_rewards: int) -> tuple[np.ndarray, np.ndarray]:
         """``(r_min, r_max)`` per reward in normalized units."""

@@ -182,10 +182,32 @@ def test_even_share_pads_every_rank_to_the_same_count():
     from ric.distributed import even_share
 
     shares = [even_share(7, rank, 3) for rank in range(3)]
-    assert [real for _, real in shares] == [3, 2, 2]
+    assert [real for _, real in shares] == [3, 3, 1]
     assert all(len(idx) == 3 for idx, _ in shares)
     assert sorted(i for idx, real in shares for i in idx[:real]) == list(range(7))
     assert even_share(1, 1, 2) == ([0], 0)  # a rank without prompts still makes the same calls
+    # contiguous blocks: the copies of a repeated prompt (samples_per_prompt) mostly share one rank's call
+    prompts = [p for p in "abc" for _ in range(2)]
+    ranks_of = {p: {r for r in range(2) for i in even_share(6, r, 2)[0][: even_share(6, r, 2)[1]] if prompts[i] == p}
+                for p in "abc"}  # fmt: skip
+    assert sum(len(r) for r in ranks_of.values()) <= 4 and ranks_of["a"] == {0} and ranks_of["c"] == {1}
+
+
+@pytest.mark.parametrize("n, world", [(7, 3), (2, 3), (6, 2), (1, 1)])
+def test_sweep_shares_reassemble_in_prompt_order(n, world):
+    from ric.distributed import even_share
+    from ric.evaluation import assemble
+
+    parts = []
+    for rank in range(world):
+        idx, real = even_share(n, rank, world)
+        samples = [f"sample of {i}" for i in idx][:real]
+        parts.append((idx[:real], samples, np.array([[i, -i] for i in idx[:real]], dtype=float).reshape(-1, 2)))
+    samples, raw = assemble(parts[::-1], n, 2)  # arrival order does not matter
+    assert samples == [f"sample of {i}" for i in range(n)]
+    np.testing.assert_array_equal(raw, [[i, -i] for i in range(n)])
+    with pytest.raises(RuntimeError, match="lost samples"):
+        assemble(parts[1:], n, 2) if world > 1 else assemble([], n, 2)
 
 
 def test_sweep_after_fit_runs_before_teardown_moves_the_model(tmp_path, tiny_llama, text_data, monkeypatch):
@@ -289,3 +311,44 @@ def test_online_round_merges_the_adapter_once(tmp_path, tiny_llama, text_data, m
     config = _config(tmp_path, tiny_llama, text_data, offline_steps=1, checkpoint_every=10)
     RiCCLI(args=["fit", "--config", str(config)])
     assert calls == [True] * 4 and len(merges) == 1
+
+
+def test_each_rank_samples_from_its_own_stream_and_the_global_one_is_restored():
+    from ric.evaluation import own_random_stream
+
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    draws = []
+    for rank in (0, 1):
+        with own_random_stream(rank, 2):
+            draws.append(torch.rand(4))
+        assert torch.equal(torch.get_rng_state(), state)
+    assert not torch.equal(draws[0], draws[1])
+    with own_random_stream(0, 1):  # one process: its stream goes on as it is
+        single = torch.rand(4)
+    torch.set_rng_state(state)
+    assert torch.equal(single, torch.rand(4))
+
+
+def test_sweep_runs_when_a_finished_fit_is_resumed(tmp_path, tiny_llama, text_data):
+    """Resuming from the final checkpoint trains nothing (no on_train_end): the sweep still runs, once."""
+
+    def config(out):
+        callbacks = [
+            {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+             "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True}},
+            {"class_path": "ric.evaluation.PreferenceSweep", "init_args": {
+                "num_points": 2, "after_fit": True, "output_dir": str(out), "sampling": {"max_new_tokens": 3}}},
+        ]  # fmt: skip
+        folder = tmp_path / out.name
+        folder.mkdir()
+        return tiny_cli_config(folder, tiny_llama, text_data, {"verbosity": "Verbosity"}, callbacks, max_steps=1,
+                               limit_val_batches=0)  # fmt: skip
+
+    RiCCLI(args=["fit", "--config", str(config(tmp_path / "first"))])
+    assert (tmp_path / "first" / "front.csv").is_file() and (tmp_path / "ckpt" / "last.ckpt").is_file()
+    cli = RiCCLI(
+        args=["fit", "--config", str(config(tmp_path / "again")), "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt")]
+    )
+    assert cli.trainer.global_step == 1  # nothing trained
+    assert (tmp_path / "again" / "front.csv").is_file()

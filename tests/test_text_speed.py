@@ -119,6 +119,11 @@ def test_merged_generation_equals_adapter_generation_and_restores_weights(policy
     layers = policy._mergeable_lora_layers()
     assert len(layers) == 2 * 7  # every adapted projection of both decoder layers
     before = base_weights(policy)
+    with policy.generation_session():  # inside: the adapter is in the weights and switched off
+        inside = base_weights(policy)
+        assert all(layer.disable_adapters for layer in layers)
+        changed = [n for n in before if not torch.equal(before[n], inside[n])]
+        assert len(changed) == 2 * 7 and all("proj" in n for n in changed)
     merged = policy.generate(prompts, desired, do_sample=False, batch_size=3, max_new_tokens=6)
     after = base_weights(policy)
     assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
@@ -170,13 +175,14 @@ def test_regional_compile_keeps_names_loss_and_generation(tiny_llama, policy):
 
 
 def test_compiled_static_decoding_compiles_once_and_matches_dynamic(policy):
-    """Five prompts of spread lengths in batches of 2: the last batch is filled up and the cache length kept,
-    so decoding compiles one graph; greedy outputs equal the dynamic cache's."""
+    """Five prompts of spread lengths in batches of 2, one over 64 tokens: the last batch is filled up and the
+    longest batch goes first, so the cache length never grows and decoding compiles one graph; greedy
+    outputs equal the dynamic cache's."""
     from torch._dynamo.utils import counters
     from transformers.generation.configuration_utils import CompileConfig
 
-    prompts = ["short", "a considerably longer prompt with many more words in it", "mid length prompt", "x",
-               "another one here please"]  # fmt: skip
+    long = "a very long prompt that goes on " + "and on and on " * 12  # over 64 tokens: widths 64 and 128
+    prompts = ["short", "a considerably longer prompt with many more words in it", "mid length prompt", "x", long]
     desired = np.zeros((len(prompts), 2))
     reference = policy.generate(prompts, desired, do_sample=False, batch_size=2, max_new_tokens=5)
     config = CompileConfig(mode="default")

