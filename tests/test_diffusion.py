@@ -292,3 +292,14 @@ def test_checkpoints_of_a_pretrained_model_hold_only_trained_weights(tmp_path):
         assert keys == {n for n, p in policy.named_parameters() if p.requires_grad}
         assert all(k.startswith("unet.") for k in keys) and (lora_r == 0 or all("lora" in k for k in keys))
         assert checkpoint["ric"]["conditioning"]["reward_names"] == ["a", "b"]
+
+
+def test_sweep_noise_is_shared_across_preferences_and_online_noise_is_fresh(tiny_policy):
+    prompts, settings = ["a red circle", "a blue square"], {"num_inference_steps": 2, "guidance_scale": 1.0}
+    evaluation = {**settings, **tiny_policy.sampling_defaults("evaluation")}
+    same = [np.asarray(im) for im in tiny_policy.generate(prompts, np.zeros((2, 2)), **evaluation)]
+    again = [np.asarray(im) for im in tiny_policy.generate(prompts, np.zeros((2, 2)), **evaluation)]
+    assert all(np.array_equal(a, b) for a, b in zip(same, again))
+    online = {**settings, **tiny_policy.sampling_defaults("online")}
+    first, second = (tiny_policy.generate(prompts, np.zeros((2, 2)), **online) for _ in range(2))
+    assert not any(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(first, second))

@@ -43,8 +43,8 @@ class DiffusionPolicy(ConditionalPolicy):
             this many steps (a random decoder cannot show what the UNet learned).
         num_inference_steps, guidance_scale, eta, generation_batch_size: DDIM sampling defaults (paper: 50,
             7.5, 0).
-        seed: the tiny model's random weights and the VAE fit; sampling noise comes from torch's global
-            generator unless a call's ``sampling`` gives a seed.
+        seed: the tiny model's random weights, the VAE fit and the sweep's sampling noise (the same for every
+            preference); online generation draws its noise from torch's global generator.
     """
 
     def __init__(
@@ -277,6 +277,11 @@ class DiffusionPolicy(ConditionalPolicy):
         )
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+    def sampling_defaults(self, purpose: str) -> dict[str, Any]:
+        """The sweep samples every preference from the same noise (``seed``), so differences between its
+        columns come from the conditioning alone; online chunks draw fresh noise each."""
+        return {"seed": self.hparams.seed} if purpose == "evaluation" else {}
 
     @torch.no_grad()
     def generate(
