@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One prepared GPU session (under 10 minutes on one H100): by default 8-bit base + LoRA under DDP and ZeRO-2
-# through the CLI, then the throughput targets of the text stack on the Llama-2-7B shape. Other steps (SD
-# v1.5-shape images/s, ZeRO-2 with LoRA + bf16, the tiny SD under ZeRO-2) run when ONLY names them.
+# One prepared GPU session (under 9 minutes on one H100): by default the throughput targets of the text stack
+# on the Llama-2-7B shape with a kernel profile of each SFT step, then the speed overlay under ZeRO-2 through
+# the CLI. Other steps (8-bit + LoRA under DDP / ZeRO-2, SD v1.5-shape images/s, ZeRO-2 with LoRA + bf16,
+# the tiny SD under ZeRO-2) run when ONLY names them.
 # Results land in $OUT (or runs/gpu_check).
 #
 # The GPU image lacks some of our dependencies: carry them as wheels in .whl/ (see the device notes), and a
@@ -17,7 +18,8 @@ export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}.:benchmarks PYTHONUNBUFFERED=1 HF_
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
 python3 -c "import torch, transformers, peft, lightning, diffusers, deepspeed; print('torch', torch.__version__, 'transformers', transformers.__version__, 'lightning', lightning.__version__, 'diffusers', diffusers.__version__, 'deepspeed', deepspeed.__version__)"
 
-STEPS=${ONLY:-"ddp_8bit_lora zero2_8bit_lora throughput"}  # all: ONLY="throughput sd_throughput zero2_lora_bf16 ..."
+# the default: what the last GPU session left unmeasured (8-bit under DDP / ZeRO-2 passed there)
+STEPS=${ONLY:-"throughput zero2_speed_overlay"}  # others: ONLY="ddp_8bit_lora zero2_8bit_lora sd_throughput ..."
 step() {  # name, timeout, command...; runs only the steps named in STEPS
     local name=$1 limit=$2
     shift 2
@@ -51,10 +53,13 @@ step ddp_8bit_lora 80 "${TEXT[@]}" --trainer.strategy ddp --model.init_args.quan
 step zero2_8bit_lora 80 "${TEXT[@]}" --trainer.strategy deepspeed_stage_2 --model.init_args.quantization 8bit \
     --model.init_args.model /tmp/llama-random --trainer.default_root_dir /tmp/gpu_runs/zero2_8bit
 step zero2_lora_bf16 75 "${TEXT[@]}" --trainer.strategy deepspeed_stage_2 --trainer.default_root_dir /tmp/gpu_runs/zero2
+# the speed overlay under ZeRO-2: regional compile in training, merged adapter + compiled static decoding in the sweep
+step zero2_speed_overlay 150 "${TEXT[@]}" --trainer.strategy deepspeed_stage_2 --config configs/speed/bf16_compiled.yaml \
+    --trainer.default_root_dir /tmp/gpu_runs/zero2_fast
 # the Llama-2-7B shape: every SFT switch set and generation set-up beside the plain HF + peft stack; the
 # JSON is rewritten after each section, so a cut run still leaves what it measured
-TAIL=40 step throughput "${THROUGHPUT_LIMIT:-380}" python3 benchmarks/throughput.py --shape llama2-7b \
-    --sft-variants eager,compile,liger,liger+compile --gen-variants adapter,merged,merged+static --profile \
+TAIL=40 step throughput "${THROUGHPUT_LIMIT:-330}" python3 benchmarks/throughput.py --shape llama2-7b \
+    --sft-variants eager,compile,liger --gen-variants merged,merged+static --profile \
     --out "$OUT/throughput_cuda.json"
 TAIL=30 step sd_throughput 80 python3 benchmarks/sd_throughput.py --shape sd15 --out "$OUT/sd_throughput_cuda.json"
 step sd_zero2 75 python3 -m ric.cli fit --config configs/quickstart_sd.yaml --trainer.accelerator gpu \
