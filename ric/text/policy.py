@@ -241,15 +241,16 @@ class TextPolicy(ConditionalPolicy):
             settings.setdefault("cache_implementation", self.hparams.cache_implementation)
         if sharded_weights(self._trainer):  # each forward gathers shards from all ranks: keep them in step
             settings.setdefault("synced_gpus", True)
+        # where the embeddings live: Lightning's tracked device can lag behind DeepSpeed / bitsandbytes placement
+        device = self.lm.get_input_embeddings().weight.device
         compiled_decoding = False
-        if settings.get("cache_implementation") is not None:  # transformers compiles static-cache decoding on CUDA
+        if settings.get("cache_implementation") is not None:  # transformers compiles static-cache decoding
             settings.setdefault("disable_compile", not self.hparams.compile)
-            compiled_decoding = not settings["disable_compile"]
+            forced = getattr(settings.get("compile_config"), "_compile_all_devices", False)  # else accelerators only
+            compiled_decoding = not settings["disable_compile"] and (device.type in ("cuda", "xpu") or bool(forced))
         order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
         was_training = self.lm.training
         self.lm.eval()
-        # where the embeddings live: Lightning's tracked device can lag behind DeepSpeed / bitsandbytes placement
-        device = self.lm.get_input_embeddings().weight.device
         try:
             with self._merged_adapter(), self._eager_layers(compiled_decoding):
                 out = self._generate_sorted(encoded, order, batch_size, device, settings, compiled_decoding)
