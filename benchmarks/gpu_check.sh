@@ -59,7 +59,7 @@ step zero2_speed_overlay 150 "${TEXT[@]}" --trainer.strategy deepspeed_stage_2 -
 # the Llama-2-7B shape: every SFT switch set and generation set-up beside the plain HF + peft stack; the
 # JSON is rewritten after each section, so a cut run still leaves what it measured
 TAIL=40 step throughput "${THROUGHPUT_LIMIT:-330}" python3 benchmarks/throughput.py --shape llama2-7b \
-    --sft-variants eager,compile,liger --gen-variants merged,merged+static --profile \
+    --sft-variants eager,compile,flex,liger --gen-variants merged,merged+static --profile \
     --out "$OUT/throughput_cuda.json"
 TAIL=30 step sd_throughput 80 python3 benchmarks/sd_throughput.py --shape sd15 --out "$OUT/sd_throughput_cuda.json"
 step sd_zero2 75 python3 -m ric.cli fit --config configs/quickstart_sd.yaml --trainer.accelerator gpu \

@@ -3,7 +3,7 @@
 Everything is measured side by side in one run, against a matmul ceiling measured in the same run:
 
 * SFT: our training step (TextPolicy, LoRA r=64 on all Llama projections, packed batches, sdpa; each switch set
-  of ``--sft-variants``: eager, Liger kernels, regional torch.compile, both) vs a plain HF + peft loop on the
+  of ``--sft-variants``: eager, flex attention, Liger kernels, regional torch.compile) vs a plain HF + peft loop on the
   same examples
   (``model(**padded).loss.backward(); optimizer.step()``, AdamW on the LoRA weights). Tokens/s count real
   (non-pad) tokens; MFU = 4 x parameters x tokens/s / matmul FLOP/s (frozen base: forward + input grads).
@@ -196,6 +196,7 @@ def free(device: torch.device) -> None:
 SFT_VARIANTS = {
     "eager": {},
     "compile": {"compile": True},
+    "flex": {"attn_implementation": "flex_attention"},  # block masks for packed rows instead of dense ones
     "liger": {"liger_kernel": True},
     "liger+compile": {"liger_kernel": True, "compile": True},
 }
@@ -258,7 +259,7 @@ def make_policy(args: argparse.Namespace, model_ref: str, dtype: str, device: to
     with device:
         policy = TextPolicy(
             model=model_ref, reward_names=["harmless", "helpful"], template=TEMPLATE, dtype=dtype, **LORA,
-            max_length=args.seq_len, attn_implementation="sdpa", packing=args.packing, **switches,
+            max_length=args.seq_len, packing=args.packing, **{"attn_implementation": "sdpa", **switches},
         )  # fmt: skip
     return policy.to(device)
 
@@ -288,7 +289,7 @@ def measure_sft_variant(args: argparse.Namespace, name: str, model_ref: str, dty
     synchronize(device)
     first = time.perf_counter() - start  # includes compilation, if any
     result = {
-        "switches": {"attn": "sdpa", "packing": args.packing, **SFT_VARIANTS[name]},
+        "switches": {"attn_implementation": "sdpa", "packing": args.packing, **SFT_VARIANTS[name]},
         "first_step_s": first,
         "step_s": measure_sft(lambda b: policy(**b), optimizer, batch, args, device),
         "peak_memory_gb": peak_memory_gb(device),

@@ -32,7 +32,7 @@ def policy(tiny_llama):
     return make_policy(tiny_llama).eval()
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "flex_attention"])
 def test_packed_loss_equals_padded(tiny_llama, attn):
     policy = make_policy(tiny_llama, attn_implementation=attn).eval()
     assert policy.lm.config._attn_implementation == attn
