@@ -148,6 +148,15 @@ def test_merge_is_skipped_for_weights_that_are_not_full(tiny_llama):
     assert policy._mergeable_lora_layers() == []
 
 
+def test_merged_generation_keeps_a_frozen_adapter_frozen(tiny_llama):
+    policy = make_policy(tiny_llama).eval()
+    for name, param in policy.named_parameters():
+        param.requires_grad_("lora_A" in name)  # e.g. half an adapter frozen, or all of it for inference
+    flags = {n: p.requires_grad for n, p in policy.named_parameters()}
+    policy.generate(["hello"], np.array([[0.0, 0.0]]), do_sample=False, max_new_tokens=2)
+    assert {n: p.requires_grad for n, p in policy.named_parameters()} == flags
+
+
 def test_merge_restores_weights_when_generation_fails(policy, monkeypatch):
     before = base_weights(policy)
 

@@ -335,6 +335,8 @@ class TextPolicy(ConditionalPolicy):
         weights = [layer.get_base_layer().weight for layer in layers]
         keep = backup_device(weights)
         saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # peft switches adapters back on with requires_grad=True: an adapter frozen for inference stays frozen
+        trainable = {p: p.requires_grad for p in self.lm.parameters()}
         try:
             with torch.no_grad():
                 for layer, weight in zip(layers, weights):
@@ -349,6 +351,8 @@ class TextPolicy(ConditionalPolicy):
             with torch.no_grad():
                 for weight, original in saved:
                     weight.copy_(original)
+            for param, flag in trainable.items():
+                param.requires_grad_(flag)
 
     def _mergeable_lora_layers(self) -> list[Any]:
         """The LoRA layers to merge, or none where merging would be wrong or lossy: quantized base weights,
