@@ -15,6 +15,11 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+def seed_for_rank(seed: int) -> int:
+    """``seed`` made this rank's own: processes seeded alike would otherwise draw the same random numbers."""
+    return int(seed) + 1_000_003 * rank_and_world()[0]
+
+
 def sharded_weights(trainer: Any) -> bool:
     """True under FSDP or DeepSpeed ZeRO-3 with several processes: a forward pass gathers weight shards
     from every rank, so generation must run in lockstep on all of them (``synced_gpus``, equal batch counts)."""

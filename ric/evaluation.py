@@ -12,7 +12,7 @@ import csv
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from ric.distributed import even_share, gather_to_first, rank_and_world
+from ric.distributed import even_share, gather_to_first, rank_and_world, seed_for_rank
 from ric.interfaces import ConditionalPolicy, RewardModel, score_all
 from ric.mapping import RewardRange, default_reward_range, desired_rewards, validate_preference
 from ric.pareto import hypervolume, plot_fronts
@@ -153,16 +153,16 @@ def assemble(
     return samples, raw
 
 
-def own_random_stream(rank: int, world: int) -> contextlib.AbstractContextManager:
+@contextlib.contextmanager
+def own_random_stream(world: int) -> Iterator[None]:
     """With several processes, sample from a random stream of this rank's own (ranks start from one seed),
     restoring the global generators afterwards; a single process keeps its stream as it is."""
     if world == 1:
-        return contextlib.nullcontext()
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.random.fork_rng(devices=devices))
-    torch.manual_seed(torch.initial_seed() + 1_000_003 * rank)
-    return stack
+        yield
+        return
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+        torch.manual_seed(seed_for_rank(torch.initial_seed()))
+        yield
 
 
 class PreferenceSweep(L.Callback):
@@ -268,7 +268,7 @@ class PreferenceSweep(L.Callback):
         share, real = even_share(len(prompts), rank, world)  # equal counts: sharded weights need lockstep
         rows = [None] if desired is None else list(desired)
         local = []
-        with policy.generation_session(), own_random_stream(rank, world):
+        with policy.generation_session(), own_random_stream(world):
             for row in tqdm(rows, desc="preference sweep", unit="pref", disable=rank != 0):
                 target = None if row is None else np.broadcast_to(row, (len(share), len(rewards)))
                 samples = policy.generate([prompts[i] for i in share], target, **settings)[:real]

@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 from ric.conditioning import RewardConditioning
 from ric.diffusion.images import as_image, image_grid, resize_center_crop, to_tensor
 from ric.diffusion.models import CLIP_MAX_TOKENS, build_tiny, load_pretrained
-from ric.distributed import rank_and_world
+from ric.distributed import seed_for_rank
 from ric.interfaces import ConditionalPolicy
 from ric.optim import adamw_with_schedule
 
@@ -305,7 +305,7 @@ class DiffusionPolicy(ConditionalPolicy):
         if seed is None:  # a draw from the global generator (seeded by seed_everything): calls differ
             seed = int(torch.randint(0, 2**31 - 1, ()))
         # ranks start with the same generators: each samples its own noise
-        generator = torch.Generator(device).manual_seed(int(seed) + 1_000_003 * rank_and_world()[0])
+        generator = torch.Generator(device).manual_seed(seed_for_rank(seed))
         pipe = self.pipeline()
         autocast = device.type == "cuda" and h.frozen_dtype != "float32"
         was_training = self.unet.training

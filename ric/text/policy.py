@@ -42,7 +42,8 @@ class TextPolicy(ConditionalPolicy):
         max_new_tokens, temperature, top_p, do_sample, generation_batch_size: sampling defaults.
 
     Speed switches (defaults keep the plain behaviour):
-        attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2`` (needs flash-attn; best with packing).
+        attn_implementation: ``sdpa``, ``eager``, ``flex_attention`` (block masks for packed rows) or
+            ``flash_attention_2`` (needs flash-attn; best with packing).
         gradient_checkpointing: recompute activations in backward (non-reentrant, works with LoRA).
         liger_kernel: Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy that
             never materializes the logits); needs ``pip install liger-kernel`` and CUDA. Liger patches
@@ -55,8 +56,9 @@ class TextPolicy(ConditionalPolicy):
             restart per example so attention stays within examples. Same loss as padded batches, less padding.
         cache_implementation: KV cache for generation (``static``: preallocated, compilable); ``None`` = dynamic.
         merge_lora_for_generation: generate with the adapter added into the base weights, which removes the
-            adapter's extra matmuls from every decoding step; the base weights are copied to host memory first
-            and restored bit for bit afterwards (skipped for quantized or sharded weights and under vLLM).
+            adapter's extra matmuls from every decoding step; the base weights are copied aside first (on their
+            GPU if it has room, else in host memory) and restored bit for bit afterwards (skipped for
+            quantized or sharded weights and under vLLM).
         generation_backend: ``hf`` (transformers ``generate``) or ``vllm`` (needs vLLM and LoRA; the engine
             serves the base model, the current adapter goes with each call; ``vllm_kwargs`` go to ``vllm.LLM``).
     """
