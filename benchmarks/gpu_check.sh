@@ -53,14 +53,16 @@ step ddp_8bit_lora 80 "${TEXT[@]}" --trainer.strategy ddp --model.init_args.quan
 step zero2_8bit_lora 80 "${TEXT[@]}" --trainer.strategy deepspeed_stage_2 --model.init_args.quantization 8bit \
     --model.init_args.model /tmp/llama-random --trainer.default_root_dir /tmp/gpu_runs/zero2_8bit
 step zero2_lora_bf16 75 "${TEXT[@]}" --trainer.strategy deepspeed_stage_2 --trainer.default_root_dir /tmp/gpu_runs/zero2
+# the Llama-2-7B shape: SFT switch sets beside the plain HF + peft step, each with a kernel profile (the
+# generation targets were met on an earlier GPU; GEN=1 measures them again); the JSON is rewritten after
+# each variant, so a cut run still leaves what it measured
+SECTIONS=${GEN:+generation,}sft
+TAIL=60 step throughput "${THROUGHPUT_LIMIT:-380}" python3 benchmarks/throughput.py --shape llama2-7b \
+    --sections "$SECTIONS" --gen-variants merged,merged+static --profile --out "$OUT/throughput_cuda.json" \
+    --sft-variants "${SFT_VARIANTS:-eager,eager+peft-casts,compile,flex,flex+wide,compile+flex+wide,compile+cudagraphs,compile+autotune}"
 # the speed overlay under ZeRO-2: regional compile in training, merged adapter + compiled static decoding in the sweep
-step zero2_speed_overlay 150 "${TEXT[@]}" --trainer.strategy deepspeed_stage_2 --config configs/speed/bf16_compiled.yaml \
+step zero2_speed_overlay 120 "${TEXT[@]}" --trainer.strategy deepspeed_stage_2 --config configs/speed/bf16_compiled.yaml \
     --trainer.default_root_dir /tmp/gpu_runs/zero2_fast
-# the Llama-2-7B shape: every SFT switch set and generation set-up beside the plain HF + peft stack; the
-# JSON is rewritten after each section, so a cut run still leaves what it measured
-TAIL=40 step throughput "${THROUGHPUT_LIMIT:-330}" python3 benchmarks/throughput.py --shape llama2-7b \
-    --sft-variants eager,compile,flex,liger --gen-variants merged,merged+static --profile \
-    --out "$OUT/throughput_cuda.json"
 TAIL=30 step sd_throughput 80 python3 benchmarks/sd_throughput.py --shape sd15 --out "$OUT/sd_throughput_cuda.json"
 step sd_zero2 75 python3 -m ric.cli fit --config configs/quickstart_sd.yaml --trainer.accelerator gpu \
     --trainer.strategy deepspeed_stage_2 --trainer.precision bf16-mixed --trainer.max_steps 200 \

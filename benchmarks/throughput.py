@@ -192,11 +192,21 @@ def free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+#: benchmark-only switch: keep peft's float32 round trip of adapter inputs, to measure what skipping it saves
+PEFT_CASTS = "peft_casts"
+#: packing width that holds a whole batch of the benchmark in one row
+WIDE = 1 << 16
 #: our SFT step's switch sets (``--sft-variants``) and generation set-ups (``--gen-variants``)
 SFT_VARIANTS = {
     "eager": {},
+    "eager+peft-casts": {PEFT_CASTS: True},  # peft's float32 copies of adapter inputs kept (what we skip)
     "compile": {"compile": True},
     "flex": {"attn_implementation": "flex_attention"},  # block masks for packed rows instead of dense ones
+    "wide": {"packing_width": WIDE},  # one row with a dense block-causal mask: quadratic attention
+    "flex+wide": {"attn_implementation": "flex_attention", "packing_width": WIDE},  # the batch in one row
+    "compile+flex+wide": {"compile": True, "attn_implementation": "flex_attention", "packing_width": WIDE},
+    "compile+autotune": {"compile": True, "compile_mode": "max-autotune-no-cudagraphs"},
+    "compile+cudagraphs": {"compile": True, "compile_mode": "reduce-overhead"},
     "liger": {"liger_kernel": True},
     "liger+compile": {"liger_kernel": True, "compile": True},
 }
@@ -205,6 +215,9 @@ GEN_VARIANTS = {
     "merged": {"merge": True, "static": False},  # adapter merged into the weights for the call
     "merged+static": {"merge": True, "static": True},  # plus a static KV cache, compiled decoding on CUDA
 }
+
+
+SECTIONS = ("generation", "sft", "scoring")
 
 
 def variant_list(text: str, known: dict) -> list[str]:
@@ -243,6 +256,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help=f"comma-separated generation set-ups: {', '.join(GEN_VARIANTS)}",
     )
     parser.add_argument("--profile", action="store_true", help="profile SFT steps: where the time goes (kernels)")
+    parser.add_argument(
+        "--sections", default=",".join(SECTIONS), help=f"comma-separated parts to measure: {', '.join(SECTIONS)}"
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)  # fmt: skip
     for key, value in DEFAULTS["cuda" if torch.device(args.device).type == "cuda" else "cpu"].items():
@@ -252,15 +268,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     # model built after a Liger variant would carry its kernels: those variants run last
     args.sft_variants = sorted(variant_list(args.sft_variants, SFT_VARIANTS), key=lambda name: "liger" in name)
     args.gen_variants = variant_list(args.gen_variants, GEN_VARIANTS)
+    args.sections = variant_list(args.sections, dict.fromkeys(SECTIONS))
     return args
 
 
 def make_policy(args: argparse.Namespace, model_ref: str, dtype: str, device: torch.device, **switches: Any) -> Any:
+    peft_casts = switches.pop(PEFT_CASTS, False)
     with device:
         policy = TextPolicy(
             model=model_ref, reward_names=["harmless", "helpful"], template=TEMPLATE, dtype=dtype, **LORA,
             max_length=args.seq_len, packing=args.packing, **{"attn_implementation": "sdpa", **switches},
         )  # fmt: skip
+    if peft_casts:
+        policy._adapter_input_casts = lambda device_type: None
     return policy.to(device)
 
 
@@ -316,13 +336,7 @@ def measure_generation_variants(args: argparse.Namespace, model_ref: str, dtype:
     prompts = list(dict.fromkeys(r["prompt"] for r in Quickstart().load()))
     prompts = [prompts[i % len(prompts)] for i in range(args.gen_batch)]
     desired = np.ones((len(prompts), 2))
-    examples = sft_examples(policy.tokenizer, args.batch_size, args.seq_len)
-    out: dict[str, Any] = {
-        "texts": policy.condition(prompts, desired),
-        "padded": pad(policy.training_rows(examples), policy.tokenizer.pad_token_id),
-        "parameters": sum(p.numel() for p in policy.parameters()),
-        "variants": {},
-    }
+    out: dict[str, Any] = {"texts": policy.condition(prompts, desired), "variants": {}}
     for name in args.gen_variants:
         spec = GEN_VARIANTS[name]
         settings = {"max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens, "do_sample": True,
@@ -353,9 +367,8 @@ def time_generation(policy: Any, prompts: list[str], desired: np.ndarray, settin
         session.__exit__(None, None, None)
 
 
-def measure_hf(args: argparse.Namespace, model_ref: str, dtype: str, device: torch.device, tokenizer: Any,
-               padded: dict, texts: Sequence[str]) -> dict:  # fmt: skip
-    """The authors' stack: HF model + peft LoRA, AdamW, padded batches, HF ``generate`` (batch 1 and batched)."""
+def hf_peft(model_ref: str, dtype: str, device: torch.device, tokenizer: Any) -> tuple[Any, Any]:
+    """The authors' stack: the HF model with peft's LoRA (the paper's settings) on every projection."""
     from peft import LoraConfig, get_peft_model
 
     with device:
@@ -363,20 +376,39 @@ def measure_hf(args: argparse.Namespace, model_ref: str, dtype: str, device: tor
         lora = LoraConfig(r=64, lora_alpha=128, lora_dropout=0.05, target_modules=list(LLAMA_PROJECTIONS),
                           task_type="CAUSAL_LM")  # fmt: skip
         lm = get_peft_model(lm, lora)
-    lm.to(device).train()
+    return lm.to(device), tok
+
+
+def padded_batch(args: argparse.Namespace, tokenizer: Any, work: Path) -> dict:
+    """The SFT examples as the authors' loop sees them: right-padded rows, tokenized exactly as TextPolicy
+    does (a tiny policy with the same tokenizer and template, so no large model is built for it)."""
+    policy = make_policy(args, random_llama("tiny", tokenizer, work / "tiny"), "float32", torch.device("cpu"))
+    examples = sft_examples(policy.tokenizer, args.batch_size, args.seq_len)
+    return pad(policy.training_rows(examples), policy.tokenizer.pad_token_id)
+
+
+def measure_hf_sft(args: argparse.Namespace, model_ref: str, dtype: str, device: torch.device, tokenizer: Any,
+                   padded: dict) -> dict:  # fmt: skip
+    """A plain training step of the HF + peft model on padded rows, AdamW on the LoRA weights."""
+    lm, _ = hf_peft(model_ref, dtype, device, tokenizer)
+    lm.train()
     optimizer = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=1.41e-4)
     step = measure_sft(lambda b: lm(**b).loss, optimizer, padded, args, device)
     profiled = profile_sft(lambda b: lm(**b).loss, optimizer, padded, device) if args.profile else None
-    optimizer.state.clear()
-    free(device)
+    return {"step_s": step, "profile": profiled, "parameters": sum(p.numel() for p in lm.parameters())}
+
+
+def measure_hf_generation(args: argparse.Namespace, model_ref: str, dtype: str, device: torch.device,
+                          tokenizer: Any, texts: Sequence[str]) -> dict:  # fmt: skip
+    """HF ``generate`` on the same prompts: all of them in one batch, and a few one at a time."""
+    lm, tok = hf_peft(model_ref, dtype, device, tokenizer)
     lm.eval()
     singles = texts[: args.single_prompts]
     with torch.no_grad():
         hf_generate(lm, tok, texts[:2], 4, device)  # warm-up
         batched = timed(lambda: hf_generate(lm, tok, texts, args.new_tokens, device), args.repeats, device)
         single = timed(lambda: [hf_generate(lm, tok, [t], args.new_tokens, device) for t in singles], 1, device)
-    return {"step_s": step, "profile": profiled, "generate_s": batched, "single_s": single,
-            "single_prompts": len(singles)}  # fmt: skip
+    return {"generate_s": batched, "single_s": single, "single_prompts": len(singles)}
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -404,7 +436,8 @@ def best(variants: dict, key: str) -> str:
 
 
 def measure_all(args: argparse.Namespace, work: Path, save: Any = lambda result: None) -> dict:
-    """Every section, one stack at a time on the device; ``work`` holds the random models' files."""
+    """The sections in ``args.sections``, one stack at a time on the device; ``work`` holds the random
+    models' files. The JSON is saved after each section."""
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     dtype = "bfloat16" if gpu else "float32"
@@ -428,17 +461,37 @@ def measure_all(args: argparse.Namespace, work: Path, save: Any = lambda result:
         "matmul": {"dtype": "bfloat16" if gpu else "float32", "tflops": ceiling / 1e12},
         "partial": True,
     }  # fmt: skip
+    if "generation" in args.sections:
+        result["generation"] = measure_generation(args, model_ref, dtype, device, tokenizer, save, result)
+    if "sft" in args.sections:
+        result["sft"] = measure_sft_all(args, model_ref, dtype, device, tokenizer, work, ceiling, save, result)
+    if "scoring" in args.sections:
+        reward_folder = random_reward(args.shape, tokenizer, work / "reward", dtype)
+        reward = HFRewardModel("harmless", reward_folder, "pair", dtype=dtype, device=str(device))
+        records = Quickstart().load()
+        pairs = [records[i % len(records)] for i in range(args.score_samples)]
+        prompts, samples = [r["prompt"] for r in pairs], [r["response"] for r in pairs]
+        scoring = scoring_speed(reward, prompts, samples, args.score_batch, args.repeats)
+        scoring["reward"] = f"random-initialized GPT-2 classifier {REWARD_SHAPES[args.shape]}"
+        result["scoring"] = scoring
+    result.update(peak_memory_gb=peak_memory_gb(device), partial=False)
+    save(result)
+    return result
+
+
+def measure_generation(args: argparse.Namespace, model_ref: str, dtype: str, device: torch.device, tokenizer: Any,
+                       save: Any, result: dict) -> dict:  # fmt: skip
+    """Our generation set-ups, then HF ``generate`` batched and at batch 1."""
     generation = measure_generation_variants(args, model_ref, dtype, device)
     free(device)
     result["generation"] = {"variants": generation["variants"]}
     save(result)
-    padded, params = generation["padded"], generation["parameters"]
-    real_tokens = int(padded["attention_mask"].sum())
-    hf = measure_hf(args, model_ref, dtype, device, tokenizer, padded, generation["texts"])
-    free(device)
+    hf = attempt("HF generate", partial(measure_hf_generation, args, model_ref, dtype, device, tokenizer,
+                                       generation["texts"]), device)  # fmt: skip
+    if "error" in hf:
+        raise SystemExit(f"the HF generation baseline failed: {hf['error']}")
     gen_tokens = len(generation["texts"]) * args.new_tokens
-    single_tokens = hf["single_prompts"] * args.new_tokens
-    hf_batch1 = single_tokens / hf["single_s"]
+    hf_batch1 = hf["single_prompts"] * args.new_tokens / hf["single_s"]
     for v in generation["variants"].values():
         if "error" not in v:
             v.update(
@@ -446,7 +499,7 @@ def measure_all(args: argparse.Namespace, work: Path, save: Any = lambda result:
             )
     gen_best = best(generation["variants"], "generate_s")
     ours_gen = generation["variants"][gen_best]["generate_s"]
-    result["generation"] = {
+    return {
         "prompts": len(generation["texts"]),
         "new_tokens": args.new_tokens,
         "batch_size": args.gen_batch,
@@ -458,45 +511,44 @@ def measure_all(args: argparse.Namespace, work: Path, save: Any = lambda result:
         "speedup_vs_batch1": gen_tokens / ours_gen / hf_batch1,
         "speedup_vs_hf_batched": hf["generate_s"] / ours_gen,
     }
-    save(result)
-    sft_variants: dict[str, dict] = {}
-    for name in args.sft_variants:
-        run = partial(measure_sft_variant, args, name, model_ref, dtype, device)
-        sft_variants[name] = v = attempt(f"SFT {name}", run, device)
-        if "error" not in v:
-            v.update(tokens_per_s=real_tokens / v["step_s"], mfu=4 * params * real_tokens / v["step_s"] / ceiling)
-        result["sft"] = {"variants": sft_variants}
-        save(result)
-    fastest = best(sft_variants, "step_s")
-    ours = sft_variants[fastest]
-    result["parameters"] = params
-    result["sft"] = {
+
+
+def measure_sft_all(args: argparse.Namespace, model_ref: str, dtype: str, device: torch.device, tokenizer: Any,
+                    work: Path, ceiling: float, save: Any, result: dict) -> dict:  # fmt: skip
+    """The HF + peft step first (Liger variants patch transformers for the process), then each variant of ours."""
+    padded = padded_batch(args, tokenizer, work)
+    real_tokens = int(padded["attention_mask"].sum())
+    hf = attempt("HF + peft SFT", partial(measure_hf_sft, args, model_ref, dtype, device, tokenizer, padded), device)
+    if "error" in hf:
+        raise SystemExit(f"the HF + peft SFT baseline failed: {hf['error']}")
+    params = hf["parameters"]
+    sft: dict[str, Any] = {
         "batch_size": args.batch_size,
         "seq_len": args.seq_len,
         "real_tokens": real_tokens,
         "padded_tokens": int(padded["input_ids"].numel()),
-        "ours_computed_tokens": ours["computed_tokens"],
-        "variants": sft_variants,
-        "ours": {"variant": fastest, **ours},
+        "parameters": params,
         "hf_peft": {
             "step_s": hf["step_s"],
             "tokens_per_s": real_tokens / hf["step_s"],
             "mfu": 4 * params * real_tokens / hf["step_s"] / ceiling,
             "profile": hf["profile"],
         },
-        "speedup": hf["step_s"] / ours["step_s"],
+        "variants": {},
     }
-
-    reward_folder = random_reward(args.shape, tokenizer, work / "reward", dtype)
-    reward = HFRewardModel("harmless", reward_folder, "pair", dtype=dtype, device=str(device))
-    records = Quickstart().load()
-    pairs = [records[i % len(records)] for i in range(args.score_samples)]
-    prompts, samples = [r["prompt"] for r in pairs], [r["response"] for r in pairs]
-    scoring = scoring_speed(reward, prompts, samples, args.score_batch, args.repeats)
-    scoring["reward"] = f"random-initialized GPT-2 classifier {REWARD_SHAPES[args.shape]}"
-    result.update(scoring=scoring, peak_memory_gb=peak_memory_gb(device), partial=False)
-    save(result)
-    return result
+    result["parameters"] = params
+    for name in args.sft_variants:
+        run = partial(measure_sft_variant, args, name, model_ref, dtype, device)
+        sft["variants"][name] = v = attempt(f"SFT {name}", run, device)
+        if "error" not in v:
+            v.update(tokens_per_s=real_tokens / v["step_s"], mfu=4 * params * real_tokens / v["step_s"] / ceiling)
+        result["sft"] = sft
+        save(result)
+    fastest = best(sft["variants"], "step_s")
+    ours = sft["variants"][fastest]
+    sft.update(ours={"variant": fastest, **ours}, ours_computed_tokens=ours["computed_tokens"],
+               speedup=hf["step_s"] / ours["step_s"])  # fmt: skip
+    return sft
 
 
 def print_variants(variants: dict, label: Any, numbers: Any) -> None:
@@ -506,10 +558,33 @@ def print_variants(variants: dict, label: Any, numbers: Any) -> None:
 
 
 def report(r: dict) -> None:
-    s, g, sc = r["sft"], r["generation"], r["scoring"]
-    print(f"{r['shape']} ({r['parameters'] / 1e6:.0f}M parameters, {r['dtype']}) on {r['device']}")
+    """The measured sections as a table: ours, HF, HF at batch 1, and the ratio."""
+    size = f"{r['parameters'] / 1e6:.0f}M parameters, " if "parameters" in r else ""
+    print(f"{r['shape']} ({size}{r['dtype']}) on {r['device']}")
     print(f"matmul ceiling: {r['matmul']['tflops']:.2f} TFLOP/s ({r['matmul']['dtype']})")
     print(f"{'':46}{'ours':>12}{'HF':>12}{'HF batch 1':>12}{'ours/HF':>9}")
+    if "sft" in r:
+        report_sft(r["sft"])
+    if "generation" in r:
+        g = r["generation"]
+        print_variants(
+            g["variants"],
+            lambda name: f"generation tokens/s, {name} (batch {g['batch_size']})",
+            lambda v: (
+                f"{v['tokens_per_s']:12.1f}{g['hf_batched_tokens_per_s']:12.1f}{g['hf_batch1_tokens_per_s']:12.1f}"
+                f"{v['speedup_vs_hf_batched']:8.2f}x  ({v['tokens_per_s'] / g['hf_batch1_tokens_per_s']:.1f}x vs"
+                f" batch 1; first call {v['first_call_s']:.1f} s)"
+            ),
+        )
+    if "scoring" in r:
+        sc = r["scoring"]
+        print(
+            f"{'scoring samples/s (batch ' + str(sc['batch_size']) + ')':46}{sc['batched_samples_per_s']:12.1f}"
+            f"{'':12}{sc['per_sample_samples_per_s']:12.1f}{sc['speedup']:8.2f}x (vs one pair per call)"
+        )
+
+
+def report_sft(s: dict) -> None:
     print_variants(
         s["variants"],
         lambda name: f"SFT tokens/s, {name} ({s['batch_size']}x{s['seq_len']})",
@@ -517,7 +592,7 @@ def report(r: dict) -> None:
             f"{v['tokens_per_s']:12.0f}{s['hf_peft']['tokens_per_s']:12.0f}{'':12}"
             f"{s['hf_peft']['step_s'] / v['step_s']:8.2f}x  MFU {100 * v['mfu']:.1f}%"
             f" vs {100 * s['hf_peft']['mfu']:.1f}%"
-            f"  (first step {v['first_step_s']:.1f} s)"
+            f"  (first step {v['first_step_s']:.1f} s, {v['computed_tokens']} tokens computed)"
         ),
     )
     profiled = {name: v["profile"] for name, v in s["variants"].items() if v.get("profile")}
@@ -526,20 +601,9 @@ def report(r: dict) -> None:
     for name, prof in profiled.items():
         groups = ", ".join(f"{k} {v:.1f} ms" for k, v in prof["groups_ms"].items())
         print(f"  SFT step profile, {name}: {prof['step_ms']:.1f} ms wall, device busy {100 * prof['busy_share']:.0f}%"
-              f" ({groups}); top: {prof['top'][0]['name'][:50]} {prof['top'][0]['ms_per_step']:.1f} ms")  # fmt: skip
-    print_variants(
-        g["variants"],
-        lambda name: f"generation tokens/s, {name} (batch {g['batch_size']})",
-        lambda v: (
-            f"{v['tokens_per_s']:12.1f}{g['hf_batched_tokens_per_s']:12.1f}{g['hf_batch1_tokens_per_s']:12.1f}"
-            f"{v['speedup_vs_hf_batched']:8.2f}x  ({v['tokens_per_s'] / g['hf_batch1_tokens_per_s']:.1f}x vs batch 1;"
-            f" first call {v['first_call_s']:.1f} s)"
-        ),
-    )
-    print(
-        f"{'scoring samples/s (batch ' + str(sc['batch_size']) + ')':46}{sc['batched_samples_per_s']:12.1f}"
-        f"{'':12}{sc['per_sample_samples_per_s']:12.1f}{sc['speedup']:8.2f}x (vs one pair per call)"
-    )
+              f" ({groups})")  # fmt: skip
+        for top in prof["top"][:6]:
+            print(f"      {top['ms_per_step']:7.2f} ms  {top['name'][:90]}")
 
 
 if __name__ == "__main__":

@@ -48,6 +48,75 @@ def test_packed_loss_equals_padded(tiny_llama, attn):
         torch.testing.assert_close(policy(**packed), policy(**padded), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "flex_attention"])
+def test_wide_packing_makes_one_row_with_the_same_loss(tiny_llama, attn):
+    policy = make_policy(tiny_llama, attn_implementation=attn, packing=True).eval()
+    narrow = policy.collate(EXAMPLES)
+    policy.hparams.packing_width = 4096
+    wide = policy.collate(EXAMPLES)
+    pad_id = policy.tokenizer.pad_token_id
+    real = int((narrow["input_ids"] != pad_id).sum())
+    assert narrow["input_ids"].shape[0] == 2 and wide["input_ids"].shape[0] == 1
+    assert wide["input_ids"].shape[1] % 8 == 0 and real <= wide["input_ids"].shape[1] < real + 8
+    assert int((wide["input_ids"] != pad_id).sum()) == real and num_examples(wide) == 3
+    with torch.no_grad():
+        torch.testing.assert_close(policy(**wide), policy(**narrow), atol=1e-5, rtol=1e-5)
+
+
+def test_packing_width_must_be_positive(tiny_llama):
+    with pytest.raises(ValueError, match="packing_width.*-5"):
+        make_policy(tiny_llama, packing=True, packing_width=-5)
+
+
+class Float32Copies(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts copies of activations (not weights) into float32."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.float32 and args[0].dim() == 3:
+            self.count += 1
+        return func(*args, **kwargs)
+
+
+def test_adapter_inputs_skip_the_float32_round_trip_under_autocast(tiny_llama, monkeypatch):
+    """bf16 base + float32 adapter: under autocast the adapter's inputs are not copied to float32 (peft's
+    default), with the same loss; without autocast the copies are back, since the matmuls need them."""
+    policy = make_policy(tiny_llama, dtype="bfloat16").eval()
+    assert {p.dtype for n, p in policy.named_parameters() if "lora_" in n} == {torch.float32}
+    batch = policy.collate(EXAMPLES)
+    losses, copies = [], []
+    for peft_casts in (False, True):
+        if peft_casts:  # peft's own behaviour
+            monkeypatch.setattr(policy, "_adapter_input_casts", lambda device_type: None)
+            for layer in policy._adapter_layers:
+                layer.cast_input_dtype_enabled = True
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), Float32Copies() as counter:
+            losses.append(policy(**batch))
+        copies.append(counter.count)
+    monkeypatch.undo()
+    assert losses[0] == losses[1]
+    adapters = len(policy._adapter_layers)
+    assert adapters == 2 * 7 and copies[1] - copies[0] == adapters
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        policy(**batch)
+    assert not any(layer.cast_input_dtype_enabled for layer in policy._adapter_layers)
+    with torch.no_grad():  # no autocast: a bf16 input meets float32 adapter weights, so it must be cast
+        assert torch.isfinite(policy(**batch))
+    assert all(layer.cast_input_dtype_enabled for layer in policy._adapter_layers)
+
+
+def test_compile_mode_reaches_every_layer(tiny_llama, monkeypatch):
+    modes = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: modes.append(kwargs.get("mode")))
+    make_policy(tiny_llama, compile=True, compile_mode="max-autotune-no-cudagraphs")
+    make_policy(tiny_llama, compile=True)
+    assert modes == ["max-autotune-no-cudagraphs"] * 2 + [None] * 2
+
+
 def test_static_cache_greedy_equals_dynamic(policy):
     prompts = ["short", "a considerably longer prompt with many more words in it", "mid length prompt"]
     desired = np.array([[0.5, -1.0], [1.5, 0.0], [-2.0, 3.0]])

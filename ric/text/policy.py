@@ -52,8 +52,13 @@ class TextPolicy(ConditionalPolicy):
         compile: ``torch.compile`` each decoder layer (regional compilation: one layer's code serves them all,
             so a 7B model compiles in seconds, not minutes); generation runs the layers eagerly unless
             ``cache_implementation: static``, where transformers compiles the whole decoding step (CUDA).
+        compile_mode: ``torch.compile`` mode for the layers (``max-autotune-no-cudagraphs`` searches matmul
+            kernels; ``reduce-overhead`` adds CUDA graphs, which pays off when the host cannot keep up).
         packing: a batch's examples are packed into as few rows as fit the longest one; ``position_ids``
             restart per example so attention stays within examples. Same loss as padded batches, less padding.
+        packing_width: pack into rows up to this many tokens instead (trimmed to what they hold, in steps of
+            8): with ``flex_attention`` a batch becomes one row with no padding, and its block mask skips
+            the attention between examples; with dense masks (sdpa, eager) wide rows cost quadratic attention.
         cache_implementation: KV cache for generation (``static``: preallocated, compilable); ``None`` = dynamic.
         merge_lora_for_generation: generate with the adapter added into the base weights, which removes the
             adapter's extra matmuls from every decoding step; the base weights are copied aside first (on their
@@ -96,7 +101,9 @@ class TextPolicy(ConditionalPolicy):
         attn_implementation: str = "sdpa",
         liger_kernel: bool = False,
         compile: bool = False,
+        compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default",
         packing: bool = False,
+        packing_width: int | None = None,
         cache_implementation: str | None = None,
         merge_lora_for_generation: bool = True,
         generation_backend: Literal["hf", "vllm"] = "hf",
@@ -158,9 +165,14 @@ class TextPolicy(ConditionalPolicy):
         self.lm.train()  # GGUF and hub loaders return eval-mode modules; Lightning keeps module modes as found
         # a checkpoint holds only the trained weights (the adapter), not the frozen base
         self.strict_loading = False
+        if packing_width is not None and packing_width < 1:
+            raise ValueError(f"packing_width must be a positive number of tokens, got {packing_width}")
+        # peft copies every adapter input to the adapter's float32 before its matmuls; under autocast those
+        # matmuls run in bf16/fp16 anyway, so the copies only cost memory traffic (see _adapter_input_casts)
+        self._adapter_layers = [m for m in self.lm.modules() if hasattr(m, "cast_input_dtype_enabled")]
         if compile:  # in place: parameter names and checkpoints stay the same
             for layer in decoder_layers(self.lm):
-                layer.compile()
+                layer.compile(mode=None if compile_mode == "default" else compile_mode)
         self._vllm = None
         self._merged = False  # inside _merged_adapter: the adapter is in the base weights
 
@@ -190,12 +202,24 @@ class TextPolicy(ConditionalPolicy):
         """A training batch: right-padded rows, or rows packed with several examples each (``packing``)."""
         rows = self.training_rows(examples)
         pad_id = self.tokenizer.pad_token_id
-        return pack(rows, pad_id) if self.hparams.packing else pad(rows, pad_id)
+        if not self.hparams.packing:
+            return pad(rows, pad_id)
+        return pack(rows, pad_id, self.hparams.get("packing_width"))
 
     # ---- training -----------------------------------------------------------------------------
     def forward(self, **batch: torch.Tensor) -> torch.Tensor:
         # no KV cache in training; transformers also only detects packed rows when there is none
+        self._adapter_input_casts(batch["input_ids"].device.type)
         return self.lm(**batch, use_cache=False).loss
+
+    def _adapter_input_casts(self, device_type: str) -> None:
+        """peft casts adapter inputs to the adapter weights' dtype (float32 next to a bf16 base). Under
+        autocast the adapter's matmuls cast them back to bf16, so the round trip changes no value and only
+        moves memory: skip it there, keep it where it is needed (no autocast, e.g. most generation)."""
+        cast = not torch.is_autocast_enabled(device_type)
+        if self._adapter_layers and self._adapter_layers[0].cast_input_dtype_enabled != cast:
+            for layer in self._adapter_layers:
+                layer.cast_input_dtype_enabled = cast
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self(**batch)
@@ -245,6 +269,7 @@ class TextPolicy(ConditionalPolicy):
             settings.setdefault("synced_gpus", True)
         # where the embeddings live: Lightning's tracked device can lag behind DeepSpeed / bitsandbytes placement
         device = self.lm.get_input_embeddings().weight.device
+        self._adapter_input_casts(device.type)
         compiled_decoding = False
         if settings.get("cache_implementation") is not None:  # transformers compiles static-cache decoding
             settings.setdefault("disable_compile", not self.hparams.compile)
@@ -434,16 +459,21 @@ def pad(rows: Sequence[tuple[list[int], list[int]]], pad_token_id: int) -> dict[
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
-def pack(rows: Sequence[tuple[list[int], list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+def pack(
+    rows: Sequence[tuple[list[int], list[int]]], pad_token_id: int, width: int | None = None
+) -> dict[str, torch.Tensor]:
     """``(input ids, labels)`` rows -> as few rows as fit the longest example (first-fit decreasing), each
     holding several examples back to back. ``position_ids`` restart at 0 for every example, which
     transformers turns into attention within examples only (sdpa/eager: a block-causal mask, flash-attention:
-    variable-length kernels); no attention mask is passed. Rows stay as long as the longest example, so
-    attention never spans more than a padded batch would. A short row ends in pad tokens that continue the
-    last example's positions: causal attention keeps them out of every real token. Each example's first
-    label is dropped, since a padded row never predicts its first token either: the loss equals the padded
-    batch's."""
-    width = max(len(ids) for ids, _ in rows)
+    variable-length kernels, flex: a block mask); no attention mask is passed. Rows stay as long as the
+    longest example, so attention never spans more than a padded batch would; a larger ``width`` packs wider
+    rows instead, trimmed to the fullest row rounded up to a multiple of 8 (for flex attention, whose block
+    mask skips the blocks between examples). A short row ends in pad tokens that continue the last example's
+    positions: causal attention keeps them out of every real token. Each example's first label is dropped,
+    since a padded row never predicts its first token either: the loss equals the padded batch's."""
+    longest = max(len(ids) for ids, _ in rows)
+    wide = width is not None and width > longest
+    width = width if wide else longest
     bins: list[list[int]] = []
     for i in sorted(range(len(rows)), key=lambda i: -len(rows[i][0])):
         fit = next((b for b in bins if sum(len(rows[j][0]) for j in b) + len(rows[i][0]) <= width), None)
@@ -451,6 +481,9 @@ def pack(rows: Sequence[tuple[list[int], list[int]]], pad_token_id: int) -> dict
             bins.append([i])
         else:
             fit.append(i)
+    if wide:
+        fullest = max(sum(len(rows[j][0]) for j in b) for b in bins)
+        width = min(width, -(-fullest // 8) * 8)
     input_ids = torch.full((len(bins), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(bins), width), -100, dtype=torch.long)
     positions = torch.zeros((len(bins), width), dtype=torch.long)
