@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One prepared GPU session (under 9 minutes on one H100): by default the throughput targets of the text stack
-# on the Llama-2-7B shape with a kernel profile of each SFT step, then the speed overlay under ZeRO-2 through
+# One prepared GPU session (under 9 minutes on one H100): by default the SFT throughput of the text stack on
+# the Llama-2-7B shape with a kernel profile of each variant, then the speed overlay under ZeRO-2 through
 # the CLI. Other steps (8-bit + LoRA under DDP / ZeRO-2, SD v1.5-shape images/s, ZeRO-2 with LoRA + bf16,
 # the tiny SD under ZeRO-2) run when ONLY names them.
 # Results land in $OUT (or runs/gpu_check).
@@ -19,7 +19,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
 python3 -c "import torch, transformers, peft, lightning, diffusers, deepspeed; print('torch', torch.__version__, 'transformers', transformers.__version__, 'lightning', lightning.__version__, 'diffusers', diffusers.__version__, 'deepspeed', deepspeed.__version__)"
 
 # the default: what the last GPU session left unmeasured (8-bit under DDP / ZeRO-2 passed there)
-STEPS=${ONLY:-"throughput zero2_speed_overlay"}  # others: ONLY="ddp_8bit_lora zero2_8bit_lora sd_throughput ..."
+STEPS=${ONLY:-"throughput_full throughput zero2_speed_overlay"}  # others: ONLY="ddp_8bit_lora zero2_8bit_lora sd_throughput ..."
 step() {  # name, timeout, command...; runs only the steps named in STEPS
     local name=$1 limit=$2
     shift 2
@@ -53,13 +53,16 @@ step ddp_8bit_lora 80 "${TEXT[@]}" --trainer.strategy ddp --model.init_args.quan
 step zero2_8bit_lora 80 "${TEXT[@]}" --trainer.strategy deepspeed_stage_2 --model.init_args.quantization 8bit \
     --model.init_args.model /tmp/llama-random --trainer.default_root_dir /tmp/gpu_runs/zero2_8bit
 step zero2_lora_bf16 75 "${TEXT[@]}" --trainer.strategy deepspeed_stage_2 --trainer.default_root_dir /tmp/gpu_runs/zero2
-# the Llama-2-7B shape: SFT switch sets beside the plain HF + peft step, each with a kernel profile (the
-# generation targets were met on an earlier GPU; GEN=1 measures them again); the JSON is rewritten after
-# each variant, so a cut run still leaves what it measured
-SECTIONS=${GEN:+generation,}sft
-TAIL=60 step throughput "${THROUGHPUT_LIMIT:-380}" python3 benchmarks/throughput.py --shape llama2-7b \
-    --sections "$SECTIONS" --gen-variants merged,merged+static --profile --out "$OUT/throughput_cuda.json" \
-    --sft-variants "${SFT_VARIANTS:-eager,eager+peft-casts,compile,flex,flex+wide,compile+flex+wide,compile+cudagraphs,compile+autotune}"
+# the Llama-2-7B shape: SFT switch sets beside the plain HF + peft step, each with a kernel profile; first on
+# full 8 x 512 rows (the tokens the reference HF numbers count), then on spread lengths (what packing and flex
+# attention are for). The generation targets were met on an earlier GPU (GEN=1 measures them again). The
+# JSON is rewritten after each variant, so a cut run still leaves what it measured.
+TP=(python3 benchmarks/throughput.py --shape "${SHAPE:-llama2-7b}" --profile --gen-variants merged,merged+static)
+TAIL=40 step throughput_full "${FULL_LIMIT:-190}" "${TP[@]}" --sections sft --lengths full \
+    --sft-variants "${FULL_VARIANTS:-eager,eager+peft-casts,compile,compile+cudagraphs,compile+autotune}" \
+    --out "$OUT/throughput_full_cuda.json"
+TAIL=40 step throughput "${THROUGHPUT_LIMIT:-170}" "${TP[@]}" --sections "${GEN:+generation,}sft" \
+    --sft-variants "${SFT_VARIANTS:-compile,flex,flex+wide,compile+flex+wide}" --out "$OUT/throughput_cuda.json"
 # the speed overlay under ZeRO-2: regional compile in training, merged adapter + compiled static decoding in the sweep
 step zero2_speed_overlay 120 "${TEXT[@]}" --trainer.strategy deepspeed_stage_2 --config configs/speed/bf16_compiled.yaml \
     --trainer.default_root_dir /tmp/gpu_runs/zero2_fast

@@ -140,14 +140,18 @@ def random_reward(shape: str, tokenizer: transformers.PreTrainedTokenizerBase, f
     return str(folder)
 
 
-def sft_examples(tokenizer: transformers.PreTrainedTokenizerBase, batch: int, seq_len: int) -> list[dict]:
-    """``batch`` (prompt, response) examples of spread lengths, seq_len / 8 .. seq_len tokens (a quarter prompt),
-    cut from the quickstart answers: padding them to the longest wastes over 40% of a padded batch."""
+def sft_examples(
+    tokenizer: transformers.PreTrainedTokenizerBase, batch: int, seq_len: int, full: bool = False
+) -> list[dict]:
+    """``batch`` (prompt, response) examples cut from the quickstart answers, a quarter prompt. Spread
+    lengths, ``seq_len / 8 .. seq_len`` tokens: padding them to the longest wastes over 40% of a padded batch.
+    ``full``: every example longer than ``seq_len``, so each row is cut to exactly ``seq_len`` tokens (the
+    batch x seq tokens the reference HF + peft numbers count)."""
     text = " ".join(r["response"] for r in Quickstart().load())
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     examples = []
     for i in range(batch):
-        n = seq_len // 8 + (seq_len - seq_len // 8) * i // max(1, batch - 1)
+        n = seq_len + 16 if full else seq_len // 8 + (seq_len - seq_len // 8) * i // max(1, batch - 1)
         start = (i * 997) % max(1, len(ids) - n)
         chunk = ids[start : start + n]
         cut = max(1, n // 4)
@@ -244,6 +248,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--score-samples", type=int)
     parser.add_argument("--score-batch", type=int)
     parser.add_argument("--repeats", type=int, default=2, help="timed repeats of generation and scoring")
+    parser.add_argument(
+        "--lengths",
+        choices=["spread", "full"],
+        default="spread",
+        help="SFT examples of spread lengths (what packing is for), or all cut to --seq-len (batch x seq tokens)",
+    )
     parser.add_argument("--no-packing", dest="packing", action="store_false", help="our step on padded batches")
     parser.add_argument(
         "--sft-variants",
@@ -301,7 +311,7 @@ def measure_sft_variant(args: argparse.Namespace, name: str, model_ref: str, dty
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     policy = make_policy(args, model_ref, dtype, device, **SFT_VARIANTS[name])
-    examples = sft_examples(policy.tokenizer, args.batch_size, args.seq_len)
+    examples = sft_examples(policy.tokenizer, args.batch_size, args.seq_len, args.lengths == "full")
     optimizer = policy.configure_optimizers()["optimizer"]
     batch = policy.collate(examples)
     start = time.perf_counter()
@@ -383,7 +393,7 @@ def padded_batch(args: argparse.Namespace, tokenizer: Any, work: Path) -> dict:
     """The SFT examples as the authors' loop sees them: right-padded rows, tokenized exactly as TextPolicy
     does (a tiny policy with the same tokenizer and template, so no large model is built for it)."""
     policy = make_policy(args, random_llama("tiny", tokenizer, work / "tiny"), "float32", torch.device("cpu"))
-    examples = sft_examples(policy.tokenizer, args.batch_size, args.seq_len)
+    examples = sft_examples(policy.tokenizer, args.batch_size, args.seq_len, args.lengths == "full")
     return pad(policy.training_rows(examples), policy.tokenizer.pad_token_id)
 
 

@@ -47,3 +47,19 @@ def test_tiny_throughput_without_gpu_machine_missing_packages(tmp_path):
     assert result["partial"] is False
     for profile in (sft["ours"]["profile"], sft["hf_peft"]["profile"]):  # the matmuls are found among the ops
         assert profile["groups_ms"]["matmul"] > 0 and 0 < profile["busy_share"] and profile["top"]
+
+
+def test_full_length_sft_section_alone(tmp_path, monkeypatch):
+    """``--lengths full`` fills every row (batch x seq real tokens, as the reference HF numbers count), and
+    ``--sections sft`` measures nothing else."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import throughput
+
+    out = tmp_path / "full.json"
+    sft_only = ["--sections", "sft", "--lengths", "full", "--sft-variants", "eager", "--out", str(out)]
+    throughput.main([a for a in TINY if a != "--profile"] + sft_only)
+    result = json.loads(out.read_text())
+    assert "generation" not in result and "scoring" not in result and result["partial"] is False
+    sft = result["sft"]
+    assert sft["real_tokens"] == sft["padded_tokens"] == sft["ours_computed_tokens"] == 4 * 32
+    assert sft["ours"]["tokens_per_s"] > 0 and sft["hf_peft"]["profile"] is None
