@@ -273,3 +273,23 @@ def test_compiled_static_decoding_compiles_once_and_matches_dynamic(policy):
         assert out == reference
     assert counters["stats"]["unique_graphs"] == 1
     torch._dynamo.reset()
+
+
+def test_compiled_layers_stop_recompiling_as_packed_widths_vary(tiny_llama):
+    """Every batch packs to another width; after one recompile the layers' shapes are dynamic, so later
+    widths reuse the same graphs (a recompile per batch would soon hit dynamo's limit and fall back to eager)."""
+    from torch._dynamo.utils import counters
+
+    policy = make_policy(tiny_llama, compile=True, packing=True, packing_width=1024)
+    torch._dynamo.reset()
+    counters.clear()
+    graphs, widths = [], []
+    for k in range(5):
+        examples = [dict(ex, response=ex["response"] + " more" * (4 * k + j)) for j, ex in enumerate(EXAMPLES)]
+        batch = policy.collate(examples)
+        widths.append(batch["input_ids"].shape[1])
+        with torch.no_grad():
+            policy(**batch)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert len(set(widths)) == 5 and graphs[0] > 0
+    assert graphs[-1] == graphs[2] <= 2 * graphs[0]
