@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU session (under 9 minutes on one H100): by default the SFT throughput of the text stack on
+# One prepared GPU session (about 9 minutes on one H100; run it with timeout_s 590): by default the SFT throughput of the text stack on
 # the Llama-2-7B shape with a kernel profile of each variant, then the speed overlay under ZeRO-2 through
 # the CLI. Other steps (8-bit + LoRA under DDP / ZeRO-2, SD v1.5-shape images/s, ZeRO-2 with LoRA + bf16,
 # the tiny SD under ZeRO-2) run when ONLY names them.
@@ -58,8 +58,8 @@ step zero2_lora_bf16 75 "${TEXT[@]}" --trainer.strategy deepspeed_stage_2 --trai
 # attention are for). The generation targets were met on an earlier GPU (GEN=1 measures them again). The
 # JSON is rewritten after each variant, so a cut run still leaves what it measured.
 TP=(python3 benchmarks/throughput.py --shape "${SHAPE:-llama2-7b}" --profile --gen-variants merged,merged+static)
-TAIL=40 step throughput_full "${FULL_LIMIT:-190}" "${TP[@]}" --sections sft --lengths full \
-    --sft-variants "${FULL_VARIANTS:-eager,eager+peft-casts,compile,compile+cudagraphs,compile+autotune}" \
+TAIL=40 step throughput_full "${FULL_LIMIT:-240}" "${TP[@]}" --sections sft --lengths full \
+    --sft-variants "${FULL_VARIANTS:-eager,eager+peft-casts,compile,compile+peft-casts,compile+cudagraphs,compile+autotune}" \
     --out "$OUT/throughput_full_cuda.json"
 TAIL=40 step throughput "${THROUGHPUT_LIMIT:-170}" "${TP[@]}" --sections "${GEN:+generation,}sft" \
     --sft-variants "${SFT_VARIANTS:-compile,flex,flex+wide,compile+flex+wide}" --out "$OUT/throughput_cuda.json"

@@ -159,8 +159,8 @@ def sft_examples(
     return examples
 
 
-def sft_step(model_call: Any, optimizer: torch.optim.Optimizer, batch: dict, device: torch.device) -> None:
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+def sft_step(model_call: Any, optimizer: torch.optim.Optimizer, batch: dict, device: torch.device, bf16: bool) -> None:
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         loss = model_call(batch)
     loss.backward()
     optimizer.step()
@@ -171,15 +171,17 @@ def measure_sft(model_call: Any, optimizer: Any, batch: dict, args: argparse.Nam
     """Median seconds of one training step (forward, backward, optimizer) after warm-up steps."""
     batch = {k: v.to(device) for k, v in batch.items()}
     for _ in range(args.warmup):
-        sft_step(model_call, optimizer, batch, device)
-    return timed(lambda: sft_step(model_call, optimizer, batch, device), args.steps, device)
+        sft_step(model_call, optimizer, batch, device, args.bf16)
+    return timed(lambda: sft_step(model_call, optimizer, batch, device, args.bf16), args.steps, device)
 
 
-def hf_generate(lm: Any, tokenizer: Any, texts: Sequence[str], new_tokens: int, device: torch.device) -> None:
+def hf_generate(
+    lm: Any, tokenizer: Any, texts: Sequence[str], new_tokens: int, device: torch.device, bf16: bool
+) -> None:
     """Plain HF ``generate`` on one left-padded batch of texts, exactly ``new_tokens`` per prompt."""
     tokenizer.padding_side = "left"
     enc = tokenizer(list(texts), return_tensors="pt", padding=True).to(device)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         lm.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True,
                     pad_token_id=tokenizer.pad_token_id)  # fmt: skip
 
@@ -205,6 +207,7 @@ SFT_VARIANTS = {
     "eager": {},
     "eager+peft-casts": {PEFT_CASTS: True},  # peft's float32 copies of adapter inputs kept (what we skip)
     "compile": {"compile": True},
+    "compile+peft-casts": {"compile": True, PEFT_CASTS: True},
     "flex": {"attn_implementation": "flex_attention"},  # block masks for packed rows instead of dense ones
     "wide": {"packing_width": WIDE},  # one row with a dense block-causal mask: quadratic attention
     "flex+wide": {"attn_implementation": "flex_attention", "packing_width": WIDE},  # the batch in one row
@@ -236,6 +239,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=["smollm2", "llama2-7b", "tiny"], default="smollm2")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", "bfloat16", "float32"],
+        default="auto",
+        help="weights and compute: bfloat16 (bf16 base, autocast) or float32; auto = bfloat16 on a GPU",
+    )
     parser.add_argument("--tokenizer", default="smollm2", help="for random shapes: smollm2 or a tokenizer folder")
     parser.add_argument("--matmul-size", type=int, help="n of the n x n matmuls that measure the ceiling")
     parser.add_argument("--steps", type=int, help="timed SFT steps (median reported)")
@@ -279,6 +288,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.sft_variants = sorted(variant_list(args.sft_variants, SFT_VARIANTS), key=lambda name: "liger" in name)
     args.gen_variants = variant_list(args.gen_variants, GEN_VARIANTS)
     args.sections = variant_list(args.sections, dict.fromkeys(SECTIONS))
+    args.bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and torch.device(args.device).type == "cuda")
     return args
 
 
@@ -315,7 +325,7 @@ def measure_sft_variant(args: argparse.Namespace, name: str, model_ref: str, dty
     optimizer = policy.configure_optimizers()["optimizer"]
     batch = policy.collate(examples)
     start = time.perf_counter()
-    sft_step(lambda b: policy(**b), optimizer, {k: v.to(device) for k, v in batch.items()}, device)
+    sft_step(lambda b: policy(**b), optimizer, {k: v.to(device) for k, v in batch.items()}, device, args.bf16)
     synchronize(device)
     first = time.perf_counter() - start  # includes compilation, if any
     result = {
@@ -326,13 +336,13 @@ def measure_sft_variant(args: argparse.Namespace, name: str, model_ref: str, dty
         "computed_tokens": int(batch["input_ids"].numel()),
     }
     if args.profile:
-        result["profile"] = profile_sft(lambda b: policy(**b), optimizer, batch, device)
+        result["profile"] = profile_sft(lambda b: policy(**b), optimizer, batch, device, args.bf16)
     return result
 
 
-def profile_sft(model_call: Any, optimizer: Any, batch: dict, device: torch.device) -> dict:
+def profile_sft(model_call: Any, optimizer: Any, batch: dict, device: torch.device, bf16: bool) -> dict:
     batch = {k: v.to(device) for k, v in batch.items()}
-    return profile_step(lambda: sft_step(model_call, optimizer, batch, device), device)
+    return profile_step(lambda: sft_step(model_call, optimizer, batch, device, bf16), device)
 
 
 def measure_generation_variants(args: argparse.Namespace, model_ref: str, dtype: str, device: torch.device) -> dict:
@@ -354,18 +364,18 @@ def measure_generation_variants(args: argparse.Namespace, model_ref: str, dtype:
         if spec["static"]:
             settings.update(cache_implementation="static", disable_compile=False)
         policy.hparams.merge_lora_for_generation = spec["merge"]
-        run = partial(time_generation, policy, prompts, desired, settings, args.repeats, device)
+        run = partial(time_generation, policy, prompts, desired, settings, args.repeats, device, args.bf16)
         out["variants"][name] = attempt(f"generation {name}", run, device)
     return out
 
 
 def time_generation(policy: Any, prompts: list[str], desired: np.ndarray, settings: dict, repeats: int,
-                    device: torch.device) -> dict:  # fmt: skip
+                    device: torch.device, bf16: bool) -> dict:  # fmt: skip
     """Seconds of a first call (warm-up, and compilation if any) and the median of ``repeats`` more, in one
     generation session as in an online round or a sweep; entering it (merging the adapter) is timed apart."""
 
     def generate() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             policy.generate(prompts, desired, **settings)
 
     session = policy.generation_session()
@@ -404,7 +414,7 @@ def measure_hf_sft(args: argparse.Namespace, model_ref: str, dtype: str, device:
     lm.train()
     optimizer = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=1.41e-4)
     step = measure_sft(lambda b: lm(**b).loss, optimizer, padded, args, device)
-    profiled = profile_sft(lambda b: lm(**b).loss, optimizer, padded, device) if args.profile else None
+    profiled = profile_sft(lambda b: lm(**b).loss, optimizer, padded, device, args.bf16) if args.profile else None
     return {"step_s": step, "profile": profiled, "parameters": sum(p.numel() for p in lm.parameters())}
 
 
@@ -415,9 +425,11 @@ def measure_hf_generation(args: argparse.Namespace, model_ref: str, dtype: str, 
     lm.eval()
     singles = texts[: args.single_prompts]
     with torch.no_grad():
-        hf_generate(lm, tok, texts[:2], 4, device)  # warm-up
-        batched = timed(lambda: hf_generate(lm, tok, texts, args.new_tokens, device), args.repeats, device)
-        single = timed(lambda: [hf_generate(lm, tok, [t], args.new_tokens, device) for t in singles], 1, device)
+        hf_generate(lm, tok, texts[:2], 4, device, args.bf16)  # warm-up
+        batched = timed(lambda: hf_generate(lm, tok, texts, args.new_tokens, device, args.bf16), args.repeats, device)
+        single = timed(
+            lambda: [hf_generate(lm, tok, [t], args.new_tokens, device, args.bf16) for t in singles], 1, device
+        )
     return {"generate_s": batched, "single_s": single, "single_prompts": len(singles)}
 
 
@@ -450,7 +462,7 @@ def measure_all(args: argparse.Namespace, work: Path, save: Any = lambda result:
     models' files. The JSON is saved after each section."""
     device = torch.device(args.device)
     gpu = device.type == "cuda"
-    dtype = "bfloat16" if gpu else "float32"
+    dtype = "bfloat16" if args.bf16 else "float32"
     torch.manual_seed(0)
     if args.shape == "smollm2":
         model_ref, tokenizer_name = "smollm2", "smollm2"
@@ -459,7 +471,7 @@ def measure_all(args: argparse.Namespace, work: Path, save: Any = lambda result:
         tokenizer, tokenizer_name = tokenizer_for(args.tokenizer)
         model_ref = random_llama(args.shape, tokenizer, work / "policy")
 
-    ceiling = matmul_ceiling(device, torch.bfloat16 if gpu else torch.float32, args.matmul_size, args.repeats)
+    ceiling = matmul_ceiling(device, getattr(torch, dtype), args.matmul_size, args.repeats)
     cpu_name = f"{platform.machine()}, {torch.get_num_threads()} threads"
     result: dict[str, Any] = {  # fmt: skip
         "device": torch.cuda.get_device_name(device) if gpu else cpu_name,
@@ -468,7 +480,7 @@ def measure_all(args: argparse.Namespace, work: Path, save: Any = lambda result:
         "dtype": dtype,
         "tokenizer": tokenizer_name,
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "matmul": {"dtype": "bfloat16" if gpu else "float32", "tflops": ceiling / 1e12},
+        "matmul": {"dtype": dtype, "tflops": ceiling / 1e12},
         "partial": True,
     }  # fmt: skip
     if "generation" in args.sections:
