@@ -114,6 +114,8 @@ class TextPolicy(ConditionalPolicy):
         # optional packages are checked before minutes of model loading
         if liger_kernel and importlib.util.find_spec("liger_kernel") is None:
             raise ImportError("liger_kernel=True needs Liger kernels: pip install liger-kernel (or 'ric[speed]')")
+        if packing_width is not None and (packing_width < 1 or not packing):
+            raise ValueError(f"packing_width needs packing: true and a positive number of tokens, got {packing_width}")
         if generation_backend not in ("hf", "vllm"):
             raise ValueError(f"generation_backend must be 'hf' or 'vllm', got {generation_backend!r}")
         if generation_backend == "vllm":
@@ -165,8 +167,6 @@ class TextPolicy(ConditionalPolicy):
         self.lm.train()  # GGUF and hub loaders return eval-mode modules; Lightning keeps module modes as found
         # a checkpoint holds only the trained weights (the adapter), not the frozen base
         self.strict_loading = False
-        if packing_width is not None and packing_width < 1:
-            raise ValueError(f"packing_width must be a positive number of tokens, got {packing_width}")
         # peft copies every adapter input to the adapter's float32 before its matmuls; under autocast those
         # matmuls run in bf16/fp16 anyway, so the copies only cost memory traffic (see _adapter_input_casts)
         self._adapter_layers = [m for m in self.lm.modules() if hasattr(m, "cast_input_dtype_enabled")]
