@@ -227,11 +227,12 @@ GEN_VARIANTS = {
 SECTIONS = ("generation", "sft", "scoring")
 
 
-def variant_list(text: str, known: dict) -> list[str]:
+def variant_list(text: str, known: dict, option: str) -> list[str]:
+    """The comma-separated names of ``option``, each one of ``known``."""
     names = [v.strip() for v in text.split(",") if v.strip()]
     unknown = [v for v in names if v not in known]
     if unknown or not names:
-        raise SystemExit(f"unknown variant(s) {unknown or text!r}; choose from {', '.join(known)}")
+        raise SystemExit(f"{option}: unknown name(s) {unknown or text!r}; choose from {', '.join(known)}")
     return names
 
 
@@ -285,9 +286,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             setattr(args, key, value)
     # Liger patches transformers' Llama module for the whole process (classes, RoPE, the LM forward), so any
     # model built after a Liger variant would carry its kernels: those variants run last
-    args.sft_variants = sorted(variant_list(args.sft_variants, SFT_VARIANTS), key=lambda name: "liger" in name)
-    args.gen_variants = variant_list(args.gen_variants, GEN_VARIANTS)
-    args.sections = variant_list(args.sections, dict.fromkeys(SECTIONS))
+    args.sft_variants = sorted(
+        variant_list(args.sft_variants, SFT_VARIANTS, "--sft-variants"), key=lambda name: "liger" in name
+    )
+    args.gen_variants = variant_list(args.gen_variants, GEN_VARIANTS, "--gen-variants")
+    args.sections = variant_list(args.sections, dict.fromkeys(SECTIONS), "--sections")
     args.bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and torch.device(args.device).type == "cuda")
     return args
 

