@@ -5,8 +5,9 @@
 # the tiny SD under ZeRO-2) run when ONLY names them.
 # Results land in $OUT (or runs/gpu_check).
 #
-# The GPU image lacks some of our dependencies: carry them as wheels in .whl/ (see the device notes), and a
-# random-weight Llama folder (config.json + SmolLM2 tokenizer) in .gpu/smollm2-shape, since no hub is reachable.
+# The GPU image lacks some of our dependencies: carry them as wheels in .whl/, and a random-weight Llama
+# folder (config.json + SmolLM2 tokenizer) in .gpu/smollm2-shape, since no hub is reachable; both are made
+# here by benchmarks/gpu_carry.sh.
 set -u
 OUT=${OUT:-runs/gpu_check}
 mkdir -p "$OUT"
