@@ -4,12 +4,15 @@
 # SmolLM2-135M's config and tokenizer in .gpu/smollm2-shape (the text checks' random-weight Llama). Both
 # folders are git-ignored and together stay under the 64 MiB a call may carry. Then, on the device:
 #     run(command="bash benchmarks/gpu_check.sh", carry=[".whl", ".gpu"], timeout_s=590)
-# Versions are the ones that ran there last (torch 2.11, transformers 5.17); newer ones may need newer torch.
+# The pinned versions ran there last, beside the image's torch 2.11 and transformers 5.17; newer ones may
+# need a newer torch than the image has.
 set -eu
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
+exclude=$(git rev-parse --git-path info/exclude)  # also right in a worktree, where .git is a file
+mkdir -p "$(dirname "$exclude")"
 for folder in /.whl/ /.gpu/; do
-    grep -qx "$folder" .git/info/exclude || echo "$folder" >>.git/info/exclude
+    grep -qsx "$folder" "$exclude" || echo "$folder" >>"$exclude"
 done
 mkdir -p .whl .gpu/smollm2-shape
 platforms=()

@@ -302,8 +302,9 @@ def make_policy(args: argparse.Namespace, model_ref: str, dtype: str, device: to
             model=model_ref, reward_names=["harmless", "helpful"], template=TEMPLATE, dtype=dtype, **LORA,
             max_length=args.seq_len, packing=args.packing, **{"attn_implementation": "sdpa", **switches},
         )  # fmt: skip
-    if peft_casts:
-        policy._adapter_input_casts = lambda device_type: None
+    if peft_casts:  # peft's default: every adapter input copied to float32
+        for handle in policy._adapter_casts:
+            handle.remove()
     return policy.to(device)
 
 

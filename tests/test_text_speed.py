@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import TINY_TEMPLATE as TEMPLATE
 
-from ric.text.policy import TextPolicy, num_examples
+from ric.text.policy import TextPolicy, num_examples, pack
 from ric.text.vllm_backend import sampling_params
 
 LONG = "hello there my friend, how are you today? I hope the weather is nice and your plants grow well. Tell me more."
@@ -67,12 +67,24 @@ def test_wide_packing_makes_one_row_with_the_same_loss(tiny_llama, attn):
         torch.testing.assert_close(policy(**wide), loss, atol=1e-5, rtol=1e-5)
 
 
-def test_bad_packing_width_fails_before_loading(tmp_path):
+def test_wide_rows_are_multiples_of_8_and_hold_whole_examples():
+    rows = [(list(range(10)), list(range(10))), ([7, 8, 9], [7, 8, 9]), ([1] * 6, [1] * 6)]
+    packed = pack(rows, 0, 13)
+    assert packed["input_ids"].shape == (2, 16)  # 10 + 3 in one row, 6 in the other; 13 rounds up to 16
+    assert packed["position_ids"][0, :13].tolist() == list(range(10)) + [0, 1, 2]
+    assert packed["input_ids"][1, :6].tolist() == [1] * 6 and packed["labels"][1, 6:].eq(-100).all()
+
+
+def test_bad_speed_settings_fail_before_loading(tmp_path):
     missing = str(tmp_path / "no-model")  # an error about the model would mean it was loaded first
-    with pytest.raises(ValueError, match="packing_width.*-5"):
+    with pytest.raises(ValueError, match=r"packing_width \(-5\) needs packing: true and at least max_length \(512\)"):
         TextPolicy(model=missing, packing=True, packing_width=-5)
-    with pytest.raises(ValueError, match="packing_width needs packing: true.*2048"):
+    with pytest.raises(ValueError, match=r"packing_width \(300\).*max_length \(512\)"):
+        TextPolicy(model=missing, packing=True, packing_width=300)
+    with pytest.raises(ValueError, match=r"packing_width \(2048\) needs packing: true"):
         TextPolicy(model=missing, packing_width=2048)
+    with pytest.raises(ValueError, match="compile_mode 'reduce-overhead' needs compile: true"):
+        TextPolicy(model=missing, compile_mode="reduce-overhead")
 
 
 class Float32Copies(torch.utils._python_dispatch.TorchDispatchMode):
@@ -89,31 +101,45 @@ class Float32Copies(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def test_adapter_inputs_skip_the_float32_round_trip_under_autocast(tiny_llama, monkeypatch):
+def test_adapter_inputs_skip_the_float32_round_trip_under_autocast(tiny_llama):
     """bf16 base + float32 adapter: under autocast the adapter's inputs are not copied to float32 (peft's
-    default), with the same loss; without autocast the copies are back, since the matmuls need them."""
+    default), with the same loss; without autocast the copies are back, since the matmuls need them, also
+    for direct calls of the model after a step under autocast."""
     policy = make_policy(tiny_llama, dtype="bfloat16").eval()
+    layers = [m for m in policy.lm.modules() if hasattr(m, "cast_input_dtype_enabled")]
     assert {p.dtype for n, p in policy.named_parameters() if "lora_" in n} == {torch.float32}
     batch = policy.collate(EXAMPLES)
     losses, copies = [], []
     for peft_casts in (False, True):
-        if peft_casts:  # peft's own behaviour
-            monkeypatch.setattr(policy, "_adapter_input_casts", lambda device_type: None)
-            for layer in policy._adapter_layers:
+        if peft_casts:  # peft's own behaviour, as the throughput benchmark's *+peft-casts variants measure it
+            for handle in policy._adapter_casts:
+                handle.remove()
+            for layer in layers:
                 layer.cast_input_dtype_enabled = True
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), Float32Copies() as counter:
             losses.append(policy(**batch))
         copies.append(counter.count)
-    monkeypatch.undo()
+        if not peft_casts:
+            assert not any(layer.cast_input_dtype_enabled for layer in layers)
+            with torch.no_grad():  # no autocast: a bf16 input meets float32 adapter weights, so it must be cast
+                assert torch.isfinite(policy.lm(**batch).loss)
+            assert all(layer.cast_input_dtype_enabled for layer in layers)
     assert losses[0] == losses[1]
-    adapters = len(policy._adapter_layers)
-    assert adapters == 2 * 7 and copies[1] - copies[0] == adapters
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        policy(**batch)
-    assert not any(layer.cast_input_dtype_enabled for layer in policy._adapter_layers)
-    with torch.no_grad():  # no autocast: a bf16 input meets float32 adapter weights, so it must be cast
-        assert torch.isfinite(policy(**batch))
-    assert all(layer.cast_input_dtype_enabled for layer in policy._adapter_layers)
+    assert len(layers) == 2 * 7 and copies[1] - copies[0] == len(layers)
+
+
+def test_adapter_cast_setting_holds_through_checkpointed_recomputation(tiny_llama):
+    """Non-reentrant checkpointing recomputes each block in backward, where autocast is restored: the
+    adapter layers decide again and match what the forward did, even after a call without autocast."""
+    policy = make_policy(tiny_llama, dtype="bfloat16", gradient_checkpointing=True)
+    batch = policy.collate(EXAMPLES)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = policy(**batch)
+    with torch.no_grad():
+        policy.lm(**batch)  # between forward and backward, without autocast
+    loss.backward()
+    grads = [p.grad for n, p in policy.named_parameters() if "lora_" in n]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
 def test_compile_mode_reaches_every_layer(tiny_llama, monkeypatch):

@@ -53,12 +53,14 @@ class TextPolicy(ConditionalPolicy):
             so a 7B model compiles in seconds, not minutes); generation runs the layers eagerly unless
             ``cache_implementation: static``, where transformers compiles the whole decoding step (CUDA).
         compile_mode: ``torch.compile`` mode for the layers (``max-autotune-no-cudagraphs`` searches matmul
-            kernels; ``reduce-overhead`` adds CUDA graphs, which pays off when the host cannot keep up).
+            kernels; ``reduce-overhead`` adds CUDA graphs, which pays off when the host cannot keep up, and
+            records graphs for each new batch shape: best with fixed shapes).
         packing: a batch's examples are packed into as few rows as fit the longest one; ``position_ids``
             restart per example so attention stays within examples. Same loss as padded batches, less padding.
-        packing_width: pack into rows up to this many tokens instead (trimmed to what they hold, in steps of
-            8): with ``flex_attention`` a batch becomes one row with no padding, and its block mask skips
-            the attention between examples; with dense masks (sdpa, eager) wide rows cost quadratic attention.
+        packing_width: pack into rows of up to this many tokens instead (at least ``max_length``; rows are
+            trimmed to what they hold, rounded up to a multiple of 8): with ``flex_attention`` a batch becomes
+            one row with no padding, and its block mask skips the attention between examples; with dense
+            masks (sdpa, eager) wide rows cost quadratic attention.
         cache_implementation: KV cache for generation (``static``: preallocated, compilable); ``None`` = dynamic.
         merge_lora_for_generation: generate with the adapter added into the base weights, which removes the
             adapter's extra matmuls from every decoding step; the base weights are copied aside first (on their
@@ -114,8 +116,13 @@ class TextPolicy(ConditionalPolicy):
         # optional packages are checked before minutes of model loading
         if liger_kernel and importlib.util.find_spec("liger_kernel") is None:
             raise ImportError("liger_kernel=True needs Liger kernels: pip install liger-kernel (or 'ric[speed]')")
-        if packing_width is not None and (packing_width < 1 or not packing):
-            raise ValueError(f"packing_width needs packing: true and a positive number of tokens, got {packing_width}")
+        if packing_width is not None and (packing_width < max_length or not packing):
+            raise ValueError(
+                f"packing_width ({packing_width}) needs packing: true and at least max_length ({max_length}) tokens:"
+                " rows hold whole examples"
+            )
+        if compile_mode != "default" and not compile:
+            raise ValueError(f"compile_mode {compile_mode!r} needs compile: true")
         if generation_backend not in ("hf", "vllm"):
             raise ValueError(f"generation_backend must be 'hf' or 'vllm', got {generation_backend!r}")
         if generation_backend == "vllm":
@@ -168,8 +175,12 @@ class TextPolicy(ConditionalPolicy):
         # a checkpoint holds only the trained weights (the adapter), not the frozen base
         self.strict_loading = False
         # peft copies every adapter input to the adapter's float32 before its matmuls; under autocast those
-        # matmuls run in bf16/fp16 anyway, so the copies only cost memory traffic (see _adapter_input_casts)
-        self._adapter_layers = [m for m in self.lm.modules() if hasattr(m, "cast_input_dtype_enabled")]
+        # matmuls run in bf16/fp16 anyway, so the copies only cost memory traffic (see match_autocast)
+        self._adapter_casts = [
+            m.register_forward_pre_hook(match_autocast)
+            for m in self.lm.modules()
+            if hasattr(m, "cast_input_dtype_enabled")
+        ]
         if compile:  # in place: parameter names and checkpoints stay the same
             for layer in decoder_layers(self.lm):
                 layer.compile(mode=None if compile_mode == "default" else compile_mode)
@@ -209,17 +220,7 @@ class TextPolicy(ConditionalPolicy):
     # ---- training -----------------------------------------------------------------------------
     def forward(self, **batch: torch.Tensor) -> torch.Tensor:
         # no KV cache in training; transformers also only detects packed rows when there is none
-        self._adapter_input_casts(batch["input_ids"].device.type)
         return self.lm(**batch, use_cache=False).loss
-
-    def _adapter_input_casts(self, device_type: str) -> None:
-        """peft casts adapter inputs to the adapter weights' dtype (float32 next to a bf16 base). Under
-        autocast the adapter's matmuls cast them back to bf16, so the round trip changes no value and only
-        moves memory: skip it there, keep it where it is needed (no autocast, e.g. most generation)."""
-        cast = not torch.is_autocast_enabled(device_type)
-        if self._adapter_layers and self._adapter_layers[0].cast_input_dtype_enabled != cast:
-            for layer in self._adapter_layers:
-                layer.cast_input_dtype_enabled = cast
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self(**batch)
@@ -269,7 +270,6 @@ class TextPolicy(ConditionalPolicy):
             settings.setdefault("synced_gpus", True)
         # where the embeddings live: Lightning's tracked device can lag behind DeepSpeed / bitsandbytes placement
         device = self.lm.get_input_embeddings().weight.device
-        self._adapter_input_casts(device.type)
         compiled_decoding = False
         if settings.get("cache_implementation") is not None:  # transformers compiles static-cache decoding
             settings.setdefault("disable_compile", not self.hparams.compile)
@@ -483,7 +483,7 @@ def pack(
             fit.append(i)
     if wide:
         fullest = max(sum(len(rows[j][0]) for j in b) for b in bins)
-        width = min(width, -(-fullest // 8) * 8)
+        width = -(-fullest // 8) * 8  # pad tokens only beyond the fullest row
     input_ids = torch.full((len(bins), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(bins), width), -100, dtype=torch.long)
     positions = torch.zeros((len(bins), width), dtype=torch.long)
@@ -499,6 +499,15 @@ def pack(
         last = int(positions[b, start - 1])
         positions[b, start:] = torch.arange(last + 1, last + 1 + width - start)
     return {"input_ids": input_ids, "labels": labels, "position_ids": positions}
+
+
+def match_autocast(layer: torch.nn.Module, args: tuple) -> None:
+    """Forward pre-hook of a peft adapter layer: peft casts the adapter's input to the adapter weights' dtype
+    (float32 next to a bf16 base), and under autocast the adapter's matmuls cast it straight back to bf16.
+    Without dropout the round trip changes no value (nor on CUDA, whose dropout scales in float32; the CPU's
+    rounds its scale to bf16), it only moves memory: skip it under autocast, keep it where it is needed.
+    Decided at each call, so direct calls of the model and recomputation in backward see the same setting."""
+    layer.cast_input_dtype_enabled = not (args and torch.is_autocast_enabled(args[0].device.type))
 
 
 def backup_device(weights: Sequence[torch.Tensor]) -> torch.device:
