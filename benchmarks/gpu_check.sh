@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One prepared GPU session (about 9 minutes on one H100; run it with timeout_s 590): by default the SFT throughput of the text stack on
-# the Llama-2-7B shape with a kernel profile of each variant, then the speed overlay under ZeRO-2 through
-# the CLI. Other steps (8-bit + LoRA under DDP / ZeRO-2, SD v1.5-shape images/s, ZeRO-2 with LoRA + bf16,
+# One prepared GPU session (about 9 minutes on one H100; run it with timeout_s 590): by default the SFT
+# throughput of the text stack on the Llama-2-7B shape with a kernel profile of each variant, then the speed
+# overlay under ZeRO-2 through the CLI. Other steps (8-bit + LoRA under DDP / ZeRO-2, SD v1.5-shape images/s, ZeRO-2 with LoRA + bf16,
 # the tiny SD under ZeRO-2) run when ONLY names them.
 # Results land in $OUT (or runs/gpu_check).
 #

@@ -167,12 +167,17 @@ def sft_step(model_call: Any, optimizer: torch.optim.Optimizer, batch: dict, dev
     optimizer.zero_grad(set_to_none=True)
 
 
-def measure_sft(model_call: Any, optimizer: Any, batch: dict, args: argparse.Namespace, device: torch.device) -> float:
-    """Median seconds of one training step (forward, backward, optimizer) after warm-up steps."""
+def measure_sft(model_call: Any, optimizer: Any, batch: dict, args: argparse.Namespace, device: torch.device) -> dict:
+    """Median seconds of one training step (forward, backward, optimizer) after warm-up steps, and with
+    ``--profile`` where a step's time goes."""
     batch = {k: v.to(device) for k, v in batch.items()}
-    for _ in range(args.warmup):
+
+    def step() -> None:
         sft_step(model_call, optimizer, batch, device, args.bf16)
-    return timed(lambda: sft_step(model_call, optimizer, batch, device, args.bf16), args.steps, device)
+
+    for _ in range(args.warmup):
+        step()
+    return {"step_s": timed(step, args.steps, device), "profile": profile_step(step, device) if args.profile else None}
 
 
 def hf_generate(
@@ -327,26 +332,22 @@ def measure_sft_variant(args: argparse.Namespace, name: str, model_ref: str, dty
     policy = make_policy(args, model_ref, dtype, device, **SFT_VARIANTS[name])
     examples = sft_examples(policy.tokenizer, args.batch_size, args.seq_len, args.lengths == "full")
     optimizer = policy.configure_optimizers()["optimizer"]
-    batch = policy.collate(examples)
+    batch = {k: v.to(device) for k, v in policy.collate(examples).items()}
     start = time.perf_counter()
-    sft_step(lambda b: policy(**b), optimizer, {k: v.to(device) for k, v in batch.items()}, device, args.bf16)
+    sft_step(lambda b: policy(**b), optimizer, batch, device, args.bf16)
     synchronize(device)
     first = time.perf_counter() - start  # includes compilation, if any
+    measured = measure_sft(lambda b: policy(**b), optimizer, batch, args, device)
     result = {
         "switches": {"attn_implementation": "sdpa", "packing": args.packing, **SFT_VARIANTS[name]},
         "first_step_s": first,
-        "step_s": measure_sft(lambda b: policy(**b), optimizer, batch, args, device),
+        "step_s": measured["step_s"],
         "peak_memory_gb": peak_memory_gb(device),
         "computed_tokens": int(batch["input_ids"].numel()),
     }
-    if args.profile:
-        result["profile"] = profile_sft(lambda b: policy(**b), optimizer, batch, device, args.bf16)
+    if measured["profile"]:
+        result["profile"] = measured["profile"]
     return result
-
-
-def profile_sft(model_call: Any, optimizer: Any, batch: dict, device: torch.device, bf16: bool) -> dict:
-    batch = {k: v.to(device) for k, v in batch.items()}
-    return profile_step(lambda: sft_step(model_call, optimizer, batch, device, bf16), device)
 
 
 def measure_generation_variants(args: argparse.Namespace, model_ref: str, dtype: str, device: torch.device) -> dict:
@@ -417,9 +418,8 @@ def measure_hf_sft(args: argparse.Namespace, model_ref: str, dtype: str, device:
     lm, _ = hf_peft(model_ref, dtype, device, tokenizer)
     lm.train()
     optimizer = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=1.41e-4)
-    step = measure_sft(lambda b: lm(**b).loss, optimizer, padded, args, device)
-    profiled = profile_sft(lambda b: lm(**b).loss, optimizer, padded, device, args.bf16) if args.profile else None
-    return {"step_s": step, "profile": profiled, "parameters": sum(p.numel() for p in lm.parameters())}
+    measured = measure_sft(lambda b: lm(**b).loss, optimizer, padded, args, device)
+    return {**measured, "parameters": sum(p.numel() for p in lm.parameters())}
 
 
 def measure_hf_generation(args: argparse.Namespace, model_ref: str, dtype: str, device: torch.device,
@@ -548,18 +548,17 @@ def measure_sft_all(args: argparse.Namespace, model_ref: str, dtype: str, device
     if "error" in hf:
         raise SystemExit(f"the HF + peft SFT baseline failed: {hf['error']}")
     params = hf["parameters"]
+
+    def rates(step_s: float) -> dict:  # real tokens per second, and MFU against the measured ceiling
+        return {"tokens_per_s": real_tokens / step_s, "mfu": 4 * params * real_tokens / step_s / ceiling}
+
     sft: dict[str, Any] = {
         "batch_size": args.batch_size,
         "seq_len": args.seq_len,
         "real_tokens": real_tokens,
         "padded_tokens": int(padded["input_ids"].numel()),
         "parameters": params,
-        "hf_peft": {
-            "step_s": hf["step_s"],
-            "tokens_per_s": real_tokens / hf["step_s"],
-            "mfu": 4 * params * real_tokens / hf["step_s"] / ceiling,
-            "profile": hf["profile"],
-        },
+        "hf_peft": {"step_s": hf["step_s"], **rates(hf["step_s"]), "profile": hf["profile"]},
         "variants": {},
     }
     result["parameters"] = params
@@ -567,7 +566,7 @@ def measure_sft_all(args: argparse.Namespace, model_ref: str, dtype: str, device
         run = partial(measure_sft_variant, args, name, model_ref, dtype, device)
         sft["variants"][name] = v = attempt(f"SFT {name}", run, device)
         if "error" not in v:
-            v.update(tokens_per_s=real_tokens / v["step_s"], mfu=4 * params * real_tokens / v["step_s"] / ceiling)
+            v.update(rates(v["step_s"]))
         result["sft"] = sft
         save(result)
     fastest = best(sft["variants"], "step_s")

@@ -267,12 +267,13 @@ class PreferenceSweep(L.Callback):
         rank, world = rank_and_world()
         share, real = even_share(len(prompts), rank, world)  # equal counts: sharded weights need lockstep
         rows = [None] if desired is None else list(desired)
+        mine = [prompts[i] for i in share]
         local = []
         with policy.generation_session(), own_random_stream(world):
             for row in tqdm(rows, desc="preference sweep", unit="pref", disable=rank != 0):
                 target = None if row is None else np.broadcast_to(row, (len(share), len(rewards)))
-                samples = policy.generate([prompts[i] for i in share], target, **settings)[:real]
-                local.append((share[:real], samples, score_all(rewards, [prompts[i] for i in share[:real]], samples)))
+                samples = policy.generate(mine, target, **settings)[:real]
+                local.append((share[:real], samples, score_all(rewards, mine[:real], samples)))
         gathered = gather_to_first(local)
         if gathered is None:
             return None

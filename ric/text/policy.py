@@ -475,15 +475,18 @@ def pack(
     wide = width is not None and width > longest
     width = width if wide else longest
     bins: list[list[int]] = []
+    fills: list[int] = []  # tokens in each bin
     for i in sorted(range(len(rows)), key=lambda i: -len(rows[i][0])):
-        fit = next((b for b in bins if sum(len(rows[j][0]) for j in b) + len(rows[i][0]) <= width), None)
+        n = len(rows[i][0])
+        fit = next((b for b, fill in enumerate(fills) if fill + n <= width), None)
         if fit is None:
             bins.append([i])
+            fills.append(n)
         else:
-            fit.append(i)
+            bins[fit].append(i)
+            fills[fit] += n
     if wide:
-        fullest = max(sum(len(rows[j][0]) for j in b) for b in bins)
-        width = -(-fullest // 8) * 8  # pad tokens only beyond the fullest row
+        width = -(-max(fills) // 8) * 8  # pad tokens only beyond the fullest row
     input_ids = torch.full((len(bins), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(bins), width), -100, dtype=torch.long)
     positions = torch.zeros((len(bins), width), dtype=torch.long)
