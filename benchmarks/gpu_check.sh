@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU session (about 9 minutes on one H100; run it with timeout_s 590): by default the SFT
-# throughput of the text stack on the Llama-2-7B shape with a kernel profile of each variant, then the speed
-# overlay under ZeRO-2 through the CLI. Other steps (8-bit + LoRA under DDP / ZeRO-2, SD v1.5-shape images/s, ZeRO-2 with LoRA + bf16,
+# throughput of the text stack on the Llama-2-7B shape with a kernel profile of each variant (adapters on every
+# projection, then on the authors' q / v only), then the speed overlay under ZeRO-2 through the CLI. Other steps (8-bit + LoRA under DDP / ZeRO-2, SD v1.5-shape images/s, ZeRO-2 with LoRA + bf16,
 # the tiny SD under ZeRO-2) run when ONLY names them.
 # Results land in $OUT (or runs/gpu_check).
 #
@@ -20,7 +20,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
 python3 -c "import torch, transformers, peft, lightning, diffusers, deepspeed; print('torch', torch.__version__, 'transformers', transformers.__version__, 'lightning', lightning.__version__, 'diffusers', diffusers.__version__, 'deepspeed', deepspeed.__version__)"
 
 # the default: what the last GPU session left unmeasured (8-bit under DDP / ZeRO-2 passed there)
-STEPS=${ONLY:-"throughput_full throughput zero2_speed_overlay"}  # others: ONLY="ddp_8bit_lora zero2_8bit_lora sd_throughput ..."
+STEPS=${ONLY:-"throughput_full throughput_authors throughput zero2_speed_overlay"}  # others: ONLY="anatomy ddp_8bit_lora ..."
 step() {  # name, timeout, command...; runs only the steps named in STEPS
     local name=$1 limit=$2
     shift 2
@@ -58,14 +58,20 @@ step zero2_lora_bf16 75 "${TEXT[@]}" --trainer.strategy deepspeed_stage_2 --trai
 # full 8 x 512 rows (the tokens the reference HF numbers count), then on spread lengths (what packing and flex
 # attention are for). The generation targets were met on an earlier GPU (GEN=1 measures them again). The
 # JSON is rewritten after each variant, so a cut run still leaves what it measured.
-TP=(python3 benchmarks/throughput.py --shape "${SHAPE:-llama2-7b}" --profile --gen-variants merged,merged+static)
-TAIL=40 step throughput_full "${FULL_LIMIT:-220}" "${TP[@]}" --sections sft --lengths full \
-    --sft-variants "${FULL_VARIANTS:-eager,eager+peft-casts,compile,compile+cudagraphs,compile+autotune}" \
+TP=(python3 benchmarks/throughput.py --shape "${SHAPE:-llama2-7b}" --tokenizer bytes --profile --gen-variants merged,merged+static)
+TAIL=40 step throughput_full "${FULL_LIMIT:-190}" "${TP[@]}" --sections sft --lengths full \
+    --sft-variants "${FULL_VARIANTS:-eager,eager+peft-casts,compile,compile+cudagraphs}" \
     --out "$OUT/throughput_full_cuda.json"
+# the same rows with the authors' adapters (q_proj, v_proj only: peft's default, which their code keeps)
+TAIL=30 step throughput_authors 95 "${TP[@]}" --sections sft --lengths full --lora-targets authors \
+    --sft-variants eager,compile --out "$OUT/throughput_authors_cuda.json"
+# what the eager steps ask of the card, traced op by op with CUDA's own kernels (bandwidth measured there)
+TAIL=40 step anatomy 120 "${TP[@]}" --sections anatomy --lengths full --sft-variants eager,eager+peft-casts \
+    --out "$OUT/anatomy_cuda.json"
 TAIL=40 step throughput "${THROUGHPUT_LIMIT:-160}" "${TP[@]}" --sections "${GEN:+generation,}sft" \
     --sft-variants "${SFT_VARIANTS:-compile,flex,flex+wide,compile+flex+wide}" --out "$OUT/throughput_cuda.json"
 # the speed overlay under ZeRO-2: regional compile in training, merged adapter + compiled static decoding in the sweep
-step zero2_speed_overlay 110 "${TEXT[@]}" --trainer.strategy deepspeed_stage_2 --config configs/speed/bf16_compiled.yaml \
+step zero2_speed_overlay 100 "${TEXT[@]}" --trainer.strategy deepspeed_stage_2 --config configs/speed/bf16_compiled.yaml \
     --trainer.default_root_dir /tmp/gpu_runs/zero2_fast
 TAIL=30 step sd_throughput 80 python3 benchmarks/sd_throughput.py --shape sd15 --out "$OUT/sd_throughput_cuda.json"
 step sd_zero2 75 python3 -m ric.cli fit --config configs/quickstart_sd.yaml --trainer.accelerator gpu \

@@ -92,3 +92,12 @@ def profile_step(fn: Callable[[], Any], device: torch.device | str, steps: int =
         "groups_ms": groups,
         "top": [{"name": name[:120], "ms_per_step": ms, "share": ms / busy} for name, ms in events[:top]],
     }
+
+
+def copy_bandwidth(device: torch.device | str, nbytes: int = 1 << 28, repeats: int = 3) -> float:
+    """Bytes/s that a large device-to-device copy reads plus writes: the memory bandwidth kernels that only
+    stream data can reach."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # warm-up
+    return 2 * nbytes / timed(lambda: dst.copy_(src), repeats, device)

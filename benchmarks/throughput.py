@@ -14,6 +14,12 @@ Everything is measured side by side in one run, against a matmul ceiling measure
   after every section.
 * reward scoring: samples/s in batches vs one pair per call (a random-initialized GPT-2 classifier, the class
   of the paper's reward models: gpt2-large shape with ``--shape llama2-7b``).
+* anatomy (only when ``--sections`` names it): the SFT step of HF + peft and of each eager variant traced op
+  by op (``anatomy.py``): kernels, FLOPs, bytes moved, and the floor they set at a matmul rate and a memory
+  bandwidth (``--tflops`` / ``--gbs``, e.g. a GPU's, or measured in the run). A 7B step traces on a CPU.
+
+``--lora-targets authors`` adapts only the query and value projections, ours and HF's alike: what the authors'
+code trains (its LoraConfig names no modules, so peft uses its Llama default); ``all`` (default) is ours.
 
 Shapes: ``smollm2`` (the offline SmolLM2-135M weights, default on CPU), ``llama2-7b`` (random-initialized
 Llama-2-7B shape in bf16, for a GPU), ``tiny`` (a smoke run in seconds). Random shapes need no network and no
@@ -23,6 +29,8 @@ gguf: the SmolLM2 tokenizer is used when it loads, else a byte-level stand-in (p
         --gen-variants adapter,merged,merged+static --out benchmarks/results/throughput_cpu.json
     PYTHONPATH=.:benchmarks python3 benchmarks/throughput.py --shape llama2-7b --sft-variants eager,liger,compile \
         --gen-variants merged,merged+static --out benchmarks/results/throughput_cuda.json
+    .venv/bin/python benchmarks/throughput.py --shape llama2-7b --tokenizer bytes --dtype bfloat16 --sections anatomy \
+        --lengths full --sft-variants eager,eager+peft-casts --tflops 781 --gbs 3350 --out anatomy.json
 """
 
 from __future__ import annotations
@@ -31,6 +39,8 @@ import argparse
 import gc
 import json
 import platform
+import shlex
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -41,10 +51,11 @@ from typing import Any
 import numpy as np
 import torch
 import transformers
-from measure import matmul_ceiling, profile_step, scoring_speed, synchronize, timed
+from anatomy import extrapolate, summarize, trace_step
+from measure import copy_bandwidth, matmul_ceiling, profile_step, scoring_speed, synchronize, timed
 
 from ric.text.datasets import Quickstart
-from ric.text.models import load_causal_lm, load_tokenizer
+from ric.text.models import load_causal_lm, load_tokenizer, resolve
 from ric.text.policy import LLAMA_PROJECTIONS, TextPolicy, pad
 from ric.text.rewards import HFRewardModel
 
@@ -84,6 +95,9 @@ DEFAULTS = {
     },
 }
 LORA = {"lora_r": 64, "lora_alpha": 128, "lora_dropout": 0.05}
+#: which projections get adapters (``--lora-targets``): ours adapts all of them; the authors' LoraConfig names
+#: none, so peft falls back to its Llama default, the query and value projections
+LORA_TARGETS = {"all": LLAMA_PROJECTIONS, "authors": ("q_proj", "v_proj")}
 TEMPLATE = "{prompt} {rewards}\n\nAssistant:"
 
 
@@ -105,7 +119,10 @@ def byte_tokenizer() -> transformers.PreTrainedTokenizerFast:
 
 
 def tokenizer_for(name: str) -> tuple[transformers.PreTrainedTokenizerBase, str]:
-    """The named tokenizer (``smollm2`` or a folder), or the byte-level stand-in where it cannot load."""
+    """The named tokenizer (``smollm2`` or a folder), or the byte-level stand-in (``bytes``, or where the named
+    one cannot load: then a 7B shape keeps Llama-2's 32,000-token vocabulary)."""
+    if name == "bytes":
+        return byte_tokenizer(), "bytes"
     try:
         return load_tokenizer(name), name
     except (ImportError, OSError, ValueError) as err:
@@ -113,17 +130,26 @@ def tokenizer_for(name: str) -> tuple[transformers.PreTrainedTokenizerBase, str]
         return byte_tokenizer(), "bytes"
 
 
-def random_llama(shape: str, tokenizer: transformers.PreTrainedTokenizerBase, folder: Path) -> str:
-    """Write a random-weight model reference (config.json + tokenizer) for TextPolicy / load_causal_lm."""
-    settings = dict(LLAMA_SHAPES[shape])
-    settings["vocab_size"] = max(settings["vocab_size"], len(tokenizer))  # the model must cover every token id
-    config = transformers.LlamaConfig(
-        **settings,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=shape == "tiny",
-    )
+def random_llama(shape: str, tokenizer: transformers.PreTrainedTokenizerBase, folder: Path,
+                 layers: int | None = None) -> str:  # fmt: skip
+    """Write a random-weight model reference (config.json + tokenizer) for TextPolicy / load_causal_lm;
+    ``smollm2`` takes its shape from the offline model's config. ``layers`` overrides the decoder depth."""
+    if shape == "smollm2":
+        source, gguf = resolve("smollm2")
+        config = transformers.AutoConfig.from_pretrained(source, gguf_file=gguf)
+        config.update({"pad_token_id": tokenizer.pad_token_id, "vocab_size": max(config.vocab_size, len(tokenizer))})
+    else:
+        settings = dict(LLAMA_SHAPES[shape])
+        settings["vocab_size"] = max(settings["vocab_size"], len(tokenizer))  # the model must cover every token id
+        config = transformers.LlamaConfig(
+            **settings,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            tie_word_embeddings=shape == "tiny",
+        )
+    if layers is not None:
+        config.num_hidden_layers = layers
     config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder / "config.json")
@@ -229,7 +255,9 @@ GEN_VARIANTS = {
 }
 
 
-SECTIONS = ("generation", "sft", "scoring")
+SECTIONS = ("generation", "sft", "scoring", "anatomy")
+#: measured unless asked: the anatomy section traces op by op instead of timing
+DEFAULT_SECTIONS = SECTIONS[:3]
 
 
 def variant_list(text: str, known: dict, option: str) -> list[str]:
@@ -251,7 +279,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="auto",
         help="weights and compute: bfloat16 (bf16 base, autocast) or float32; auto = bfloat16 on a GPU",
     )
-    parser.add_argument("--tokenizer", default="smollm2", help="for random shapes: smollm2 or a tokenizer folder")
+    parser.add_argument(
+        "--tokenizer", default="smollm2", help="for random shapes: smollm2, bytes (what GPU runs use) or a folder"
+    )
     parser.add_argument("--matmul-size", type=int, help="n of the n x n matmuls that measure the ceiling")
     parser.add_argument("--steps", type=int, help="timed SFT steps (median reported)")
     parser.add_argument("--warmup", type=int, help="untimed SFT steps first")
@@ -269,6 +299,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="spread",
         help="SFT examples of spread lengths (what packing is for), or all cut to --seq-len (batch x seq tokens)",
     )
+    parser.add_argument(
+        "--lora-targets",
+        choices=list(LORA_TARGETS),
+        default="all",
+        help="adapted projections, ours and HF's: all (our configs) or authors (q_proj, v_proj: their code's)",
+    )
     parser.add_argument("--no-packing", dest="packing", action="store_false", help="our step on padded batches")
     parser.add_argument(
         "--sft-variants",
@@ -282,10 +318,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--profile", action="store_true", help="profile SFT steps: where the time goes (kernels)")
     parser.add_argument(
-        "--sections", default=",".join(SECTIONS), help=f"comma-separated parts to measure: {', '.join(SECTIONS)}"
+        "--sections",
+        default=",".join(DEFAULT_SECTIONS),
+        help=f"comma-separated parts to measure: {', '.join(SECTIONS)} (anatomy: the SFT step's kernels, FLOPs,"
+        " bytes and their floor, traced op by op for HF + peft and our eager variants)",
+    )
+    parser.add_argument("--tflops", type=float, help="anatomy: matmul rate of the floors (default: measured here)")
+    parser.add_argument(
+        "--gbs", type=float, help="anatomy: memory bandwidth (GB/s) of the floors (default: measured here)"
     )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)  # fmt: skip
+    args.command = shlex.join(["benchmarks/throughput.py", *(sys.argv[1:] if argv is None else argv)])
     for key, value in DEFAULTS["cuda" if torch.device(args.device).type == "cuda" else "cpu"].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -305,6 +349,7 @@ def make_policy(args: argparse.Namespace, model_ref: str, dtype: str, device: to
     with device:
         policy = TextPolicy(
             model=model_ref, reward_names=["harmless", "helpful"], template=TEMPLATE, dtype=dtype, **LORA,
+            lora_target_modules=list(LORA_TARGETS[args.lora_targets]),
             max_length=args.seq_len, packing=args.packing, **{"attn_implementation": "sdpa", **switches},
         )  # fmt: skip
     if peft_casts:  # peft's default: every adapter input copied to float32
@@ -392,13 +437,14 @@ def time_generation(policy: Any, prompts: list[str], desired: np.ndarray, settin
         session.__exit__(None, None, None)
 
 
-def hf_peft(model_ref: str, dtype: str, device: torch.device, tokenizer: Any) -> tuple[Any, Any]:
-    """The authors' stack: the HF model with peft's LoRA (the paper's settings) on every projection."""
+def hf_peft(args: argparse.Namespace, model_ref: str, dtype: str, device: torch.device, tokenizer: Any
+            ) -> tuple[Any, Any]:  # fmt: skip
+    """The authors' stack: the HF model with peft's LoRA (the paper's settings) on ``--lora-targets``."""
     from peft import LoraConfig, get_peft_model
 
     with device:
         lm, tok = load_causal_lm(model_ref, dtype=getattr(torch, dtype), tokenizer=tokenizer)
-        lora = LoraConfig(r=64, lora_alpha=128, lora_dropout=0.05, target_modules=list(LLAMA_PROJECTIONS),
+        lora = LoraConfig(r=64, lora_alpha=128, lora_dropout=0.05, target_modules=list(LORA_TARGETS[args.lora_targets]),
                           task_type="CAUSAL_LM")  # fmt: skip
         lm = get_peft_model(lm, lora)
     return lm.to(device), tok
@@ -415,7 +461,7 @@ def padded_batch(args: argparse.Namespace, tokenizer: Any, work: Path) -> dict:
 def measure_hf_sft(args: argparse.Namespace, model_ref: str, dtype: str, device: torch.device, tokenizer: Any,
                    padded: dict) -> dict:  # fmt: skip
     """A plain training step of the HF + peft model on padded rows, AdamW on the LoRA weights."""
-    lm, _ = hf_peft(model_ref, dtype, device, tokenizer)
+    lm, _ = hf_peft(args, model_ref, dtype, device, tokenizer)
     lm.train()
     optimizer = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=1.41e-4)
     measured = measure_sft(lambda b: lm(**b).loss, optimizer, padded, args, device)
@@ -425,7 +471,7 @@ def measure_hf_sft(args: argparse.Namespace, model_ref: str, dtype: str, device:
 def measure_hf_generation(args: argparse.Namespace, model_ref: str, dtype: str, device: torch.device,
                           tokenizer: Any, texts: Sequence[str]) -> dict:  # fmt: skip
     """HF ``generate`` on the same prompts: all of them in one batch, and a few one at a time."""
-    lm, tok = hf_peft(model_ref, dtype, device, tokenizer)
+    lm, tok = hf_peft(args, model_ref, dtype, device, tokenizer)
     lm.eval()
     singles = texts[: args.single_prompts]
     with torch.no_grad():
@@ -476,6 +522,7 @@ def measure_all(args: argparse.Namespace, work: Path, save: Any = lambda result:
         model_ref = random_llama(args.shape, tokenizer, work / "policy")
 
     ceiling = matmul_ceiling(device, getattr(torch, dtype), args.matmul_size, args.repeats)
+    bandwidth = copy_bandwidth(device, repeats=args.repeats)
     cpu_name = f"{platform.machine()}, {torch.get_num_threads()} threads"
     result: dict[str, Any] = {  # fmt: skip
         "device": torch.cuda.get_device_name(device) if gpu else cpu_name,
@@ -485,12 +532,18 @@ def measure_all(args: argparse.Namespace, work: Path, save: Any = lambda result:
         "tokenizer": tokenizer_name,
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "matmul": {"dtype": dtype, "tflops": ceiling / 1e12},
+        "memory": {"copy_gbs": bandwidth / 1e9},
         "partial": True,
     }  # fmt: skip
     if "generation" in args.sections:
         result["generation"] = measure_generation(args, model_ref, dtype, device, tokenizer, save, result)
     if "sft" in args.sections:
         result["sft"] = measure_sft_all(args, model_ref, dtype, device, tokenizer, work, ceiling, save, result)
+    if "anatomy" in args.sections:
+        flops_per_s = args.tflops * 1e12 if args.tflops else ceiling
+        bytes_per_s = args.gbs * 1e9 if args.gbs else bandwidth
+        result["anatomy"] = measure_anatomy(args, dtype, device, tokenizer, work, flops_per_s, bytes_per_s)
+        save(result)
     if "scoring" in args.sections:
         reward_folder = random_reward(args.shape, tokenizer, work / "reward", dtype)
         reward = HFRewardModel("harmless", reward_folder, "pair", dtype=dtype, device=str(device))
@@ -576,6 +629,57 @@ def measure_sft_all(args: argparse.Namespace, model_ref: str, dtype: str, device
     return sft
 
 
+def traceable(name: str) -> bool:
+    """Variants whose eager ops are what runs: compiled and Liger kernels fuse what a trace would count."""
+    return not ({"compile", "liger_kernel"} & set(SFT_VARIANTS[name]))
+
+
+def measure_anatomy(args: argparse.Namespace, dtype: str, device: torch.device, tokenizer: Any, work: Path,
+                    flops_per_s: float, bytes_per_s: float) -> dict:  # fmt: skip
+    """The SFT step of HF + peft and of each eager variant, traced op by op (``anatomy``) with 1 and 2 decoder
+    layers of the shape and extrapolated to its depth: kernels, FLOPs, bytes and floor at the given rates."""
+    full_depth = random_llama(args.shape, tokenizer, work / "anatomy")
+    layers = transformers.AutoConfig.from_pretrained(full_depth).num_hidden_layers
+    refs = {n: random_llama(args.shape, tokenizer, work / f"anatomy{n}", layers=n) for n in (1, 2)}
+    padded = padded_batch(args, tokenizer, work)
+    real_tokens = int(padded["attention_mask"].sum())
+
+    def trace(build: Any, ref: str) -> tuple[dict, int]:
+        torch.manual_seed(0)
+        module, forward, optimizer = build(ref)
+        sft_step(lambda _: forward(), optimizer, {}, device, args.bf16)  # optimizer state, lazy set-up
+        return trace_step(forward, optimizer, args.bf16, flops_per_s, bytes_per_s), sum(
+            p.numel() for p in module.parameters()
+        )
+
+    def hf(ref: str) -> tuple:
+        lm, _ = hf_peft(args, ref, dtype, device, tokenizer)
+        lm.train()
+        batch = {k: v.to(device) for k, v in padded.items()}
+        return lm, lambda: lm(**batch).loss, torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad])
+
+    def ours(name: str, ref: str) -> tuple:
+        policy = make_policy(args, ref, dtype, device, **SFT_VARIANTS[name])
+        examples = sft_examples(policy.tokenizer, args.batch_size, args.seq_len, args.lengths == "full")
+        batch = {k: v.to(device) for k, v in policy.collate(examples).items()}
+        return policy, lambda: policy(**batch), policy.configure_optimizers()["optimizer"]
+
+    def stack(build: Any) -> dict:
+        (one, p1), (two, p2) = trace(build, refs[1]), trace(build, refs[2])
+        parameters = p1 + (layers - 1) * (p2 - p1)
+        summary = summarize(extrapolate(one, two, layers))
+        floor_s = summary["total"]["floor_ms"] / 1e3
+        return {**summary, "parameters": parameters, "floor_tokens_per_s": real_tokens / floor_s,
+                "mfu_at_floor": 4 * parameters * real_tokens / floor_s / flops_per_s}  # fmt: skip
+
+    stacks = {"HF + peft": attempt("anatomy HF + peft", partial(stack, hf), device)}
+    for name in args.sft_variants:
+        if traceable(name):
+            stacks[name] = attempt(f"anatomy {name}", partial(stack, partial(ours, name)), device)
+    return {"layers": layers, "tflops": flops_per_s / 1e12, "gbs": bytes_per_s / 1e9,
+            "rates_given": bool(args.tflops or args.gbs), "real_tokens": real_tokens, "stacks": stacks}  # fmt: skip
+
+
 def print_variants(variants: dict, label: Any, numbers: Any) -> None:
     """One table row per variant: ``label(name)`` then ``numbers(result)``, or the variant's error."""
     for name, v in variants.items():
@@ -586,7 +690,8 @@ def report(r: dict) -> None:
     """The measured sections as a table: ours, HF, HF at batch 1, and the ratio."""
     size = f"{r['parameters'] / 1e6:.0f}M parameters, " if "parameters" in r else ""
     print(f"{r['shape']} ({size}{r['dtype']}) on {r['device']}")
-    print(f"matmul ceiling: {r['matmul']['tflops']:.2f} TFLOP/s ({r['matmul']['dtype']})")
+    print(f"matmul ceiling: {r['matmul']['tflops']:.2f} TFLOP/s ({r['matmul']['dtype']}); memory (copy)"
+          f" {r['memory']['copy_gbs']:.0f} GB/s")  # fmt: skip
     print(f"{'':46}{'ours':>12}{'HF':>12}{'HF batch 1':>12}{'ours/HF':>9}")
     if "sft" in r:
         report_sft(r["sft"])
@@ -601,6 +706,8 @@ def report(r: dict) -> None:
                 f" batch 1; first call {v['first_call_s']:.1f} s)"
             ),
         )
+    if "anatomy" in r:
+        report_anatomy(r["anatomy"])
     if "scoring" in r:
         sc = r["scoring"]
         print(
@@ -629,6 +736,24 @@ def report_sft(s: dict) -> None:
               f" ({groups})")  # fmt: skip
         for top in prof["top"][:6]:
             print(f"      {top['ms_per_step']:7.2f} ms  {top['name'][:90]}")
+
+
+def report_anatomy(a: dict) -> None:
+    source = "given" if a["rates_given"] else "measured here"
+    print(f"SFT step anatomy ({a['layers']} layers, traced op by op; floors at {a['tflops']:.4g} TFLOP/s and"
+          f" {a['gbs']:.4g} GB/s, {source}):")  # fmt: skip
+    for name, st in a["stacks"].items():
+        if "error" in st:
+            print(f"  {name}: failed: {st['error'][:100]}")
+            continue
+        t = st["total"]
+        syncs = t["syncs"]["forward"] + t["syncs"]["backward"]
+        print(f"  {name}: {t['kernels']:.0f} kernels, {syncs} device syncs, {t['gflop'] / 1e3:.1f} TFLOP,"
+              f" {t['gb']:.1f} GB moved; floor {t['floor_ms']:.1f} ms = {st['floor_tokens_per_s']:.0f} tokens/s,"
+              f" MFU {100 * st['mfu_at_floor']:.1f}% at most")  # fmt: skip
+        for group, g in st["groups"].items():
+            print(f"      {group:20}{g['kernels']:8.0f} kernels {g['gflop']:10.1f} GFLOP {g['gb']:8.2f} GB"
+                  f" {g['floor_ms']:8.2f} ms")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ def test_tiny_throughput_without_gpu_machine_missing_packages(tmp_path):
     assert set(result) >= {"matmul", "sft", "generation", "scoring"}
     sft, gen, scoring = result["sft"], result["generation"], result["scoring"]
     assert sft["padded_tokens"] > sft["real_tokens"] > 0
-    for section in (result["matmul"], sft["ours"], sft["hf_peft"], gen, scoring):
+    for section in (result["matmul"], result["memory"], sft["ours"], sft["hf_peft"], gen, scoring):
         numbers = positive_numbers(section)
         assert numbers and all(x > 0 for x in numbers), section
     assert {"tokens_per_s", "mfu"} <= set(sft["ours"]) and "hf_batch1_tokens_per_s" in gen

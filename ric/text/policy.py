@@ -32,7 +32,8 @@ class TextPolicy(ConditionalPolicy):
         template: the task prompt with ``{prompt}`` and ``{rewards}`` slots.
         conditioned: ``False`` trains plain SFT on the same data without reward markers (a baseline).
         lora_r, lora_alpha, lora_dropout, lora_target_modules: LoRA settings (paper: 64 / 128 / 0.05);
-            ``lora_r: 0`` fine-tunes every weight instead.
+            ``lora_r: 0`` fine-tunes every weight instead. Adapters go on every projection by default; the
+            authors' code names no modules, so peft adapts ``[q_proj, v_proj]`` there (set that to match).
         lora_layers: only these decoder layers get adapters (cheap CPU runs); ``None`` = all.
         quantization: ``"8bit"`` / ``"4bit"`` base weights through bitsandbytes (CUDA only).
         learning_rate, weight_decay, lr_scheduler, warmup_steps: optimizer (AdamW) and a transformers
