@@ -60,13 +60,13 @@ step zero2_lora_bf16 75 "${TEXT[@]}" --trainer.strategy deepspeed_stage_2 --trai
 # JSON is rewritten after each variant, so a cut run still leaves what it measured.
 TP=(python3 benchmarks/throughput.py --shape "${SHAPE:-llama2-7b}" --tokenizer bytes --profile --gen-variants merged,merged+static)
 TAIL=40 step throughput_full "${FULL_LIMIT:-190}" "${TP[@]}" --sections sft --lengths full \
-    --sft-variants "${FULL_VARIANTS:-eager,eager+peft-casts,compile,compile+cudagraphs}" \
+    --sft-variants "${FULL_VARIANTS:-eager,eager+peft-forward,compile,compile+cudagraphs}" \
     --out "$OUT/throughput_full_cuda.json"
 # the same rows with the authors' adapters (q_proj, v_proj only: peft's default, which their code keeps)
 TAIL=30 step throughput_authors 95 "${TP[@]}" --sections sft --lengths full --lora-targets authors \
     --sft-variants eager,compile --out "$OUT/throughput_authors_cuda.json"
 # what the eager steps ask of the card, traced op by op with CUDA's own kernels (bandwidth measured there)
-TAIL=40 step anatomy 120 "${TP[@]}" --sections anatomy --lengths full --sft-variants eager,eager+peft-casts \
+TAIL=40 step anatomy 120 "${TP[@]}" --sections anatomy --lengths full --sft-variants eager,eager+peft-forward \
     --out "$OUT/anatomy_cuda.json"
 TAIL=40 step throughput "${THROUGHPUT_LIMIT:-160}" "${TP[@]}" --sections "${GEN:+generation,}sft" \
     --sft-variants "${SFT_VARIANTS:-compile,flex,flex+wide,compile+flex+wide}" --out "$OUT/throughput_cuda.json"

@@ -30,7 +30,7 @@ gguf: the SmolLM2 tokenizer is used when it loads, else a byte-level stand-in (p
     PYTHONPATH=.:benchmarks python3 benchmarks/throughput.py --shape llama2-7b --sft-variants eager,liger,compile \
         --gen-variants merged,merged+static --out benchmarks/results/throughput_cuda.json
     .venv/bin/python benchmarks/throughput.py --shape llama2-7b --tokenizer bytes --dtype bfloat16 --sections anatomy \
-        --lengths full --sft-variants eager,eager+peft-casts --tflops 781 --gbs 3350 --out anatomy.json
+        --lengths full --sft-variants eager,eager+peft-forward --tflops 781 --gbs 3350 --out anatomy.json
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ import transformers
 from anatomy import extrapolate, summarize, trace_step
 from measure import copy_bandwidth, matmul_ceiling, profile_step, scoring_speed, synchronize, timed
 
+from ric.text.adapters import unfuse_adapters
 from ric.text.datasets import Quickstart
 from ric.text.models import load_causal_lm, load_tokenizer, resolve
 from ric.text.policy import LLAMA_PROJECTIONS, TextPolicy, pad
@@ -229,16 +230,17 @@ def free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-#: benchmark-only switch: keep peft's float32 round trip of adapter inputs, to measure what skipping it saves
-PEFT_CASTS = "peft_casts"
+#: benchmark-only switch: peft's own adapter forward (float32 input copies, separate scaling and sum), to
+#: measure what ours saves
+PEFT_FORWARD = "peft_forward"
 #: packing width that holds a whole batch of the benchmark in one row
 WIDE = 1 << 16
 #: our SFT step's switch sets (``--sft-variants``) and generation set-ups (``--gen-variants``)
 SFT_VARIANTS = {
     "eager": {},
-    "eager+peft-casts": {PEFT_CASTS: True},  # peft's float32 copies of adapter inputs kept (what we skip)
+    "eager+peft-forward": {PEFT_FORWARD: True},  # peft's adapter forward (what ric.text.adapters replaces)
     "compile": {"compile": True},
-    "compile+peft-casts": {"compile": True, PEFT_CASTS: True},
+    "compile+peft-forward": {"compile": True, PEFT_FORWARD: True},
     "flex": {"attn_implementation": "flex_attention"},  # block masks for packed rows instead of dense ones
     "wide": {"packing_width": WIDE},  # one row with a dense block-causal mask: quadratic attention
     "flex+wide": {"attn_implementation": "flex_attention", "packing_width": WIDE},  # the batch in one row
@@ -345,16 +347,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def make_policy(args: argparse.Namespace, model_ref: str, dtype: str, device: torch.device, **switches: Any) -> Any:
-    peft_casts = switches.pop(PEFT_CASTS, False)
+    peft_forward = switches.pop(PEFT_FORWARD, False)
     with device:
         policy = TextPolicy(
             model=model_ref, reward_names=["harmless", "helpful"], template=TEMPLATE, dtype=dtype, **LORA,
             lora_target_modules=list(LORA_TARGETS[args.lora_targets]),
             max_length=args.seq_len, packing=args.packing, **{"attn_implementation": "sdpa", **switches},
         )  # fmt: skip
-    if peft_casts:  # peft's default: every adapter input copied to float32
-        for handle in policy._adapter_casts:
-            handle.remove()
+    if peft_forward:
+        unfuse_adapters(policy._fused_adapters)
     return policy.to(device)
 
 

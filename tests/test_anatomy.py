@@ -80,15 +80,15 @@ def test_throughput_anatomy_section(tmp_path, monkeypatch):
     stacks = {}
     for targets in ("all", "authors"):
         out = tmp_path / f"{targets}.json"
-        args = [*TINY, "--sft-variants", "eager,eager+peft-casts,compile", "--lora-targets", targets]
+        args = [*TINY, "--sft-variants", "eager,eager+peft-forward,compile", "--lora-targets", targets]
         throughput.main([*args, "--out", str(out)])
         result = json.loads(out.read_text())
         assert set(result) >= {"anatomy", "matmul"} and "sft" not in result and result["partial"] is False
         a = result["anatomy"]
         assert a["layers"] == 2 and a["rates_given"] and a["tflops"] == 10 and a["gbs"] == 100
         stacks[targets] = a["stacks"]
-    assert set(stacks["all"]) == {"HF + peft", "eager", "eager+peft-casts"}
-    eager, casts = stacks["all"]["eager"], stacks["all"]["eager+peft-casts"]
+    assert set(stacks["all"]) == {"HF + peft", "eager", "eager+peft-forward"}
+    eager, casts = stacks["all"]["eager"], stacks["all"]["eager+peft-forward"]
     assert casts["total"]["gflop"] == pytest.approx(eager["total"]["gflop"])
     assert casts["total"]["gb"] > eager["total"]["gb"] and casts["total"]["kernels"] > eager["total"]["kernels"]
     for name, st in stacks["all"].items():

@@ -1,3 +1,4 @@
+import copy
 import importlib.util
 
 import numpy as np
@@ -5,6 +6,7 @@ import pytest
 import torch
 from conftest import TINY_TEMPLATE as TEMPLATE
 
+from ric.text.adapters import FusedLoraLinear, unfuse_adapters
 from ric.text.policy import TextPolicy, num_examples, pack
 from ric.text.vllm_backend import sampling_params
 
@@ -19,8 +21,9 @@ EXAMPLES = [  # the two short examples fit together in the long one's length
 def make_policy(path, **kwargs):
     """The tiny Llama with weights scaled up, so greedy outputs and losses depend on every position."""
     torch.manual_seed(0)
+    kwargs = {"lora_dropout": 0.0, **kwargs}
     policy = TextPolicy(model=path, reward_names=["verbosity", "sentiment"], template=TEMPLATE, lora_r=4, lora_alpha=8,
-                        lora_dropout=0.0, **kwargs)  # fmt: skip
+                        **kwargs)  # fmt: skip
     with torch.no_grad():
         for p in policy.parameters():
             p.normal_(0.0, 0.3)
@@ -101,34 +104,54 @@ class Float32Copies(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def test_adapter_inputs_skip_the_float32_round_trip_under_autocast(tiny_llama):
-    """bf16 base + float32 adapter: under autocast the adapter's inputs are not copied to float32 (peft's
-    default), with the same loss; without autocast the copies are back, since the matmuls need them, also
-    for direct calls of the model after a step under autocast."""
-    policy = make_policy(tiny_llama, dtype="bfloat16").eval()
-    layers = [m for m in policy.lm.modules() if hasattr(m, "cast_input_dtype_enabled")]
+def run_step(policy, batch, autocast):
+    """Loss, adapter gradients and float32 activation copies of one seeded step (same dropout masks)."""
+    policy.zero_grad()
+    torch.manual_seed(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), Float32Copies() as counter:
+        loss = policy(**batch)
+    copies = counter.count
+    loss.backward()
+    grads = [p.grad.float() for n, p in policy.named_parameters() if "lora_" in n]
+    return loss.detach().float(), grads, copies
+
+
+def test_fused_adapters_match_peft_under_autocast(tiny_llama):
+    """bf16 base, float32 adapters with dropout: under autocast our adapter layers skip peft's float32 input
+    copies (one per adapted layer) and add their scaled product inside the matmul; loss and gradients match
+    peft's forward to bf16 rounding (same dropout masks). Without autocast peft's forward runs, bit for bit."""
+    policy = make_policy(tiny_llama, dtype="bfloat16", lora_dropout=0.1)
+    layers = policy._fused_adapters
+    assert len(layers) == 2 * 7 and all(type(layer) is FusedLoraLinear for layer in layers)
     assert {p.dtype for n, p in policy.named_parameters() if "lora_" in n} == {torch.float32}
     batch = policy.collate(EXAMPLES)
-    losses, copies = [], []
-    for peft_casts in (False, True):
-        if peft_casts:  # peft's own behaviour, as the throughput benchmark's *+peft-casts variants measure it
-            for handle in policy._adapter_casts:
-                handle.remove()
-            for layer in layers:
-                layer.cast_input_dtype_enabled = True
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), Float32Copies() as counter:
-            losses.append(policy(**batch))
-        copies.append(counter.count)
-        if not peft_casts:
-            assert not any(layer.cast_input_dtype_enabled for layer in layers)
-            with torch.no_grad():  # no autocast: a bf16 input meets float32 adapter weights, so it must be cast
-                assert torch.isfinite(policy.lm(**batch).loss)
-            assert all(layer.cast_input_dtype_enabled for layer in layers)
-    assert losses[0] == losses[1]
-    assert len(layers) == 2 * 7 and copies[1] - copies[0] == len(layers)
+    fused = {autocast: run_step(policy, batch, autocast) for autocast in (True, False)}
+    unfuse_adapters(layers)
+    peft = {autocast: run_step(policy, batch, autocast) for autocast in (True, False)}
+    torch.testing.assert_close(fused[True][0], peft[True][0], rtol=2e-2, atol=2e-2)
+    for ours, theirs in zip(fused[True][1], peft[True][1]):
+        torch.testing.assert_close(ours, theirs, rtol=0.1, atol=0.1 * theirs.abs().max().item())
+    assert peft[True][2] - fused[True][2] == len(layers)
+    assert fused[False][0] == peft[False][0] and all(torch.equal(a, b) for a, b in zip(fused[False][1], peft[False][1]))
 
 
-def test_adapter_cast_setting_holds_through_checkpointed_recomputation(tiny_llama):
+def test_fused_adapters_fall_back_to_peft_where_they_do_not_apply(tiny_llama):
+    """Disabled adapters (merged generation switches them off) and a direct call without autocast right
+    after a step under autocast take peft's forward; the layers stay fused and peft's merge still works."""
+    policy = make_policy(tiny_llama, dtype="bfloat16").eval()
+    batch = policy.collate(EXAMPLES)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        on = policy(**batch)
+        with policy.lm.disable_adapter():
+            off = policy(**batch)
+    with torch.no_grad():  # no autocast: a bf16 input meets float32 adapter weights through peft's casts
+        assert torch.isfinite(policy.lm(**batch).loss)
+    assert on != off
+    merged = copy.deepcopy(policy.lm).merge_and_unload()
+    assert not any(isinstance(m, FusedLoraLinear) for m in merged.modules())
+
+
+def test_adapter_path_holds_through_checkpointed_recomputation(tiny_llama):
     """Non-reentrant checkpointing recomputes each block in backward, where autocast is restored: the
     adapter layers decide again and match what the forward did, even after a call without autocast."""
     policy = make_policy(tiny_llama, dtype="bfloat16", gradient_checkpointing=True)

