@@ -4,11 +4,13 @@ given matmul rate and memory bandwidth.
 
 A profile says where a step's time went on one card; this says what the step's eager code makes any card
 do, so it explains a profile (or stands in for one where no GPU is at hand). Each op that moves data counts
-as one kernel; its floor is ``max(FLOPs / matmul rate, bytes / bandwidth)`` (a roofline), its bytes the
-tensors it reads plus those it writes. That is a lower bound: caches can only help the big tensors a
-little, and launch gaps, waits on the host and kernels below their roofline come on top. Views and
-allocations launch nothing and are not counted; ``.item()`` calls are counted apart per phase (in forward
-and backward each is a device sync; the optimizer's read step counters kept on the host).
+as one kernel (a multi-tensor optimizer op too, which CUDA may split into a few launches); its floor is
+``max(FLOPs / matmul rate, bytes / bandwidth)`` (a roofline), its bytes the tensors it reads plus those it
+writes. That is a lower bound: caches can only help the big tensors a little, and launch gaps, waits on
+the host and kernels below their roofline come on top. Views and allocations launch nothing and are not
+counted. Ops whose result the host must wait for (``.item()``, ``nonzero``) are counted apart per phase: in
+forward and backward each is a device sync; in the optimizer they read step counters kept on the host.
+Attention FLOPs count the whole score matrix, as torch's flop counter does, causal or not.
 
 Traced on a CPU, the step runs the CPU's kernels; where CUDA fuses differently the trace follows CUDA:
 dropout is one kernel writing the output and a mask (``native_dropout``, CUDA's path; the CPU's takes
@@ -30,12 +32,16 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
 aten = torch.ops.aten
-MATMULS = {aten.mm, aten.addmm, aten.bmm, aten.baddbmm, aten._scaled_mm}
-#: the CPU's sdpa kernels count FLOPs as the CUDA flash kernels do (same leading arguments)
-CPU_ATTENTION = {
+MATMULS = {aten.mm, aten.addmm, aten.addmm_, aten.bmm, aten.baddbmm, aten._scaled_mm}
+#: ops counted with another op's FLOP formula (same leading arguments): the CPU's sdpa kernels as CUDA's
+#: flash kernels, in-place addmm as addmm
+FLOPS_AS = {
     aten._scaled_dot_product_flash_attention_for_cpu: aten._scaled_dot_product_flash_attention,
     aten._scaled_dot_product_flash_attention_for_cpu_backward: aten._scaled_dot_product_flash_attention_backward,
+    aten.addmm_: aten.addmm,
 }
+#: ops whose result's size or value the host waits for
+SYNCING = {aten._local_scalar_dense, aten.nonzero, aten.masked_select}
 #: ops that only allocate or re-describe memory: no kernel
 NO_KERNEL = {aten.empty, aten.empty_like, aten.empty_strided, aten.new_empty, aten.new_empty_strided,
              aten._unsafe_view, aten.lift_fresh, aten.detach, aten.alias, aten.set_, aten.resize_,
@@ -43,6 +49,8 @@ NO_KERNEL = {aten.empty, aten.empty_like, aten.empty_strided, aten.new_empty, at
 #: in-place ops that overwrite their first argument without reading it
 WRITE_ONLY = {aten.copy_, aten.fill_, aten.zero_, aten.bernoulli_, aten.uniform_, aten.normal_, aten.random_,
               aten.exponential_}  # fmt: skip
+#: ops that make a tensor from sizes and values, reading none (``*_like`` and ``new_*`` take shapes only)
+FACTORIES = {aten.full, aten.zeros, aten.ones, aten.scalar_tensor, aten.arange}
 PHASES = ("forward", "backward", "optimizer")
 NUMBERS = ("kernels", "flops", "bytes", "floor_ms")
 KINDS = ("matmul", "attention", "other")
@@ -61,12 +69,24 @@ def kind_and_name(op: Any, args: tuple) -> tuple[str, str]:
 
 
 def tensor_bytes(tensors: Iterable[Any]) -> int:
-    """Bytes of the distinct tensors among ``tensors`` (the same tensor passed twice is read once)."""
+    """Bytes of the distinct tensors among ``tensors`` (the same tensor passed twice is read once; a
+    broadcast view is read as the memory behind it)."""
     seen = {}
     for t in tensors:
         if isinstance(t, torch.Tensor):
-            seen[(t.data_ptr(), t.numel(), t.dtype)] = t.numel() * t.element_size()
+            size = min(t.numel() * t.element_size(), t.untyped_storage().nbytes())
+            seen[(t.data_ptr(), t.numel(), t.dtype)] = size
     return sum(seen.values())
+
+
+def written(func: Any, args: tuple, kwargs: dict) -> list:
+    """The arguments an op writes into (in-place and ``out=`` ops; multi-tensor updates return nothing)."""
+    found = []
+    for i, spec in enumerate(func._schema.arguments):
+        if spec.alias_info is not None and spec.alias_info.is_write:
+            value = args[i] if i < len(args) else kwargs.get(spec.name)
+            found.extend(tree_flatten(value)[0])
+    return found
 
 
 class StepTrace(TorchDispatchMode):
@@ -85,16 +105,18 @@ class StepTrace(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         op = func.overloadpacket
-        if op is aten._local_scalar_dense:
+        if op in SYNCING:
             self.syncs[self.phase] += 1
-            return out
+            if op is aten._local_scalar_dense:
+                return out
         if func.is_view or op in NO_KERNEL:
             return out
-        inputs, _ = tree_flatten((args[1:] if op in WRITE_ONLY else args, kwargs))
-        if op.__name__.endswith("_like") or op in (aten.full, aten.zeros, aten.ones, aten.scalar_tensor):
-            inputs = []  # factories read no tensor (``*_like`` only takes the shape)
-        outputs, _ = tree_flatten(out)
-        formula = flop_registry.get(CPU_ATTENTION.get(op, op))
+        read_kwargs = {k: v for k, v in kwargs.items() if k != "out"}
+        inputs, _ = tree_flatten((args[1:] if op in WRITE_ONLY else args, read_kwargs))
+        if op in FACTORIES or op.__name__.endswith("_like") or op.__name__.startswith("new_"):
+            inputs = []
+        outputs = tree_flatten(out)[0] + written(func, args, kwargs)
+        formula = flop_registry.get(FLOPS_AS.get(op, op))
         flops = formula(*args, **kwargs, out_val=out) if formula else 0
         moved = tensor_bytes(inputs) + tensor_bytes(outputs)
         kind, name = kind_and_name(op, args)
@@ -115,19 +137,25 @@ def trace_step(forward: Callable[[], torch.Tensor], optimizer: torch.optim.Optim
                flops_per_s: float, bytes_per_s: float) -> dict:  # fmt: skip
     """One training step traced: ``forward()`` returns the loss (run under bf16 autocast if ``autocast``),
     then backward, the optimizer step and zeroing the gradients. Returns the table as plain rows, with
-    floors at the given matmul rate and bandwidth. The optimizer is switched to multi-tensor kernels."""
+    floors at the given matmul rate and bandwidth. The optimizer runs multi-tensor kernels for the step
+    (unless it is fused already), as by default on CUDA."""
     device = next(p.device for group in optimizer.param_groups for p in group["params"])
+    saved = [group.get("foreach") for group in optimizer.param_groups]
     for group in optimizer.param_groups:
-        group["foreach"] = True
+        group["foreach"] = group["foreach"] if group.get("fused") else True
     trace = StepTrace(flops_per_s, bytes_per_s)
-    with trace, mock.patch.object(torch.nn.functional, "dropout", fused_dropout):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            loss = forward()
-        trace.phase = "backward"
-        loss.backward()
-        trace.phase = "optimizer"
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    try:
+        with trace, mock.patch.object(torch.nn.functional, "dropout", fused_dropout):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                loss = forward()
+            trace.phase = "backward"
+            loss.backward()
+            trace.phase = "optimizer"
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    finally:
+        for group, foreach in zip(optimizer.param_groups, saved):
+            group["foreach"] = foreach
     rows = [{"phase": p, "kind": k, "op": name, **numbers} for (p, k, name), numbers in trace.table.items()]
     return {"rows": rows, "syncs": trace.syncs}
 

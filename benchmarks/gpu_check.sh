@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One prepared GPU session (about 9 minutes on one H100; run it with timeout_s 590): by default the SFT
-# throughput of the text stack on the Llama-2-7B shape with a kernel profile of each variant (adapters on every
-# projection, then on the authors' q / v only), then the speed overlay under ZeRO-2 through the CLI. Other steps (8-bit + LoRA under DDP / ZeRO-2, SD v1.5-shape images/s, ZeRO-2 with LoRA + bf16,
-# the tiny SD under ZeRO-2) run when ONLY names them.
+# throughput of the text stack on the Llama-2-7B shape with a kernel profile of each variant (adapters on
+# every projection, then on the authors' q / v only), then the speed overlay under ZeRO-2 through the CLI.
+# Other steps (the SFT step's anatomy with CUDA's kernels, 8-bit + LoRA under DDP / ZeRO-2, SD v1.5-shape
+# images/s, ZeRO-2 with LoRA + bf16, the tiny SD under ZeRO-2) run when ONLY names them.
 # Results land in $OUT (or runs/gpu_check).
 #
 # The GPU image lacks some of our dependencies: carry them as wheels in .whl/, and a random-weight Llama
@@ -59,7 +60,7 @@ step zero2_lora_bf16 75 "${TEXT[@]}" --trainer.strategy deepspeed_stage_2 --trai
 # attention are for). The generation targets were met on an earlier GPU (GEN=1 measures them again). The
 # JSON is rewritten after each variant, so a cut run still leaves what it measured.
 TP=(python3 benchmarks/throughput.py --shape "${SHAPE:-llama2-7b}" --tokenizer bytes --profile --gen-variants merged,merged+static)
-TAIL=40 step throughput_full "${FULL_LIMIT:-190}" "${TP[@]}" --sections sft --lengths full \
+TAIL=40 step throughput_full "${FULL_LIMIT:-180}" "${TP[@]}" --sections sft --lengths full \
     --sft-variants "${FULL_VARIANTS:-eager,eager+peft-forward,compile,compile+cudagraphs}" \
     --out "$OUT/throughput_full_cuda.json"
 # the same rows with the authors' adapters (q_proj, v_proj only: peft's default, which their code keeps)
@@ -68,7 +69,7 @@ TAIL=30 step throughput_authors 95 "${TP[@]}" --sections sft --lengths full --lo
 # what the eager steps ask of the card, traced op by op with CUDA's own kernels (bandwidth measured there)
 TAIL=40 step anatomy 120 "${TP[@]}" --sections anatomy --lengths full --sft-variants eager,eager+peft-forward \
     --out "$OUT/anatomy_cuda.json"
-TAIL=40 step throughput "${THROUGHPUT_LIMIT:-160}" "${TP[@]}" --sections "${GEN:+generation,}sft" \
+TAIL=40 step throughput "${THROUGHPUT_LIMIT:-150}" "${TP[@]}" --sections "${GEN:+generation,}sft" \
     --sft-variants "${SFT_VARIANTS:-compile,flex,flex+wide,compile+flex+wide}" --out "$OUT/throughput_cuda.json"
 # the speed overlay under ZeRO-2: regional compile in training, merged adapter + compiled static decoding in the sweep
 step zero2_speed_overlay 100 "${TEXT[@]}" --trainer.strategy deepspeed_stage_2 --config configs/speed/bf16_compiled.yaml \

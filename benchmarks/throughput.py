@@ -54,7 +54,7 @@ import transformers
 from anatomy import extrapolate, summarize, trace_step
 from measure import copy_bandwidth, matmul_ceiling, profile_step, scoring_speed, synchronize, timed
 
-from ric.text.adapters import unfuse_adapters
+from ric.adapters import unfuse_adapters
 from ric.text.datasets import Quickstart
 from ric.text.models import load_causal_lm, load_tokenizer, resolve
 from ric.text.policy import LLAMA_PROJECTIONS, TextPolicy, pad
@@ -131,24 +131,25 @@ def tokenizer_for(name: str) -> tuple[transformers.PreTrainedTokenizerBase, str]
         return byte_tokenizer(), "bytes"
 
 
-def random_llama(shape: str, tokenizer: transformers.PreTrainedTokenizerBase, folder: Path,
-                 layers: int | None = None) -> str:  # fmt: skip
-    """Write a random-weight model reference (config.json + tokenizer) for TextPolicy / load_causal_lm;
-    ``smollm2`` takes its shape from the offline model's config. ``layers`` overrides the decoder depth."""
+def llama_config(shape: str, tokenizer: transformers.PreTrainedTokenizerBase) -> transformers.PretrainedConfig:
+    """The shape's model config with the tokenizer's special ids; ``smollm2`` takes the offline model's."""
+    ids = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
+           "eos_token_id": tokenizer.eos_token_id}  # fmt: skip
     if shape == "smollm2":
         source, gguf = resolve("smollm2")
         config = transformers.AutoConfig.from_pretrained(source, gguf_file=gguf)
-        config.update({"pad_token_id": tokenizer.pad_token_id, "vocab_size": max(config.vocab_size, len(tokenizer))})
-    else:
-        settings = dict(LLAMA_SHAPES[shape])
-        settings["vocab_size"] = max(settings["vocab_size"], len(tokenizer))  # the model must cover every token id
-        config = transformers.LlamaConfig(
-            **settings,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            tie_word_embeddings=shape == "tiny",
-        )
+        config.update({**ids, "vocab_size": max(config.vocab_size, len(tokenizer))})
+        return config
+    settings = dict(LLAMA_SHAPES[shape])
+    settings["vocab_size"] = max(settings["vocab_size"], len(tokenizer))  # the model must cover every token id
+    return transformers.LlamaConfig(**settings, **ids, tie_word_embeddings=shape == "tiny")
+
+
+def random_llama(shape: str, tokenizer: transformers.PreTrainedTokenizerBase, folder: Path,
+                 layers: int | None = None) -> str:  # fmt: skip
+    """Write a random-weight model reference (config.json + tokenizer) for TextPolicy / load_causal_lm;
+    ``layers`` overrides the decoder depth."""
+    config = llama_config(shape, tokenizer)
     if layers is not None:
         config.num_hidden_layers = layers
     config.save_pretrained(folder)
@@ -238,7 +239,7 @@ WIDE = 1 << 16
 #: our SFT step's switch sets (``--sft-variants``) and generation set-ups (``--gen-variants``)
 SFT_VARIANTS = {
     "eager": {},
-    "eager+peft-forward": {PEFT_FORWARD: True},  # peft's adapter forward (what ric.text.adapters replaces)
+    "eager+peft-forward": {PEFT_FORWARD: True},  # peft's adapter forward (what ric.adapters replaces)
     "compile": {"compile": True},
     "compile+peft-forward": {"compile": True, PEFT_FORWARD: True},
     "flex": {"attn_implementation": "flex_attention"},  # block masks for packed rows instead of dense ones
@@ -631,16 +632,17 @@ def measure_sft_all(args: argparse.Namespace, model_ref: str, dtype: str, device
 
 
 def traceable(name: str) -> bool:
-    """Variants whose eager ops are what runs: compiled and Liger kernels fuse what a trace would count."""
-    return not ({"compile", "liger_kernel"} & set(SFT_VARIANTS[name]))
+    """Variants whose eager ops are what runs: compiled code (ours, transformers' flex attention) and Liger's
+    kernels fuse what a trace would count."""
+    switches = SFT_VARIANTS[name]
+    return not ({"compile", "liger_kernel"} & set(switches)) and switches.get("attn_implementation") != "flex_attention"
 
 
 def measure_anatomy(args: argparse.Namespace, dtype: str, device: torch.device, tokenizer: Any, work: Path,
                     flops_per_s: float, bytes_per_s: float) -> dict:  # fmt: skip
     """The SFT step of HF + peft and of each eager variant, traced op by op (``anatomy``) with 1 and 2 decoder
     layers of the shape and extrapolated to its depth: kernels, FLOPs, bytes and floor at the given rates."""
-    full_depth = random_llama(args.shape, tokenizer, work / "anatomy")
-    layers = transformers.AutoConfig.from_pretrained(full_depth).num_hidden_layers
+    layers = llama_config(args.shape, tokenizer).num_hidden_layers
     refs = {n: random_llama(args.shape, tokenizer, work / f"anatomy{n}", layers=n) for n in (1, 2)}
     padded = padded_batch(args, tokenizer, work)
     real_tokens = int(padded["attention_mask"].sum())
@@ -740,6 +742,7 @@ def report_sft(s: dict) -> None:
 
 
 def report_anatomy(a: dict) -> None:
+    """Per traced stack: totals, the floor's tokens/s and MFU, and each phase and kind's share."""
     source = "given" if a["rates_given"] else "measured here"
     print(f"SFT step anatomy ({a['layers']} layers, traced op by op; floors at {a['tflops']:.4g} TFLOP/s and"
           f" {a['gbs']:.4g} GB/s, {source}):")  # fmt: skip

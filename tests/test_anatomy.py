@@ -71,6 +71,21 @@ def test_counts_flops_bytes_and_syncs_per_op(anatomy):
     assert trace.syncs == {"forward": 1, "backward": 0, "optimizer": 0}
 
 
+def test_writes_of_in_place_and_out_ops_count(anatomy):
+    """Multi-tensor updates return nothing and ``out=`` ops write an argument: their writes still count."""
+    a, b, c, d, e = (torch.ones(1000) for _ in range(5))  # 4,000 bytes each
+    trace = anatomy.StepTrace(flops_per_s=1e9, bytes_per_s=1e9)
+    with trace:
+        torch._foreach_add_([a, b], [c, d])  # reads a, b, c, d; writes a, b
+        torch.add(a, c, out=e)  # reads a, c; writes e
+        base, low, up = torch.zeros(8, 300), torch.ones(8, 4), torch.ones(4, 300)
+        base.addmm_(low, up, alpha=0.5)  # a matmul, in place
+    rows = {name: numbers for (_, _, name), numbers in trace.table.items()}
+    assert rows["_foreach_add_"]["bytes"] == 6 * 4000 and rows["add"]["bytes"] == 3 * 4000
+    assert rows["addmm_ (thin)"]["flops"] == 2 * 8 * 4 * 300 and torch.allclose(base, torch.full((8, 300), 2.0))
+    assert ("forward", "matmul", "addmm_ (thin)") in trace.table
+
+
 def test_throughput_anatomy_section(tmp_path, monkeypatch):
     """The section traces HF + peft and our eager variants (compiled ones are left out); keeping peft's float32
     copies of adapter inputs moves more bytes for the same FLOPs, and adapting q / v only does less work."""

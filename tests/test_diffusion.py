@@ -1,3 +1,5 @@
+import collections
+import contextlib
 import io
 import json
 import logging
@@ -252,6 +254,53 @@ def test_lora_unet_trains_only_adapters_and_exports_a_pipeline(tmp_path):
     reloaded = load_pretrained(str(folder))
     with torch.no_grad():
         torch.testing.assert_close(reloaded.unet(x, t, h).sample, expected, rtol=1e-4, atol=1e-5)
+
+
+@contextlib.contextmanager
+def counting():
+    """Counts the ops dispatched inside the block, by overload."""
+    ops = collections.Counter()
+
+    class Count(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops[func] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        yield ops
+
+
+def test_unet_adapters_add_their_product_inside_the_matmul(tmp_path):
+    """The UNet's LoRA layers are fused like the text policy's: the same loss and adapter gradients as
+    peft's forward, in float32 and under bf16 autocast (to rounding), with the same noise."""
+    from ric.adapters import FusedLoraLinear, unfuse_adapters
+    from ric.diffusion.policy import DiffusionPolicy
+
+    policy = DiffusionPolicy(model="tiny", tiny_config=TINY, resolution=16, lora_r=4, reward_names=["a", "b"])
+    assert policy._fused_adapters and all(type(m) is FusedLoraLinear for m in policy._fused_adapters)
+    with torch.no_grad():  # a non-zero adapter, so its product matters
+        for name, p in policy.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05)
+    batch = policy.collate([{"prompt": "a red circle <R1> 0.1 <R2> 0.2", "response": _noise(20)}] * 2)
+
+    def step(autocast):
+        policy.zero_grad()
+        torch.manual_seed(3)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), counting() as ops:
+            loss = policy.loss(batch, dropout=0.0)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in policy.trained_parameters()], ops
+
+    fused = {autocast: step(autocast) for autocast in (False, True)}
+    assert all(ops[torch.ops.aten.addmm_.default] == len(policy._fused_adapters) for *_, ops in fused.values())
+    unfuse_adapters(policy._fused_adapters)
+    for autocast, tol in ((False, 1e-5), (True, 0.1)):  # bf16: three roundings of the product vs one
+        loss, grads, ops = step(autocast)
+        assert ops[torch.ops.aten.addmm_.default] == 0
+        torch.testing.assert_close(fused[autocast][0], loss, rtol=tol / 5, atol=tol / 5)
+        for ours, theirs in zip(fused[autocast][1], grads):
+            torch.testing.assert_close(ours, theirs, rtol=tol, atol=tol * theirs.abs().max().item())
 
 
 def test_killed_image_round_resumes_with_every_picture_once(tmp_path):

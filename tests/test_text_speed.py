@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import TINY_TEMPLATE as TEMPLATE
 
-from ric.text.adapters import FusedLoraLinear, unfuse_adapters
+from ric.adapters import FusedLoraLinear, unfuse_adapters
 from ric.text.policy import TextPolicy, num_examples, pack
 from ric.text.vllm_backend import sampling_params
 
@@ -90,36 +90,38 @@ def test_bad_speed_settings_fail_before_loading(tmp_path):
         TextPolicy(model=missing, compile_mode="reduce-overhead")
 
 
-class Float32Copies(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts copies of activations (not weights) into float32."""
+class AdapterOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts copies of activations (not weights) into float32, and products added in place by a matmul."""
 
     def __init__(self):
         super().__init__()
-        self.count = 0
+        self.count = self.fused = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.float32 and args[0].dim() == 3:
             self.count += 1
+        self.fused += func is torch.ops.aten.addmm_.default
         return func(*args, **kwargs)
 
 
 def run_step(policy, batch, autocast):
-    """Loss, adapter gradients and float32 activation copies of one seeded step (same dropout masks)."""
+    """Loss, adapter gradients, float32 activation copies and fused adapter products of one seeded step
+    (same dropout masks)."""
     policy.zero_grad()
     torch.manual_seed(1)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), Float32Copies() as counter:
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), AdapterOps() as counter:
         loss = policy(**batch)
-    copies = counter.count
     loss.backward()
     grads = [p.grad.float() for n, p in policy.named_parameters() if "lora_" in n]
-    return loss.detach().float(), grads, copies
+    return loss.detach().float(), grads, counter.count, counter.fused
 
 
 def test_fused_adapters_match_peft_under_autocast(tiny_llama):
     """bf16 base, float32 adapters with dropout: under autocast our adapter layers skip peft's float32 input
     copies (one per adapted layer) and add their scaled product inside the matmul; loss and gradients match
-    peft's forward to bf16 rounding (same dropout masks). Without autocast peft's forward runs, bit for bit."""
+    peft's forward to bf16 rounding (same dropout masks). Without autocast a bf16 input meets float32
+    adapters, so peft's forward (with its casts) runs, bit for bit."""
     policy = make_policy(tiny_llama, dtype="bfloat16", lora_dropout=0.1)
     layers = policy._fused_adapters
     assert len(layers) == 2 * 7 and all(type(layer) is FusedLoraLinear for layer in layers)
@@ -132,7 +134,21 @@ def test_fused_adapters_match_peft_under_autocast(tiny_llama):
     for ours, theirs in zip(fused[True][1], peft[True][1]):
         torch.testing.assert_close(ours, theirs, rtol=0.1, atol=0.1 * theirs.abs().max().item())
     assert peft[True][2] - fused[True][2] == len(layers)
+    assert fused[True][3] == len(layers) and fused[False][3] == peft[True][3] == 0
     assert fused[False][0] == peft[False][0] and all(torch.equal(a, b) for a, b in zip(fused[False][1], peft[False][1]))
+
+
+def test_fused_adapters_in_float32_match_peft(tiny_llama):
+    """All float32 (the CPU quickstart): no autocast, nothing to cast, the product added by the matmul."""
+    policy = make_policy(tiny_llama, lora_dropout=0.1)
+    batch = policy.collate(EXAMPLES)
+    fused = run_step(policy, batch, autocast=False)
+    unfuse_adapters(policy._fused_adapters)
+    peft = run_step(policy, batch, autocast=False)
+    assert fused[3] == len(policy._fused_adapters) == 14 and peft[3] == 0
+    torch.testing.assert_close(fused[0], peft[0], rtol=1e-5, atol=1e-5)
+    for ours, theirs in zip(fused[1], peft[1]):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
 
 
 def test_fused_adapters_fall_back_to_peft_where_they_do_not_apply(tiny_llama):

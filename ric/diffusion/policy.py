@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from ric.adapters import fuse_adapters
 from ric.conditioning import RewardConditioning
 from ric.diffusion.images import as_image, image_grid, resize_center_crop, to_tensor
 from ric.diffusion.models import CLIP_MAX_TOKENS, build_tiny, load_pretrained
@@ -116,6 +117,7 @@ class DiffusionPolicy(ConditionalPolicy):
                     init_lora_weights="gaussian",
                 )
             )
+        self._fused_adapters = fuse_adapters(self.unet)  # the adapters' products added inside the base matmuls
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.ema = None

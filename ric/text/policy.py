@@ -11,11 +11,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from ric.adapters import fuse_adapters
 from ric.conditioning import RewardConditioning
 from ric.distributed import sharded_weights
 from ric.interfaces import ConditionalPolicy
 from ric.optim import adamw_with_schedule
-from ric.text.adapters import fuse_adapters
 from ric.text.models import load_causal_lm
 
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -176,7 +176,7 @@ class TextPolicy(ConditionalPolicy):
         self.lm.train()  # GGUF and hub loaders return eval-mode modules; Lightning keeps module modes as found
         # a checkpoint holds only the trained weights (the adapter), not the frozen base
         self.strict_loading = False
-        # under autocast, adapters skip peft's float32 input copies and add their product inside the matmul
+        # adapters add their product inside the base output's matmul, without peft's float32 input copies
         self._fused_adapters = fuse_adapters(self.lm)
         if compile:  # in place: parameter names and checkpoints stay the same
             for layer in decoder_layers(self.lm):
