@@ -7,7 +7,7 @@ backward. Here the adapter's input goes to its matmul as it is, and its scaled p
 base output by the matmul itself (``addmm(base, A(dropout(x)), B^T, alpha=scaling)``: one rounding instead
 of three). The weights, the dropout masks and what the gradients mean do not change. Traced on the
 Llama-2-7B shape (8 x 512 rows, every projection adapted, bf16 autocast; ``benchmarks/anatomy.py``), a
-training step moves 343 GB outside its matmuls this way against 569 GB through peft's forward.
+training step moves 342 GB outside its matmuls and attention this way, against 568 GB through peft's forward.
 
 This applies under autocast, or where input and adapter weights share a dtype (all float32, or a module
 cast to bf16 whole); elsewhere peft's own forward runs, decided at each call: a bf16 input meeting float32
