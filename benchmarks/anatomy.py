@@ -194,6 +194,6 @@ def summarize(trace: dict, top: int = 10) -> dict:
     return {
         "groups": groups,
         "total": {**total, "syncs": trace["syncs"]},
-        "top": [{k: r[k] for k in ("phase", "op", "kernels", "gb", "floor_ms")} for r in
-                ({**r, "gb": r["bytes"] / 1e9} for r in worst)],
+        "top": [{"phase": r["phase"], "op": r["op"], "kernels": r["kernels"], "gb": r["bytes"] / 1e9,
+                 "floor_ms": r["floor_ms"]} for r in worst],
     }  # fmt: skip

@@ -372,19 +372,38 @@ def attempt(name: str, fn: Any, device: torch.device) -> dict:
         free(device)
 
 
+def our_stack(args: argparse.Namespace, name: str, model_ref: str, dtype: str, device: torch.device) -> tuple:
+    """Our policy with one variant's switches, its loss call, its optimizer and its (packed) batch on the device."""
+    policy = make_policy(args, model_ref, dtype, device, **SFT_VARIANTS[name])
+    examples = sft_examples(policy.tokenizer, args.batch_size, args.seq_len, args.lengths == "full")
+    batch = {k: v.to(device) for k, v in policy.collate(examples).items()}
+    return policy, lambda b: policy(**b), policy.configure_optimizers()["optimizer"], batch
+
+
+def hf_stack(args: argparse.Namespace, model_ref: str, dtype: str, device: torch.device, tokenizer: Any,
+             padded: dict) -> tuple:  # fmt: skip
+    """The HF + peft model in training mode, its loss call, AdamW on the LoRA weights, the padded rows."""
+    lm, _ = hf_peft(args, model_ref, dtype, device, tokenizer)
+    lm.train()
+    optimizer = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=1.41e-4)
+    return lm, lambda b: lm(**b).loss, optimizer, {k: v.to(device) for k, v in padded.items()}
+
+
+def mfu(parameters: int, tokens_per_s: float, flops_per_s: float) -> float:
+    """Model FLOPs utilization of a LoRA step: forward plus input gradients, 4 FLOPs per parameter and token."""
+    return 4 * parameters * tokens_per_s / flops_per_s
+
+
 def measure_sft_variant(args: argparse.Namespace, name: str, model_ref: str, dtype: str, device: torch.device) -> dict:
     """Our training step with one set of switches: the policy's optimizer and its (packed) collated batch."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    policy = make_policy(args, model_ref, dtype, device, **SFT_VARIANTS[name])
-    examples = sft_examples(policy.tokenizer, args.batch_size, args.seq_len, args.lengths == "full")
-    optimizer = policy.configure_optimizers()["optimizer"]
-    batch = {k: v.to(device) for k, v in policy.collate(examples).items()}
+    _, call, optimizer, batch = our_stack(args, name, model_ref, dtype, device)
     start = time.perf_counter()
-    sft_step(lambda b: policy(**b), optimizer, batch, device, args.bf16)
+    sft_step(call, optimizer, batch, device, args.bf16)
     synchronize(device)
     first = time.perf_counter() - start  # includes compilation, if any
-    measured = measure_sft(lambda b: policy(**b), optimizer, batch, args, device)
+    measured = measure_sft(call, optimizer, batch, args, device)
     result = {
         "switches": {"attn_implementation": "sdpa", "packing": args.packing, **SFT_VARIANTS[name]},
         "first_step_s": first,
@@ -463,10 +482,8 @@ def padded_batch(args: argparse.Namespace, tokenizer: Any, work: Path) -> dict:
 def measure_hf_sft(args: argparse.Namespace, model_ref: str, dtype: str, device: torch.device, tokenizer: Any,
                    padded: dict) -> dict:  # fmt: skip
     """A plain training step of the HF + peft model on padded rows, AdamW on the LoRA weights."""
-    lm, _ = hf_peft(args, model_ref, dtype, device, tokenizer)
-    lm.train()
-    optimizer = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=1.41e-4)
-    measured = measure_sft(lambda b: lm(**b).loss, optimizer, padded, args, device)
+    lm, call, optimizer, batch = hf_stack(args, model_ref, dtype, device, tokenizer, padded)
+    measured = measure_sft(call, optimizer, batch, args, device)
     return {**measured, "parameters": sum(p.numel() for p in lm.parameters())}
 
 
@@ -605,7 +622,7 @@ def measure_sft_all(args: argparse.Namespace, model_ref: str, dtype: str, device
     params = hf["parameters"]
 
     def rates(step_s: float) -> dict:  # real tokens per second, and MFU against the measured ceiling
-        return {"tokens_per_s": real_tokens / step_s, "mfu": 4 * params * real_tokens / step_s / ceiling}
+        return {"tokens_per_s": real_tokens / step_s, "mfu": mfu(params, real_tokens / step_s, ceiling)}
 
     sft: dict[str, Any] = {
         "batch_size": args.batch_size,
@@ -649,36 +666,25 @@ def measure_anatomy(args: argparse.Namespace, dtype: str, device: torch.device, 
 
     def trace(build: Any, ref: str) -> tuple[dict, int]:
         torch.manual_seed(0)
-        module, forward, optimizer = build(ref)
-        sft_step(lambda _: forward(), optimizer, {}, device, args.bf16)  # optimizer state, lazy set-up
-        return trace_step(forward, optimizer, args.bf16, flops_per_s, bytes_per_s), sum(
-            p.numel() for p in module.parameters()
-        )
-
-    def hf(ref: str) -> tuple:
-        lm, _ = hf_peft(args, ref, dtype, device, tokenizer)
-        lm.train()
-        batch = {k: v.to(device) for k, v in padded.items()}
-        return lm, lambda: lm(**batch).loss, torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad])
-
-    def ours(name: str, ref: str) -> tuple:
-        policy = make_policy(args, ref, dtype, device, **SFT_VARIANTS[name])
-        examples = sft_examples(policy.tokenizer, args.batch_size, args.seq_len, args.lengths == "full")
-        batch = {k: v.to(device) for k, v in policy.collate(examples).items()}
-        return policy, lambda: policy(**batch), policy.configure_optimizers()["optimizer"]
+        module, call, optimizer, batch = build(ref)
+        sft_step(call, optimizer, batch, device, args.bf16)  # optimizer state, lazy set-up
+        traced = trace_step(lambda: call(batch), optimizer, args.bf16, flops_per_s, bytes_per_s)
+        return traced, sum(p.numel() for p in module.parameters())
 
     def stack(build: Any) -> dict:
         (one, p1), (two, p2) = trace(build, refs[1]), trace(build, refs[2])
         parameters = p1 + (layers - 1) * (p2 - p1)
         summary = summarize(extrapolate(one, two, layers))
-        floor_s = summary["total"]["floor_ms"] / 1e3
-        return {**summary, "parameters": parameters, "floor_tokens_per_s": real_tokens / floor_s,
-                "mfu_at_floor": 4 * parameters * real_tokens / floor_s / flops_per_s}  # fmt: skip
+        tokens_per_s = real_tokens / (summary["total"]["floor_ms"] / 1e3)
+        return {**summary, "parameters": parameters, "floor_tokens_per_s": tokens_per_s,
+                "mfu_at_floor": mfu(parameters, tokens_per_s, flops_per_s)}  # fmt: skip
 
-    stacks = {"HF + peft": attempt("anatomy HF + peft", partial(stack, hf), device)}
+    hf = partial(stack, lambda ref: hf_stack(args, ref, dtype, device, tokenizer, padded))
+    stacks = {"HF + peft": attempt("anatomy HF + peft", hf, device)}
     for name in args.sft_variants:
         if traceable(name):
-            stacks[name] = attempt(f"anatomy {name}", partial(stack, partial(ours, name)), device)
+            ours = partial(stack, lambda ref, name=name: our_stack(args, name, ref, dtype, device))
+            stacks[name] = attempt(f"anatomy {name}", ours, device)
     return {"layers": layers, "tflops": flops_per_s / 1e12, "gbs": bytes_per_s / 1e9,
             "rates_given": bool(args.tflops or args.gbs), "real_tokens": real_tokens, "stacks": stacks}  # fmt: skip
 
