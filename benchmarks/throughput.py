@@ -6,7 +6,7 @@ Everything is measured side by side in one run, against a matmul ceiling measure
   of ``--sft-variants``: eager, flex attention, Liger kernels, regional torch.compile) vs a plain HF + peft loop on the
   same examples
   (``model(**padded).loss.backward(); optimizer.step()``, AdamW on the LoRA weights). Tokens/s count real
-  (non-pad) tokens; MFU = 4 x parameters x tokens/s / matmul FLOP/s (frozen base: forward + input grads).
+  (non-pad) tokens; MFU = 4 x base-model parameters x tokens/s / matmul FLOP/s (frozen base: forward + input grads).
 * generation: TextPolicy.generate at a batch size, in each set-up of ``--gen-variants`` (adapter unmerged;
   merged; merged + static KV cache with compiled decoding), vs HF ``generate`` one prompt at a time (the
   authors' way) and HF ``generate`` at the same batch size; every arm makes exactly ``--new-tokens`` tokens
@@ -53,6 +53,7 @@ import torch
 import transformers
 from anatomy import extrapolate, summarize, trace_step
 from measure import copy_bandwidth, matmul_ceiling, profile_step, scoring_speed, synchronize, timed
+from torch._dynamo.utils import counters
 
 from ric.adapters import unfuse_adapters
 from ric.text.datasets import Quickstart
@@ -389,6 +390,11 @@ def hf_stack(args: argparse.Namespace, model_ref: str, dtype: str, device: torch
     return lm, lambda b: lm(**b).loss, optimizer, {k: v.to(device) for k, v in padded.items()}
 
 
+def base_parameters(module: torch.nn.Module) -> int:
+    """The frozen base model's parameters, the count MFU is defined on (the adapters' are not model FLOPs)."""
+    return sum(p.numel() for p in module.parameters() if not p.requires_grad)
+
+
 def mfu(parameters: int, tokens_per_s: float, flops_per_s: float) -> float:
     """Model FLOPs utilization of a LoRA step: forward plus input gradients, 4 FLOPs per parameter and token."""
     return 4 * parameters * tokens_per_s / flops_per_s
@@ -399,6 +405,7 @@ def measure_sft_variant(args: argparse.Namespace, name: str, model_ref: str, dty
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     _, call, optimizer, batch = our_stack(args, name, model_ref, dtype, device)
+    counters.clear()
     start = time.perf_counter()
     sft_step(call, optimizer, batch, device, args.bf16)
     synchronize(device)
@@ -413,6 +420,8 @@ def measure_sft_variant(args: argparse.Namespace, name: str, model_ref: str, dty
     }
     if measured["profile"]:
         result["profile"] = measured["profile"]
+    if SFT_VARIANTS[name].get("compile"):  # a graph break splits a decoder layer's fused kernels
+        result.update(graphs=counters["stats"]["unique_graphs"], graph_breaks=sum(counters["graph_break"].values()))
     return result
 
 
@@ -484,7 +493,7 @@ def measure_hf_sft(args: argparse.Namespace, model_ref: str, dtype: str, device:
     """A plain training step of the HF + peft model on padded rows, AdamW on the LoRA weights."""
     lm, call, optimizer, batch = hf_stack(args, model_ref, dtype, device, tokenizer, padded)
     measured = measure_sft(call, optimizer, batch, args, device)
-    return {**measured, "parameters": sum(p.numel() for p in lm.parameters())}
+    return {**measured, "parameters": base_parameters(lm)}
 
 
 def measure_hf_generation(args: argparse.Namespace, model_ref: str, dtype: str, device: torch.device,
@@ -669,7 +678,7 @@ def measure_anatomy(args: argparse.Namespace, dtype: str, device: torch.device, 
         module, call, optimizer, batch = build(ref)
         sft_step(call, optimizer, batch, device, args.bf16)  # optimizer state, lazy set-up
         traced = trace_step(lambda: call(batch), optimizer, args.bf16, flops_per_s, bytes_per_s)
-        return traced, sum(p.numel() for p in module.parameters())
+        return traced, base_parameters(module)
 
     def stack(build: Any) -> dict:
         (one, p1), (two, p2) = trace(build, refs[1]), trace(build, refs[2])
@@ -733,7 +742,8 @@ def report_sft(s: dict) -> None:
             f"{v['tokens_per_s']:12.0f}{s['hf_peft']['tokens_per_s']:12.0f}{'':12}"
             f"{s['hf_peft']['step_s'] / v['step_s']:8.2f}x  MFU {100 * v['mfu']:.1f}%"
             f" vs {100 * s['hf_peft']['mfu']:.1f}%"
-            f"  (first step {v['first_step_s']:.1f} s, {v['computed_tokens']} tokens computed)"
+            f"  (first step {v['first_step_s']:.1f} s, {v['computed_tokens']} tokens computed"
+            + (f", {v['graphs']} graphs, {v['graph_breaks']} breaks)" if "graphs" in v else ")")
         ),
     )
     profiled = {name: v["profile"] for name, v in s["variants"].items() if v.get("profile")}

@@ -52,14 +52,22 @@ class FusedLoraLinear(Linear):
         if len(names) != 1:
             return None
         name = names[0]
-        autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
-        if not autocast and not x.dtype == self.lora_A[name].weight.dtype == self.lora_B[name].weight.dtype:
+        if not _autocast(device) and not x.dtype == self.lora_A[name].weight.dtype == self.lora_B[name].weight.dtype:
             return None
         special = (getattr(self, attr, {}).get(name) for attr in ("lora_variant", "use_dora", "lora_bias"))
         if any(special) or self.lora_B[name].bias is not None:
             return None
         # DeepSpeed ZeRO-3 gathers a weight only when its own module runs, and lora_B's does not run here
-        return None if hasattr(self.lora_B[name].weight, "ds_id") else name
+        return None if getattr(self.lora_B[name].weight, "ds_id", None) is not None else name
+
+
+def _autocast(device: str) -> bool:
+    """Whether autocast is on for ``device``. Compiled code asks only ``is_autocast_enabled``: torch 2.11's
+    dynamo cannot trace the availability check, which broke each compiled decoder layer's graph at every
+    adapter (seen on an H100); a device that runs compiled code has autocast."""
+    if torch.compiler.is_compiling():
+        return torch.is_autocast_enabled(device)
+    return torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
 
 
 def fuse_adapters(model: torch.nn.Module) -> list[torch.nn.Module]:

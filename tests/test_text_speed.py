@@ -347,6 +347,52 @@ def test_compiled_static_decoding_compiles_once_and_matches_dynamic(policy):
     torch._dynamo.reset()
 
 
+def test_compiled_layers_hold_their_adapters_in_one_graph(tiny_llama, monkeypatch):
+    """A compiled decoder layer traces its fused adapters without a graph break, under autocast too: torch
+    2.11's dynamo could not trace the autocast availability check (emulated here), and a break at every
+    adapter split each layer's fused kernels."""
+    from torch._dynamo.utils import counters
+
+    def untraceable(device: str) -> bool:
+        torch._dynamo.graph_break()
+        return True
+
+    monkeypatch.setattr(torch.amp, "is_autocast_available", untraceable)
+    policy = make_policy(tiny_llama, compile=True, lora_dropout=0.1)
+    assert all(type(m) is FusedLoraLinear for m in policy._fused_adapters) and len(policy._fused_adapters) == 14
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = policy(**policy.collate(EXAMPLES))
+    loss.backward()
+    assert counters["stats"]["unique_graphs"] > 0
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    torch._dynamo.reset()
+
+
+def test_compiled_layers_run_plainly_in_generation(tiny_llama, policy):
+    """Generation sets the layers' compiled calls aside (prompt widths would recompile them past dynamo's
+    limit) and restores them; with compiled static-cache decoding only transformers' decoding step compiles."""
+    from torch._dynamo.utils import counters
+    from transformers.generation.configuration_utils import CompileConfig
+
+    compiled = make_policy(tiny_llama, compile=True).eval()
+    calls = [layer._compiled_call_impl for layer in compiled.lm.base_model.model.model.layers]
+    prompts = ["short", "a considerably longer prompt with many more words in it", "mid length prompt", "x"]
+    desired = np.zeros((len(prompts), 2))
+    reference = policy.generate(prompts, desired, do_sample=False, batch_size=2, max_new_tokens=4)
+    config = CompileConfig(mode="default")
+    config._compile_all_devices = True
+    settings = {"cache_implementation": "static", "disable_compile": False, "compile_config": config}
+    torch._dynamo.reset()
+    counters.clear()
+    assert compiled.generate(prompts, desired, do_sample=False, batch_size=2, max_new_tokens=4, **settings) == reference
+    assert counters["stats"]["unique_graphs"] == 1
+    assert compiled.generate(prompts, desired, do_sample=False, batch_size=2, max_new_tokens=4) == reference
+    assert [layer._compiled_call_impl for layer in compiled.lm.base_model.model.model.layers] == calls
+    torch._dynamo.reset()
+
+
 def test_compiled_layers_stop_recompiling_as_packed_widths_vary(tiny_llama):
     """Every batch packs to another width; after one recompile the layers' shapes are dynamic, so later
     widths reuse the same graphs (a recompile per batch would soon hit dynamo's limit and fall back to eager)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -276,7 +276,7 @@ class TextPolicy(ConditionalPolicy):
         was_training = self.lm.training
         self.lm.eval()
         try:
-            with self._merged_adapter(), self._eager_layers(compiled_decoding):
+            with self._merged_adapter(), self._eager_layers():
                 out = self._generate_sorted(encoded, order, batch_size, device, settings, compiled_decoding)
         finally:
             self.lm.train(was_training)
@@ -403,13 +403,25 @@ class TextPolicy(ConditionalPolicy):
                 return []
         return layers
 
-    def _eager_layers(self, compiled_decoding: bool) -> contextlib.AbstractContextManager:
-        """Decoder layers compiled for training run eagerly in dynamic-cache generation, whose growing
-        sequences would only cause recompilations."""
-        set_stance = getattr(torch.compiler, "set_stance", None)
-        if self.hparams.compile and not compiled_decoding and set_stance is not None:
-            return set_stance("force_eager")
-        return contextlib.nullcontext()
+    @contextlib.contextmanager
+    def _eager_layers(self) -> Iterator[None]:
+        """Decoder layers compiled for training run as plain modules in generation: each prompt width and
+        growing cache would recompile them (past dynamo's limit: seen in a preference sweep on an H100), and
+        transformers' compiled decoding step (static cache) traces the plain layers itself. Only the layers'
+        compiled calls are set aside (``nn.Module.compile`` keeps them there), not compilation as a whole."""
+        layers = (
+            [layer for layer in decoder_layers(self.lm) if layer._compiled_call_impl is not None]
+            if self.hparams.compile
+            else []
+        )
+        compiled = [layer._compiled_call_impl for layer in layers]
+        for layer in layers:
+            layer._compiled_call_impl = None
+        try:
+            yield
+        finally:
+            for layer, call in zip(layers, compiled):
+                layer._compiled_call_impl = call
 
     def _full_root_parameters(self) -> contextlib.AbstractContextManager:
         """Under FSDP the root unit's own parameters (embeddings, head) are gathered only inside its forward;
