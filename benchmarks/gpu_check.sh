@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# One prepared GPU session (about 9 minutes on one H100; run it with timeout_s 590): by default the SFT
-# throughput of the text stack on the Llama-2-7B shape with a kernel profile of each variant (full rows,
-# adapters on every projection, then on the authors' q / v only), the SFT step's anatomy with CUDA's own
-# kernels, then the speed overlay under ZeRO-2 through the CLI. Other steps (spread lengths with flex
-# attention, 8-bit + LoRA under DDP / ZeRO-2, SD v1.5-shape images/s, ZeRO-2 with LoRA + bf16, the tiny SD
-# under ZeRO-2) run when ONLY names them.
+# One prepared GPU session (about 9 minutes on one H100; run it with timeout_s 590): by default what the last
+# session left unmeasured: the SFT throughput of the text stack on the Llama-2-7B shape with a kernel profile
+# of each variant (full rows, adapters on every projection, then on the authors' q / v only; compiled
+# variants first), then the speed overlay under ZeRO-2 through the CLI, given time for its sweep's compiled
+# decoding. Other steps (the SFT step's anatomy with CUDA's kernels, spread lengths with flex attention,
+# 8-bit + LoRA under DDP / ZeRO-2, SD v1.5-shape images/s, ZeRO-2 with LoRA + bf16, the tiny SD under
+# ZeRO-2) run when ONLY names them.
 # Results land in $OUT (or runs/gpu_check).
 #
 # The GPU image lacks some of our dependencies: carry them as wheels in .whl/, and a random-weight Llama
@@ -21,8 +22,8 @@ export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}.:benchmarks PYTHONUNBUFFERED=1 HF_
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
 python3 -c "import torch, transformers, peft, lightning, diffusers, deepspeed; print('torch', torch.__version__, 'transformers', transformers.__version__, 'lightning', lightning.__version__, 'diffusers', diffusers.__version__, 'deepspeed', deepspeed.__version__)"
 
-# the default: what the last GPU session left unmeasured (8-bit under DDP / ZeRO-2 passed there)
-STEPS=${ONLY:-"throughput_full throughput_authors anatomy zero2_speed_overlay"}  # others: ONLY="throughput ddp_8bit_lora ..."
+# the default: what the last GPU session left unmeasured (the anatomy and 8-bit under DDP / ZeRO-2 ran before)
+STEPS=${ONLY:-"throughput_full throughput_authors zero2_speed_overlay"}  # others: ONLY="anatomy ddp_8bit_lora ..."
 step() {  # name, timeout, command...; runs only the steps named in STEPS
     local name=$1 limit=$2
     shift 2
@@ -61,19 +62,19 @@ step zero2_lora_bf16 75 "${TEXT[@]}" --trainer.strategy deepspeed_stage_2 --trai
 # attention are for). The generation targets were met on an earlier GPU (GEN=1 measures them again). The
 # JSON is rewritten after each variant, so a cut run still leaves what it measured.
 TP=(python3 benchmarks/throughput.py --shape "${SHAPE:-llama2-7b}" --tokenizer bytes --profile --gen-variants merged,merged+static)
-TAIL=40 step throughput_full "${FULL_LIMIT:-190}" "${TP[@]}" --sections sft --lengths full \
-    --sft-variants "${FULL_VARIANTS:-eager,eager+peft-forward,compile,liger+compile}" \
+TAIL=40 step throughput_full "${FULL_LIMIT:-160}" "${TP[@]}" --sections sft --lengths full \
+    --sft-variants "${FULL_VARIANTS:-compile,eager,liger+compile}" \
     --out "$OUT/throughput_full_cuda.json"
 # the same rows with the authors' adapters (q_proj, v_proj only: peft's default, which their code keeps)
-TAIL=30 step throughput_authors "${AUTHORS_LIMIT:-125}" "${TP[@]}" --sections sft --lengths full --lora-targets authors \
-    --sft-variants "${AUTHORS_VARIANTS:-eager,compile,liger+compile}" --out "$OUT/throughput_authors_cuda.json"
+TAIL=30 step throughput_authors "${AUTHORS_LIMIT:-100}" "${TP[@]}" --sections sft --lengths full --lora-targets authors \
+    --sft-variants "${AUTHORS_VARIANTS:-compile,eager}" --out "$OUT/throughput_authors_cuda.json"
 # what the eager steps ask of the card, traced op by op with CUDA's own kernels (bandwidth measured there)
 TAIL=40 step anatomy 90 "${TP[@]}" --sections anatomy --lengths full --sft-variants eager,eager+peft-forward \
     --out "$OUT/anatomy_cuda.json"
 TAIL=40 step throughput "${THROUGHPUT_LIMIT:-150}" "${TP[@]}" --sections "${GEN:+generation,}sft" \
     --sft-variants "${SFT_VARIANTS:-compile,flex,flex+wide,compile+flex+wide}" --out "$OUT/throughput_cuda.json"
 # the speed overlay under ZeRO-2: regional compile in training, merged adapter + compiled static decoding in the sweep
-step zero2_speed_overlay "${OVERLAY_LIMIT:-150}" "${TEXT[@]}" --trainer.strategy deepspeed_stage_2 --config configs/speed/bf16_compiled.yaml \
+step zero2_speed_overlay "${OVERLAY_LIMIT:-240}" "${TEXT[@]}" --trainer.strategy deepspeed_stage_2 --config configs/speed/bf16_compiled.yaml \
     --trainer.default_root_dir /tmp/gpu_runs/zero2_fast
 TAIL=30 step sd_throughput 80 python3 benchmarks/sd_throughput.py --shape sd15 --out "$OUT/sd_throughput_cuda.json"
 step sd_zero2 75 python3 -m ric.cli fit --config configs/quickstart_sd.yaml --trainer.accelerator gpu \
