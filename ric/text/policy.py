@@ -52,8 +52,8 @@ class TextPolicy(ConditionalPolicy):
             transformers' module for the model type process-wide, so Llama models built later in the same
             process get its kernels too. On one H100 (7B shape, 8x512, LoRA) it was 6% slower than eager.
         compile: ``torch.compile`` each decoder layer (regional compilation: one layer's code serves them all,
-            so a 7B model compiles in seconds, not minutes); generation runs the layers eagerly unless
-            ``cache_implementation: static``, where transformers compiles the whole decoding step (CUDA).
+            so a 7B model compiles in seconds, not minutes); generation runs the layers uncompiled, and with
+            ``cache_implementation: static`` transformers compiles the whole decoding step (CUDA).
         compile_mode: ``torch.compile`` mode for the layers (``max-autotune-no-cudagraphs`` searches matmul
             kernels; ``reduce-overhead`` adds CUDA graphs, which pays off when the host cannot keep up, and
             records graphs for each new batch shape: best with fixed shapes).
@@ -409,11 +409,7 @@ class TextPolicy(ConditionalPolicy):
         growing cache would recompile them (past dynamo's limit: seen in a preference sweep on an H100), and
         transformers' compiled decoding step (static cache) traces the plain layers itself. Only the layers'
         compiled calls are set aside (``nn.Module.compile`` keeps them there), not compilation as a whole."""
-        layers = (
-            [layer for layer in decoder_layers(self.lm) if layer._compiled_call_impl is not None]
-            if self.hparams.compile
-            else []
-        )
+        layers = decoder_layers(self.lm) if self.hparams.compile else []
         compiled = [layer._compiled_call_impl for layer in layers]
         for layer in layers:
             layer._compiled_call_impl = None
