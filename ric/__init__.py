@@ -1,8 +1,19 @@
 """Rewards-in-Context: multi-objective alignment by reward-conditioned supervised fine-tuning."""
 
+from typing import Any
+
 from ric.conditioning import RewardConditioning
 from ric.mapping import desired_rewards
-from ric.normalization import RewardNormalizer
+from ric.space import RewardSpace
 
-__all__ = ["RewardConditioning", "RewardNormalizer", "desired_rewards"]
+__all__ = ["RewardConditioning", "RewardSpace", "desired_rewards", "load"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # ric.load pulls in torch and Lightning: imported on first use, so ``import ric`` stays light
+    if name == "load":
+        from ric.loading import load
+
+        return load
+    raise AttributeError(f"module 'ric' has no attribute {name!r}")

@@ -1,12 +1,14 @@
-"""``python -m ric.cli fit|validate|test|predict --config configs/....yaml``
+"""The ``ric`` command: ``ric fit|validate|test --config ...`` (LightningCLI), ``ric export``, ``ric generate``,
+``ric chat``. ``python -m ric.cli ...`` is the same command.
 
-LightningCLI over any :class:`~ric.interfaces.ConditionalPolicy` (``model.class_path``) and the shared
-:class:`~ric.data.RelabelDataModule`; ``--print_config`` shows every setting with its default.
+LightningCLI runs over any :class:`~ric.interfaces.ConditionalPolicy` (``model.class_path``) and the shared
+:class:`~ric.data.RelabelDataModule`; ``ric fit --print_config`` shows every setting with its default.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 
 from lightning.pytorch.cli import LightningCLI
@@ -14,6 +16,9 @@ from lightning.pytorch.cli import LightningCLI
 from ric.data import RelabelDataModule
 from ric.interfaces import ConditionalPolicy
 from ric.strategies import check_strategy
+
+#: subcommands that LightningCLI runs
+LIGHTNING_COMMANDS = ("fit", "validate", "test")
 
 
 class RiCCLI(LightningCLI):
@@ -37,9 +42,16 @@ class RiCCLI(LightningCLI):
         check_strategy(config.get("trainer.strategy"), config.get("model.init_args.quantization"))
 
 
-def main(args: Sequence[str] | None = None) -> RiCCLI:
-    return RiCCLI(args=args)
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``ric`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in LIGHTNING_COMMANDS:
+        RiCCLI(args=argv)
+        return 0
+    from ric.commands import run
+
+    return run(argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -15,14 +15,16 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset
 
+from ric.distributed import rank_and_world
 from ric.interfaces import ConditionalPolicy, RewardModel
-from ric.normalization import RewardNormalizer
+from ric.mapping import RewardRange, check_mapping
+from ric.space import RewardSpace
 
 log = logging.getLogger(__name__)
 
@@ -41,22 +43,39 @@ class ExampleSource(ABC):
         return f"{type(self).__module__}.{type(self).__qualname__}({settings})"
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """JSON lines from a plain or gzipped file; a corrupt line is an error naming the file and line."""
+def read_jsonl(path: str | Path, torn_tail: bool = False) -> list[dict[str, Any]]:
+    """JSON lines from a plain or gzipped file; a corrupt line is an error naming the file and line, except
+    with ``torn_tail`` a corrupt last line (a process killed mid-write), which is dropped with a warning."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as fh:
+            lines = fh.read().split("\n")
+    except (OSError, EOFError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} cannot be read as {'gzipped ' if path.suffix == '.gz' else ''}text: {err}") from None
+    last = max((k for k, line in enumerate(lines) if line.strip()), default=-1)
     rows = []
-    with opener(path, "rt", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno} is not valid JSON: {err}") from None
+    for k, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            if torn_tail and k == last:
+                log.warning("dropping a torn last line of %s", path)
+                break
+            raise ValueError(f"{path}:{k + 1} is not valid JSON: {err}") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{k + 1} holds {type(row).__name__} {str(row)[:60]!r}, not a JSON object")
+        rows.append(row)
     return rows
+
+
+def prompt_key(prompt: Any) -> str:
+    """A prompt as a hashable string (prompts may be any JSON value): splits and online rounds deduplicate by it."""
+    return json.dumps(prompt, default=str)
 
 
 class JsonlExamples(ExampleSource):
@@ -138,12 +157,7 @@ class ExamplePool(IterableDataset):
         self.dm = datamodule
 
     def _share(self, n: int) -> tuple[int, int, int]:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            rank, world = dist.get_rank(), dist.get_world_size()
-        else:
-            rank, world = 0, 1
+        rank, world = rank_and_world()
         return rank, world, n // world
 
     def __len__(self) -> int:
@@ -173,8 +187,15 @@ class RelabelDataModule(L.LightningDataModule):
         test_dataset: evaluate on these prompts instead of a held-out share.
         max_test_prompts: cap on evaluation prompts.
         cache_dir: where scores are cached (``null`` disables the cache).
-        normalization: a saved statistics file to use instead of fitting on the training split.
-        output_dir: where ``normalization.json`` is written (default: the trainer's log folder).
+        normalization: a saved ``reward_space.json`` (or older ``normalization.json``) whose statistics are
+            used instead of fitting them on the training split.
+        output_dir: where ``reward_space.json`` is written (default: the trainer's log folder).
+        reward_range, range_quantiles, r_min, r_max: the reward range of the reward space, in normalized
+            units: ``normal`` (the paper: the expected extremes of 50,000 standard-normal draws, +-4.23) or
+            ``data`` (the ``range_quantiles`` of the normalized training scores); ``r_min`` / ``r_max``
+            (scalars or per-reward lists) override either. Inference, the sweep and online targets use it.
+        method, p, lam: the default preference-to-reward mapping of the reward space (see
+            :mod:`ric.mapping`); the sweep and ``ric generate`` may override it per call.
     """
 
     def __init__(
@@ -192,6 +213,13 @@ class RelabelDataModule(L.LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
         progress: bool = True,
+        reward_range: Literal["normal", "data"] = "normal",
+        range_quantiles: tuple[float, float] = (0.0, 1.0),
+        r_min: float | list[float] | None = None,
+        r_max: float | list[float] | None = None,
+        method: Literal["linear", "p_norm", "p_inf", "solver"] = "p_inf",
+        p: float = 2.0,
+        lam: list[float] | None = None,
     ) -> None:
         super().__init__()
         if not rewards:
@@ -204,6 +232,14 @@ class RelabelDataModule(L.LightningDataModule):
                 raise ValueError(f"{frac_name} must be in [0, 1), got {frac}")
         if val_fraction + test_fraction >= 1:
             raise ValueError(f"val_fraction + test_fraction = {val_fraction + test_fraction} leaves no training data")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if max_test_prompts is not None and max_test_prompts < 1:
+            raise ValueError(f"max_test_prompts must be >= 1 (or null for all), got {max_test_prompts}")
+        self.range = RewardRange(reward_range, tuple(range_quantiles), r_min, r_max)
+        self.range.bounds(len(rewards))  # r_min / r_max of the wrong length or order fail here, not after scoring
+        check_mapping(method, p, lam, len(rewards))
+        self.method, self.p, self.lam = method, p, lam
         self.dataset = dataset
         self.test_dataset = test_dataset
         self.rewards = list(rewards)
@@ -217,7 +253,6 @@ class RelabelDataModule(L.LightningDataModule):
         self.seed = seed
         self.num_workers = num_workers
         self.progress = progress
-        self.normalizer: RewardNormalizer | None = None
         self.train_records: list[dict[str, Any]] = []
         self.val_records: list[dict[str, Any]] = []
         self.test_prompts: list[Any] = []
@@ -231,6 +266,14 @@ class RelabelDataModule(L.LightningDataModule):
     @property
     def reward_names(self) -> list[str]:
         return [r.name for r in self.rewards]
+
+    @property
+    def space(self) -> RewardSpace:
+        """The reward space, as the policy holds it (restored from a checkpoint where one was loaded)."""
+        space = self.policy.reward_space
+        if space is None:
+            raise RuntimeError("the reward space is not built yet: the DataModule's setup has not run")
+        return space
 
     @property
     def policy(self) -> ConditionalPolicy:
@@ -247,7 +290,7 @@ class RelabelDataModule(L.LightningDataModule):
 
     def split(self, records: list[dict[str, Any]]) -> tuple[list, list, list]:
         """Train / val records and test prompts, split by unique prompt with a fixed seed."""
-        prompts = list(dict.fromkeys(json.dumps(r["prompt"], default=str) for r in records))
+        prompts = list(dict.fromkeys(prompt_key(r["prompt"]) for r in records))
         rng = np.random.default_rng(self.seed)
         order = rng.permutation(len(prompts))
         n_test = 0 if self.test_dataset is not None else int(round(self.test_fraction * len(prompts)))
@@ -256,9 +299,9 @@ class RelabelDataModule(L.LightningDataModule):
         val_keys = {prompts[i] for i in order[n_test : n_test + n_val]}
         train, val, test = [], [], []
         for r in records:
-            key = json.dumps(r["prompt"], default=str)
+            key = prompt_key(r["prompt"])
             (test if key in test_keys else val if key in val_keys else train).append(r)
-        test_prompts = list(dict.fromkeys(json.dumps(r["prompt"], default=str) for r in test))
+        test_prompts = list(dict.fromkeys(prompt_key(r["prompt"]) for r in test))
         return train, val, [json.loads(p) for p in test_prompts]
 
     def setup(self, stage: str) -> None:
@@ -290,23 +333,41 @@ class RelabelDataModule(L.LightningDataModule):
         scores = self.cache.scores(self.rewards, train + val, progress=self.progress)
         self.train_records, self.val_records = train, val
         self.train_scores, self.val_scores = scores[: len(train)], scores[len(train) :]
-        if self.normalization:
-            self.normalizer = RewardNormalizer.load(self.normalization, expected_names=self.reward_names)
-        else:
-            self.normalizer = RewardNormalizer(self.reward_names).fit(
-                self.train_scores, fitted_on={"dataset": self.dataset.identity(), "split": "train"}
-            )
+        space = self.build_space()
         if self.trainer is not None and self.trainer.is_global_zero:
-            self.normalizer.save(self._output_dir() / "normalization.json")
-        policy.set_normalizer(self.normalizer)
+            space.save(self._output_dir() / "reward_space.json")
+        policy.set_reward_space(space)
         self._ready = True
 
-    def examples(self, records: Sequence[dict[str, Any]], scores: np.ndarray) -> list[dict[str, Any]]:
-        """Conditioned training examples: each prompt carries the normalized rewards its response earned."""
-        normalized = self.normalizer.transform(scores) if len(records) else scores
+    def build_space(self) -> RewardSpace:
+        """The reward space of the training split (or of a saved one's statistics), with the configured
+        range and mapping, and each reward model's configuration."""
+        space = RewardSpace.fit(
+            self.reward_names,
+            self.train_scores,
+            self.range,
+            method=self.method,
+            p=self.p,
+            lam=self.lam,
+            rewards=[r.config() for r in self.rewards],
+            fitted_on={"dataset": self.dataset.identity(), "split": "train"},
+        )
+        if self.normalization:
+            saved = RewardSpace.load(self.normalization, expected_names=self.reward_names)
+            space = space.with_statistics(saved.mean, saved.std, {"file": str(self.normalization), **saved.fitted_on})
+        return space
+
+    def examples(
+        self, records: Sequence[dict[str, Any]], scores: np.ndarray, normalized: bool = False
+    ) -> list[dict[str, Any]]:
+        """Conditioned training examples: each prompt carries the normalized rewards its response earned
+        (``scores`` are raw unless ``normalized``)."""
+        if len(records) != len(scores):
+            raise ValueError(f"{len(records)} records but {len(scores)} score rows")
+        z = np.asarray(scores, dtype=float) if normalized or not len(records) else self.space.normalize(scores)
         return [
-            {"prompt": self.policy.training_prompt(r["prompt"], z), "response": r["response"]}
-            for r, z in zip(records, normalized)
+            {"prompt": self.policy.training_prompt(r["prompt"], v), "response": r["response"]}
+            for r, v in zip(records, z)
         ]
 
     def state_dict(self) -> dict[str, Any]:
@@ -319,15 +380,9 @@ class RelabelDataModule(L.LightningDataModule):
     def set_train_pool(self, records: Sequence[dict[str, Any]], scores: np.ndarray, normalized: bool = False) -> None:
         """Replace the training examples (the online loop's buffer): each record is relabeled with the rewards
         it obtained; ``scores`` are raw unless ``normalized``."""
-        z = np.asarray(scores, dtype=float) if normalized else self.normalizer.transform(scores)
-        if len(records) != len(z):
-            raise ValueError(f"{len(records)} records but {len(z)} score rows")
         if not records:
             raise ValueError("the new training pool is empty")
-        self._pool = [
-            {"prompt": self.policy.training_prompt(r["prompt"], v), "response": r["response"]}
-            for r, v in zip(records, z)
-        ]
+        self._pool = self.examples(records, scores, normalized)
         self.pool_version += 1
 
     def train_examples(self) -> list[dict[str, Any]]:

@@ -20,6 +20,14 @@ def seed_for_rank(seed: int) -> int:
     return int(seed) + 1_000_003 * rank_and_world()[0]
 
 
+def attached_trainer(module: Any) -> Any:
+    """The Trainer a LightningModule is attached to, or ``None`` (a policy loaded for inference has none)."""
+    try:
+        return module.trainer
+    except RuntimeError:
+        return None
+
+
 def sharded_weights(trainer: Any) -> bool:
     """True under FSDP or DeepSpeed ZeRO-3 with several processes: a forward pass gathers weight shards
     from every rank, so generation must run in lockstep on all of them (``synced_gpus``, equal batch counts)."""
@@ -52,12 +60,10 @@ def gather_to_first(obj: Any) -> list[Any] | None:
     return out
 
 
-def even_share(n: int, rank: int, world: int) -> tuple[list[int], int]:
-    """This rank's contiguous block of ``n`` items and how many of them are real; the list is padded by
-    repeating an item so every rank gets the same count (lockstep generation). Contiguous, so the copies
-    of a repeated prompt stay in one rank's call rather than meeting the same random stream on two ranks."""
+def contiguous_share(n: int, rank: int, world: int) -> list[int]:
+    """This rank's contiguous block of ``range(n)`` (blocks of ``ceil(n / world)``; the last ones may be
+    shorter or empty). Contiguous, so the copies of a repeated prompt stay in one rank's call rather than
+    meeting the same random stream on two ranks."""
     size = -(-n // world)
     start = min(n, rank * size)
-    mine = list(range(start, min(n, start + size)))
-    filler = mine[-1:] or [max(0, n - 1)]
-    return mine + filler * (size - len(mine)), len(mine)
+    return list(range(start, min(n, start + size)))

@@ -7,23 +7,24 @@ Obtained rewards are reported in the same normalized units as the desired reward
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import logging
 import math
-from collections.abc import Iterator, Sequence
+import shlex
+import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
-import torch
 
-from ric.distributed import even_share, gather_to_first, rank_and_world, seed_for_rank
-from ric.interfaces import ConditionalPolicy, RewardModel, score_all
-from ric.mapping import RewardRange, default_reward_range, desired_rewards, validate_preference
+from ric.distributed import contiguous_share, gather_to_first, rank_and_world
+from ric.interfaces import ConditionalPolicy, RewardModel
+from ric.mapping import check_mapping, default_reward_range, validate_preference
 from ric.pareto import hypervolume, plot_fronts
+from ric.rollout import rollout
 
 log = logging.getLogger(__name__)
 
@@ -100,16 +101,11 @@ def write_front(
     if reference is None:
         reference = meta.get("r_min") or np.full(len(reward_names), default_reward_range()[0]).tolist()
     ref = np.asarray(reference, dtype=float)
-    steer = {}
-    if len(preferences) > 2 and np.all(np.isfinite(preferences)):
-        from scipy.stats import spearmanr
-
-        for d, name in enumerate(reward_names):
-            if np.ptp(preferences[:, d]) > 0:
-                steer[name] = float(spearmanr(preferences[:, d], means[:, d]).statistic)
+    steering = steering_measures(reward_names, preferences, desired, means)
     metrics = {
         "hypervolume": hypervolume(means, ref),
-        "steerability": steer,
+        "steering": steering,
+        "steerability": {name: m["spearman"] for name, m in steering.items()},
         "reference_point": ref.tolist(),
         "num_preferences": len(preferences),
         "num_prompts": int(len(obtained[0])) if obtained else 0,
@@ -125,7 +121,73 @@ def write_front(
             {label: labels} if labels else None,
             title=f"{label}: obtained rewards per preference",
         )
+    if steering:
+        plot_steering(
+            reward_names,
+            desired,
+            means,
+            [o.std(axis=0, ddof=1) / np.sqrt(len(o)) if len(o) > 1 else np.zeros(len(reward_names)) for o in obtained],
+            out / "steering.png",
+            label,
+        )
     return metrics
+
+
+def steering_measures(
+    reward_names: Sequence[str], preferences: np.ndarray, desired: np.ndarray, means: np.ndarray
+) -> dict[str, dict[str, float]]:
+    """Per reward, how well the obtained rewards follow the preference: the Spearman correlation of the
+    obtained mean with the reward's weight, and the spread ratio (range of the obtained means over the range
+    of the desired values; 1 = the model moves as far as it is asked to). Empty without a preference axis."""
+    out: dict[str, dict[str, float]] = {}
+    if len(preferences) < 3 or not np.all(np.isfinite(preferences)):
+        return out
+    from scipy.stats import spearmanr
+
+    for d, name in enumerate(reward_names):
+        if np.ptp(preferences[:, d]) == 0:
+            continue
+        rho = spearmanr(preferences[:, d], means[:, d]).statistic
+        asked = float(np.ptp(desired[:, d]))
+        out[name] = {
+            "spearman": float(rho) if np.isfinite(rho) else 0.0,
+            "spread_ratio": float(np.ptp(means[:, d]) / asked) if asked > 0 else float("nan"),
+        }
+    return out
+
+
+def plot_steering(
+    reward_names: Sequence[str],
+    desired: np.ndarray,
+    means: np.ndarray,
+    sems: Sequence[np.ndarray],
+    path: Path,
+    label: str,
+) -> Path:
+    """Desired vs obtained reward, one panel per reward (the paper's Figure 2): points on the diagonal are
+    rewards obtained exactly as asked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(reward_names)
+    fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.8), squeeze=False)
+    err = np.array(sems)
+    for d, (ax, name) in enumerate(zip(axes[0], reward_names)):
+        lo, hi = min(desired[:, d].min(), means[:, d].min()), max(desired[:, d].max(), means[:, d].max())
+        pad = 0.05 * (hi - lo or 1.0)
+        ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="grey", lw=1, ls="--", label="obtained = desired")
+        ax.errorbar(desired[:, d], means[:, d], yerr=err[:, d], fmt="o-", capsize=3, label=label)
+        ax.set_xlabel(f"desired {name} (normalized)")
+        ax.set_ylabel(f"obtained {name} (normalized)")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def format_table(reward_names: Sequence[str], preferences: np.ndarray, desired: np.ndarray, means: np.ndarray) -> str:
@@ -153,62 +215,86 @@ def assemble(
     return samples, raw
 
 
-@contextlib.contextmanager
-def own_random_stream(world: int) -> Iterator[None]:
-    """With several processes, sample from a random stream of this rank's own (ranks start from one seed),
-    restoring the global generators afterwards; a single process keeps its stream as it is."""
-    if world == 1:
-        yield
-        return
-    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
-        torch.manual_seed(seed_for_rank(torch.initial_seed()))
-        yield
+#: sweep settings that moved to the reward space (the DataModule), with where they live now
+MOVED_TO_SPACE = {
+    "reward_range": "reward_range",
+    "range_quantiles": "range_quantiles",
+    "r_min": "r_min",
+    "r_max": "r_max",
+}
+
+
+def moved_settings(owner: str, **given: Any) -> None:
+    """Refuse settings that moved to the reward space, naming their new place."""
+    for key, value in given.items():
+        if value is not None:
+            raise ValueError(
+                f"{owner}.{key} moved to the reward space: set data.init_args.{MOVED_TO_SPACE[key]} (it is saved "
+                "with the model, so the sweep, the online loop and inference use the same range)"
+            )
 
 
 class PreferenceSweep(L.Callback):
     """Evaluates a policy across preferences on the DataModule's held-out prompts.
 
-    Runs after ``test`` (``python -m ric.cli test --ckpt_path ...``) and, with ``after_fit: true``, at the
-    end of ``fit``. Every process generates and scores its share of the prompts; rank 0 writes the results.
+    Runs after ``test`` (``ric test --ckpt_path ...``) and, with ``after_fit: true``, at the end of ``fit``.
+    Every process generates and scores its share of the prompts; rank 0 writes the results. Desired rewards
+    come from the policy's reward space (its range and mapping) unless ``method`` / ``p`` override the mapping.
 
     Args:
         preferences: explicit list of preferences; default: 11 points for 2 rewards, the paper's 13 triples
             for 3 (or ``num_points`` per axis).
         num_points: number of ``w_1`` values for 2 rewards.
-        method, p: the preference-to-reward mapping (recorded in metrics.json).
+        method, p: override the reward space's mapping (recorded in metrics.json).
         unconditioned: evaluate without reward markers (base model / plain SFT baseline): one row.
         output_dir: result folder (default: ``<log_dir>/sweep``).
-        reference: hypervolume reference point (default: ``r_min`` of the mapping in every dimension).
+        reference: hypervolume reference point (default: ``r_min`` of the reward space in every dimension).
         sampling: generation overrides (default: the policy's evaluation settings, e.g. temperature 1.0, top_p 0.9
             for text as in the paper).
         after_fit: also run at the end of ``fit``.
-        reward_range: ``normal`` (the paper: expected extremes of 50,000 standard-normal draws, about
-            +-4.23) or ``data`` (the ``range_quantiles`` of the normalized training scores, default min and
-            max); ``r_min`` / ``r_max`` (scalars or per-reward lists) override either.
+        label: the run's name in plots, ``metrics.json`` and ``ric.compare``.
         samples_per_prompt: responses generated per prompt and preference (more = less noisy means).
+        seed: every preference samples from this seed's stream, so the columns differ by the conditioning
+            alone, and ``policy.steer(..., seed=seed)`` gives the same samples.
     """
 
     def __init__(
         self,
         preferences: list[list[float]] | None = None,
         num_points: int | None = None,
-        method: str = "p_inf",
-        p: float = 2.0,
+        method: Literal["linear", "p_norm", "p_inf", "solver"] | None = None,
+        p: float | None = None,
         unconditioned: bool = False,
         output_dir: str | None = None,
         reference: list[float] | None = None,
         sampling: dict[str, Any] | None = None,
         after_fit: bool = False,
         label: str = "RiC",
-        reward_range: str = "normal",
+        samples_per_prompt: int = 1,
+        seed: int = 0,
+        reward_range: str | None = None,
+        range_quantiles: tuple[float, float] | None = None,
         r_min: float | list[float] | None = None,
         r_max: float | list[float] | None = None,
-        samples_per_prompt: int = 1,
-        range_quantiles: tuple[float, float] = (0.0, 1.0),
     ) -> None:
-        self.range = RewardRange(reward_range, tuple(range_quantiles), r_min, r_max)
+        moved_settings("PreferenceSweep", reward_range=reward_range, range_quantiles=range_quantiles,
+                       r_min=r_min, r_max=r_max)  # fmt: skip
         if samples_per_prompt < 1:
             raise ValueError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
+        if num_points is not None and num_points < 2:
+            raise ValueError(f"num_points must be >= 2, got {num_points}")
+        if method is not None:
+            check_mapping(method, 2.0 if p is None else p, None)
+        elif p is not None:
+            check_mapping("p_norm", p, None)
+        if preferences is not None:
+            if not preferences:
+                raise ValueError("preferences is empty: give at least one, or leave it unset for the default grid")
+            checked = [validate_preference(w) for w in preferences]
+            if len({len(w) for w in checked}) > 1:
+                raise ValueError(f"preferences {preferences} have different lengths")
+        if reference is not None and not np.all(np.isfinite(np.asarray(reference, dtype=float))):
+            raise ValueError(f"reference {reference} must be finite numbers")
         self.samples_per_prompt = samples_per_prompt
         self.preferences = preferences
         self.num_points = num_points
@@ -220,9 +306,21 @@ class PreferenceSweep(L.Callback):
         self.sampling = dict(sampling or {})
         self.after_fit = after_fit
         self.label = label
+        self.seed = seed
         self.last_metrics: dict[str, Any] | None = None
         self.front_csv: Path | None = None
         self._swept = False
+
+    def check_rewards(self, reward_names: Sequence[str]) -> None:
+        """Refuse preferences that do not fit the configured rewards (called when the config is parsed)."""
+        if self.preferences is not None and not self.unconditioned:
+            for w in self.preferences:
+                validate_preference(w, num_rewards=len(reward_names))
+        if self.reference is not None and len(self.reference) != len(reward_names):
+            raise ValueError(
+                f"reference {self.reference} has {len(self.reference)} values for {len(reward_names)} rewards "
+                f"{list(reward_names)}"
+            )
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._swept = False
@@ -251,8 +349,8 @@ class PreferenceSweep(L.Callback):
         prefs = self.preferences if self.preferences is not None else default_preferences(n, self.num_points)
         return np.array([validate_preference(w, num_rewards=n) for w in prefs])
 
-    @staticmethod
     def generate_all(
+        self,
         policy: ConditionalPolicy,
         rewards: Sequence[RewardModel],
         prompts: Sequence[Any],
@@ -260,47 +358,45 @@ class PreferenceSweep(L.Callback):
         settings: dict[str, Any],
     ) -> list[tuple[list[Any], np.ndarray]] | None:
         """``(samples, raw scores)`` per preference (row of ``desired``; ``None``: one unconditioned row).
-        Every process generates and scores an equal, contiguous share of the prompts in one generation
-        session, from its own random stream; rank 0 gets everything back, the other ranks ``None``."""
+        Every process generates and scores a contiguous share of the prompts, each preference from the
+        sweep's seed, in one generation session; rank 0 gets everything back, the other ranks ``None``."""
         from tqdm.auto import tqdm
 
         rank, world = rank_and_world()
-        share, real = even_share(len(prompts), rank, world)  # equal counts: sharded weights need lockstep
+        share = contiguous_share(len(prompts), rank, world)
         rows = [None] if desired is None else list(desired)
-        mine = [prompts[i] for i in share]
         local = []
-        with policy.generation_session(), own_random_stream(world):
+        with policy.generation_session():
             for row in tqdm(rows, desc="preference sweep", unit="pref", disable=rank != 0):
-                target = None if row is None else np.broadcast_to(row, (len(share), len(rewards)))
-                samples = policy.generate(mine, target, **settings)[:real]
-                local.append((share[:real], samples, score_all(rewards, mine[:real], samples)))
+                targets = None if row is None else np.broadcast_to(row, (len(prompts), len(rewards)))
+                out = rollout(
+                    policy, prompts, targets, indices=share, settings=settings, rewards=rewards, seed=self.seed
+                )
+                local.append((out.indices, out.samples, out.raw))
         gathered = gather_to_first(local)
         if gathered is None:
             return None
         return [assemble([g[k] for g in gathered], len(prompts), len(rewards)) for k in range(len(rows))]
 
-    def bounds(self, dm: Any, num_rewards: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(r_min, r_max)`` per reward in normalized units."""
-        scores = getattr(dm, "train_scores", None)
-        normalized = dm.normalizer.transform(scores) if scores is not None and len(scores) else None
-        return self.range.bounds(num_rewards, normalized)
-
     def run(self, trainer: L.Trainer, policy: ConditionalPolicy) -> Path | None:
         dm = trainer.datamodule
         rewards: list[RewardModel] = dm.rewards
-        names = [r.name for r in rewards]
+        space = policy.reward_space
+        if space is None:
+            raise RuntimeError("the policy has no reward space; run the DataModule setup first")
+        names = list(space.reward_names)
+        self.check_rewards(names)
         prompts = [p for p in dm.test_prompts for _ in range(self.samples_per_prompt)]
         if not prompts:
             raise ValueError("no held-out prompts to evaluate: set test_fraction > 0 or test_dataset")
-        if policy.normalizer is None:
-            raise RuntimeError("the policy has no normalization statistics; run the DataModule setup first")
+        method = self.method or space.method
+        p = space.p if self.p is None else self.p
         if self.unconditioned:
             preferences = np.full((1, len(names)), np.nan)
             desired = np.full((1, len(names)), np.nan)
         else:
             preferences = self.resolve_preferences(names)
-            lo, hi = self.bounds(dm, len(names))
-            desired = np.array([desired_rewards(w, self.method, p=self.p, r_min=lo, r_max=hi) for w in preferences])
+            desired = space.desired(preferences, method, p)
         from tqdm.auto import tqdm
 
         out = Path(self.output_dir) if self.output_dir else Path(trainer.log_dir or ".") / "sweep"
@@ -310,7 +406,7 @@ class PreferenceSweep(L.Callback):
         if results is None:  # not rank 0
             return None
         for k, (responses, raw) in enumerate(tqdm(results, desc="writing results", unit="pref", leave=False)):
-            z = policy.normalizer.transform(raw)
+            z = space.normalize(raw)
             obtained.append(z)
             generated.append(responses)
             stored = policy.store_samples(
@@ -328,14 +424,16 @@ class PreferenceSweep(L.Callback):
                     }
                 )
         meta = {
-            "mapping_method": None if self.unconditioned else self.method,
-            "p": self.p if self.method in ("p_norm", "solver") else None,
+            "label": self.label,
+            "mapping_method": None if self.unconditioned else method,
+            "p": p if method in ("p_norm", "solver") else None,
             "unconditioned": self.unconditioned,
-            "normalization": policy.normalizer.to_dict(),
+            "reward_space": space.to_dict(),
             "sampling": settings,
-            "reward_range": self.range.kind,
-            "r_min": None if self.unconditioned else lo.tolist(),
-            "r_max": None if self.unconditioned else hi.tolist(),
+            "seed": self.seed,
+            "reward_range": space.range_source,
+            "r_min": space.r_min.tolist(),
+            "r_max": space.r_max.tolist(),
             "samples_per_prompt": self.samples_per_prompt,
         }
         train_scores = getattr(dm, "train_scores", np.zeros((0, len(names))))
@@ -349,8 +447,11 @@ class PreferenceSweep(L.Callback):
             print(f"samples per prompt and preference: {gallery}")
         means = np.array([o.mean(axis=0) for o in obtained])
         print(format_table(names, preferences, desired, means))
-        for key, value in self.last_metrics.get("steerability", {}).items():
-            print(f"Spearman(w_{key}, obtained {key}) = {value:+.2f}")
+        for key, value in self.last_metrics.get("steering", {}).items():
+            print(
+                f"steering {key}: Spearman(w_{key}, obtained {key}) = {value['spearman']:+.2f}, spread ratio "
+                f"{value['spread_ratio']:.2f} (obtained range / desired range)"
+            )
         if "train_reward_correlation" in self.last_metrics:
             corr = np.asarray(self.last_metrics["train_reward_correlation"])
             pairs = [
@@ -360,4 +461,25 @@ class PreferenceSweep(L.Callback):
         print(f"hypervolume {self.last_metrics['hypervolume']:.4f} (reference {self.last_metrics['reference_point']})")
         self.front_csv = (out / "front.csv").resolve()
         print(self.front_csv, flush=True)
+        self.print_next_step(trainer)
         return self.front_csv
+
+    def print_next_step(self, trainer: L.Trainer) -> None:
+        """After a fit, the command that steers the model just trained."""
+        ckpt = next((c.last_model_path or c.best_model_path for c in trainer.checkpoint_callbacks), None)
+        if not ckpt or self.unconditioned:
+            return
+        script = Path(sys.executable).with_name("ric")
+        command = shlex.quote(_relative(script)) if script.is_file() else "ric"
+        print(
+            f"steer it: {command} generate {shlex.quote(_relative(Path(ckpt)))} --preference "
+            f'{",".join(["1"] + ["0"] * (len(trainer.datamodule.rewards) - 1))} --prompt "..."',
+            flush=True,
+        )
+
+
+def _relative(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)

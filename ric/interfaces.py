@@ -12,11 +12,13 @@ modality is a subclass plus a config entry.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import numpy as np
@@ -24,7 +26,7 @@ import torch
 from torch import nn
 
 from ric.conditioning import RewardConditioning
-from ric.normalization import RewardNormalizer
+from ric.space import RewardSpace
 
 
 class RewardModel(nn.Module, ABC):
@@ -46,6 +48,12 @@ class RewardModel(nn.Module, ABC):
         name: the reward's name; it names the conditioning dimension and every column of results.
         batch_size: how many pairs :meth:`score` passes to :meth:`score_batch` at once.
     """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> RewardModel:
+        # the constructor's arguments, recorded so the reward can be rebuilt from a saved reward space
+        self = super().__new__(cls)
+        object.__setattr__(self, "_init_args", _keyword_arguments(cls.__init__, args, kwargs))
+        return self
 
     def __init__(self, name: str, batch_size: int = 16) -> None:
         super().__init__()
@@ -109,10 +117,44 @@ class RewardModel(nn.Module, ABC):
     def extra_repr(self) -> str:
         return f"name={self.name!r}, batch_size={self.batch_size}"
 
+    def config(self) -> dict[str, Any] | None:
+        """``{"class_path", "init_args"}`` that rebuild this reward, or ``None`` when its arguments are not
+        plain JSON values (a function, a module)."""
+        init_args = getattr(self, "_init_args", None)
+        try:
+            json.dumps(init_args)
+        except TypeError:
+            return None
+        if init_args is None:
+            return None
+        return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", "init_args": init_args}
+
     def identity(self) -> str:
         """Stable description of what this reward computes; keys the on-disk score cache. Include every
         setting that changes scores (the default covers the class, the name and :meth:`extra_repr`)."""
         return f"{type(self).__module__}.{type(self).__qualname__}({self.extra_repr()})"
+
+
+def _keyword_arguments(init: Callable, args: tuple, kwargs: dict) -> dict[str, Any] | None:
+    """A constructor call's arguments by keyword, defaults filled in; ``None`` when they cannot be bound
+    (copying and unpickling create objects without them) or include extra positional ones."""
+    signature = inspect.signature(init)
+    try:
+        bound = signature.bind(None, *args, **kwargs)
+    except TypeError:
+        return None
+    bound.apply_defaults()
+    out: dict[str, Any] = {}
+    for name, value in list(bound.arguments.items())[1:]:
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                return None
+        else:
+            out[name] = value
+    return out
 
 
 def score_all(rewards: Sequence[RewardModel], prompts: Sequence[Any], samples: Sequence[Any]) -> np.ndarray:
@@ -143,29 +185,48 @@ def unwrapped_name(name: str) -> str:
     return name
 
 
+#: ``ric.json`` / checkpoint metadata: 1 held the normalization alone, 2 the policy class and the reward space
+METADATA_SCHEMA = 2
+
+
+@dataclass
+class Steered:
+    """One steered sample: the prompt, the preference asked for (``None`` for explicit desired rewards),
+    the desired rewards written into the prompt (normalized units; ``None`` without markers) and the sample
+    (text, or a PIL image). ``obtained_rewards`` is filled when the sample is scored."""
+
+    prompt: Any
+    preference: list[float] | None
+    desired_rewards: list[float] | None
+    sample: Any
+    obtained_rewards: dict[str, float] | None = None
+
+
 class ConditionalPolicy(L.LightningModule, ABC):
     """A policy ``pi(sample | prompt, rewards)`` trained by conditioned supervised learning.
 
     Subclasses set :attr:`conditioning` (how reward values enter the prompt), implement
-    :meth:`training_step` (the conditioned loss on a batch from the relabeling DataModule) and
-    :meth:`generate` (samples for raw prompts at desired rewards). ``desired_rewards=None`` generates
-    without reward markers, which is how the base model and plain SFT are evaluated.
+    :meth:`training_step` (the conditioned loss on a batch from the relabeling DataModule),
+    :meth:`generate` (samples for raw prompts at desired rewards), :meth:`export` and :meth:`from_export`.
+    ``desired_rewards=None`` generates without reward markers, which is how the base model and plain SFT
+    are evaluated. Users steer a trained policy with :meth:`steer`.
     """
 
     conditioning: RewardConditioning
     #: ``False`` trains and samples without reward markers (plain SFT / base-model baselines)
     conditioned: bool = True
-    #: normalization statistics of the rewards, set by the DataModule and stored in every checkpoint
-    normalizer: RewardNormalizer | None = None
+    #: the reward space (normalization, range, mapping), set by the DataModule and stored in every checkpoint
+    reward_space: RewardSpace | None = None
+    #: init arguments a policy loaded for inference sets: training-only switches off
+    inference_overrides: ClassVar[dict[str, Any]] = {}
 
-    def set_normalizer(self, normalizer: RewardNormalizer) -> None:
+    def set_reward_space(self, space: RewardSpace) -> None:
         names = list(self.conditioning.reward_names)
-        if list(normalizer.reward_names) != names:
+        if list(space.reward_names) != names:
             raise ValueError(
-                f"normalization statistics are for rewards {list(normalizer.reward_names)}, but the policy is "
-                f"conditioned on {names}"
+                f"the reward space is for rewards {list(space.reward_names)}, but the policy is conditioned on {names}"
             )
-        self.normalizer = normalizer
+        self.reward_space = space
 
     def format_prompt(self, prompt: Any, values: np.ndarray | None) -> Any:
         """Prompt plus reward markers (``values=None``: no markers) through the one conditioning format.
@@ -177,6 +238,27 @@ class ConditionalPolicy(L.LightningModule, ABC):
     def training_prompt(self, prompt: Any, normalized_rewards: np.ndarray) -> Any:
         """The prompt a training example is shown with: markers carry the rewards its sample earned."""
         return self.format_prompt(prompt, normalized_rewards if self.conditioned else None)
+
+    #: sampling settings this policy's ``generate`` takes (``None``: any, e.g. passed on to transformers)
+    sampling_keys: ClassVar[frozenset[str] | None] = None
+
+    @classmethod
+    def check_sampling(cls, settings: dict[str, Any], where: str = "sampling") -> dict[str, Any]:
+        """Refuse sampling settings this policy does not take or values out of range, naming them
+        (``where`` says where they were set); returns the settings."""
+        if not isinstance(settings, dict):
+            raise ValueError(f"{where} must be a mapping of setting names to values, got {settings!r}")
+        if cls.sampling_keys is not None:
+            unknown = sorted(set(settings) - cls.sampling_keys)
+            if unknown:
+                raise ValueError(
+                    f"{where}: unknown setting(s) {unknown} for {cls.__name__}; known: {sorted(cls.sampling_keys)}"
+                )
+        for key, value in settings.items():
+            check = SAMPLING_CHECKS.get(key)
+            if check is not None and not _passes(check[0], value):
+                raise ValueError(f"{where}.{key} must be {check[1]}, got {value!r}")
+        return settings
 
     def sampling_defaults(self, purpose: str) -> dict[str, Any]:
         """Generation settings the online loop (``purpose="online"``) and the evaluation sweep
@@ -204,6 +286,11 @@ class ConditionalPolicy(L.LightningModule, ABC):
         """Whether an example is usable for training (e.g. within a token-length range)."""
         return True
 
+    def check_prompt(self, prompt: Any) -> None:
+        """Refuse a prompt generation cannot take (empty, too long for the model), naming it."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"prompt {prompt!r} is empty or not text")
+
     def collate(self, examples: Sequence[dict]) -> Any:
         """Turn ``{"prompt": conditioned prompt, "response": sample}`` examples into a training batch."""
         return list(examples)
@@ -211,10 +298,22 @@ class ConditionalPolicy(L.LightningModule, ABC):
     def test_step(self, batch: Any, batch_idx: int) -> None:
         """Evaluation is a preference sweep run by :class:`ric.evaluation.PreferenceSweep`."""
 
+    # ---- metadata, checkpoints and exports ------------------------------------------------------
+    def init_args(self) -> dict[str, Any]:
+        """The constructor arguments this policy was built with, as JSON values."""
+        args = {k: v for k, v in self.hparams.items() if not k.startswith("_")}  # LightningCLI adds _class_path
+        return json.loads(json.dumps(args, default=str))
+
     def ric_metadata(self) -> dict[str, Any]:
-        """What inference needs besides the weights: conditioning format and normalization."""
+        """What inference needs besides the weights: the policy class and its settings, the conditioning
+        format and the reward space."""
         c = self.conditioning
         return {
+            "schema_version": METADATA_SCHEMA,
+            "policy": {
+                "class_path": f"{type(self).__module__}.{type(self).__qualname__}",
+                "init_args": self.init_args(),
+            },
             "conditioning": {
                 "reward_names": list(c.reward_names),
                 "template": c.template,
@@ -223,19 +322,29 @@ class ConditionalPolicy(L.LightningModule, ABC):
                 "separator": c.separator,
             },
             "conditioned": self.conditioned,
-            "normalization": self.normalizer.to_dict() if self.normalizer is not None else None,
+            "reward_space": self.reward_space.to_dict() if self.reward_space is not None else None,
         }
 
-    def save_ric_metadata(self, folder: str | Path) -> None:
+    def save_ric_metadata(self, folder: str | Path, **extra: Any) -> Path:
+        """``ric.json`` (the metadata plus ``extra``, e.g. how the export was made) and a model card."""
+        from ric.model_card import model_card
+
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "ric.json").write_text(json.dumps(self.ric_metadata(), indent=2))
+        meta = {**self.ric_metadata(), **extra}
+        (folder / "ric.json").write_text(json.dumps(meta, indent=2))
+        (folder / "README.md").write_text(model_card(meta, folder))
+        return folder / "ric.json"
 
     def keep_trained_weights(self, checkpoint: dict[str, Any]) -> None:
         """Drop frozen weights from a checkpoint's state dict: they come back from the base model, so a
         checkpoint holds only what training changed (e.g. a LoRA adapter)."""
-        trained = {unwrapped_name(n) for n, p in self.named_parameters() if p.requires_grad}
+        trained = self.trained_weight_names()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint.get("state_dict", {}).items() if k in trained}
+
+    def trained_weight_names(self) -> set[str]:
+        """State-dict names of the weights training changes (what a checkpoint holds)."""
+        return {unwrapped_name(n) for n, p in self.named_parameters() if p.requires_grad}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["ric"] = self.ric_metadata()
@@ -248,9 +357,25 @@ class ConditionalPolicy(L.LightningModule, ABC):
                 f"checkpoint was trained on rewards {saved}, the policy is configured for "
                 f"{list(self.conditioning.reward_names)}"
             )
-        if meta.get("normalization"):
-            self.normalizer = RewardNormalizer.from_dict(meta["normalization"], self.conditioning.reward_names)
+        space = read_reward_space(meta, self.conditioning.reward_names)
+        if space is None:
+            return
+        if meta.get("reward_space") is None and self.reward_space is not None:
+            # a schema-1 checkpoint holds the statistics only: keep the configured range and mapping
+            space = self.reward_space.with_statistics(space.mean, space.std, space.fitted_on)
+        self.reward_space = space
 
+    def export(self, path: str | Path, merge: bool = True) -> Path:
+        """A standalone model folder with ``ric.json`` and a model card, loadable by :func:`ric.load`; the
+        live policy is left as it was."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement export()")
+
+    @classmethod
+    def from_export(cls, folder: Path, meta: dict[str, Any], **overrides: Any) -> ConditionalPolicy:
+        """The policy of an export folder written by :meth:`export` (``meta``: its ``ric.json``)."""
+        raise NotImplementedError(f"{cls.__name__} cannot be loaded from an export folder")
+
+    # ---- generation -----------------------------------------------------------------------------
     @abstractmethod
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         """Conditioned supervised loss on one batch."""
@@ -265,8 +390,9 @@ class ConditionalPolicy(L.LightningModule, ABC):
         """One sample per prompt; ``desired_rewards`` is ``[len(prompts), N]`` (or ``[N]`` for all)."""
 
     def condition(self, prompts: Sequence[Any], desired_rewards: np.ndarray | None) -> list[Any]:
-        """Raw prompts -> conditioned prompts, through the one conditioning format."""
-        if desired_rewards is None:
+        """Raw prompts -> conditioned prompts, through the one conditioning format; without markers for an
+        unconditioned policy (plain SFT, the base model) or ``desired_rewards=None``."""
+        if desired_rewards is None or not self.conditioned:
             return [self.format_prompt(p, None) for p in prompts]
         values = np.asarray(desired_rewards, dtype=float)
         if values.ndim == 1:
@@ -277,3 +403,121 @@ class ConditionalPolicy(L.LightningModule, ABC):
                 f"{self.conditioning.num_rewards}) for rewards {list(self.conditioning.reward_names)}"
             )
         return [self.format_prompt(p, v) for p, v in zip(prompts, values)]
+
+    def targets(
+        self, num_prompts: int, preference: Any = None, desired_rewards: Any = None, method: str | None = None
+    ) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """``(preferences, desired rewards)``, one row per prompt, from one preference (or desired-reward
+        vector) for all prompts or one per prompt; ``(None, None)`` for an unconditioned policy."""
+        if preference is not None and desired_rewards is not None:
+            raise ValueError("give a preference or desired_rewards, not both")
+        if not self.conditioned:
+            return None, None
+        space = self.reward_space
+        if desired_rewards is not None:
+            names = list(self.conditioning.reward_names)
+            values = np.asarray(
+                space.check_desired(desired_rewards) if space is not None else _finite(desired_rewards, names)
+            )
+            return None, _rows("desired_rewards", values, num_prompts)
+        if preference is None:
+            raise ValueError("steering needs a preference (weights on the simplex) or desired_rewards")
+        if space is None:
+            raise RuntimeError("this policy has no reward space: it was not trained or loaded with one")
+        desired = space.desired(preference, method)
+        prefs = np.asarray(preference, dtype=float)
+        return _rows("preference", prefs, num_prompts), _rows("preference", desired, num_prompts)
+
+    @torch.no_grad()
+    def steer(
+        self,
+        prompts: str | Sequence[Any],
+        preference: Any = None,
+        *,
+        desired_rewards: Any = None,
+        method: str | None = None,
+        num_samples: int = 1,
+        seed: int | None = None,
+        **sampling: Any,
+    ) -> list[Steered]:
+        """Samples for ``prompts`` at a preference: preference -> desired rewards (through the reward space's
+        mapping, or ``method``) -> conditioned prompt -> samples. ``preference`` (or ``desired_rewards``) is
+        one vector for every prompt or one per prompt; ``num_samples`` samples per prompt, in prompt order;
+        the same ``seed`` gives the same samples. ``sampling`` overrides the policy's generation settings."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise ValueError("no prompts to steer")
+        if not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+        for prompt in prompts:
+            self.check_prompt(prompt)
+        prefs, desired = self.targets(len(prompts), preference, desired_rewards, method)
+        rows = [i for i in range(len(prompts)) for _ in range(num_samples)]
+        from ric.rollout import rollout
+
+        targets = None if desired is None else desired[rows]
+        samples = rollout(self, [prompts[i] for i in rows], targets, settings=sampling, seed=seed).samples
+        return [
+            Steered(
+                prompt=prompts[i],
+                preference=None if prefs is None else prefs[i].tolist(),
+                desired_rewards=None if desired is None else desired[i].tolist(),
+                sample=sample,
+            )
+            for i, sample in zip(rows, samples)
+        ]
+
+
+def _passes(check: Callable[[Any], bool], value: Any) -> bool:
+    try:
+        return bool(check(value))
+    except TypeError:
+        return False
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+
+
+#: checks of common sampling settings: name -> (test, what it must be)
+SAMPLING_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "temperature": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+    "top_p": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "top_k": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "max_new_tokens": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "batch_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "do_sample": (lambda v: isinstance(v, bool), "true or false"),
+    "num_inference_steps": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "guidance_scale": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "eta": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "seed": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+}
+
+
+def read_reward_space(meta: dict[str, Any], reward_names: Sequence[str] | None = None) -> RewardSpace | None:
+    """The reward space of checkpoint or ``ric.json`` metadata of either schema (1: statistics only)."""
+    if meta.get("reward_space"):
+        return RewardSpace.from_dict(meta["reward_space"], reward_names)
+    if meta.get("normalization"):
+        return RewardSpace.from_dict(meta["normalization"], reward_names)
+    return None
+
+
+def _rows(name: str, values: np.ndarray, n: int) -> np.ndarray:
+    """One row per prompt: a single vector is repeated, a batch must have a row for every prompt."""
+    if values.ndim == 1:
+        return np.broadcast_to(values, (n, values.shape[0])).copy()
+    if values.shape[0] != n:
+        raise ValueError(f"{values.shape[0]} {name} rows for {n} prompts (give one for all, or one per prompt)")
+    return values
+
+
+def _finite(values: Any, names: Sequence[str]) -> np.ndarray:
+    arr = np.asarray(values, dtype=float)
+    if arr.shape[-1:] != (len(names),) or not np.all(np.isfinite(arr)):
+        raise ValueError(f"desired rewards {arr.tolist()} need {len(names)} finite values (rewards {list(names)})")
+    return arr

@@ -18,13 +18,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 from scipy import integrate, optimize, stats
 
 Method = Literal["linear", "p_norm", "p_inf", "solver"]
-METHODS: tuple[str, ...] = ("linear", "p_norm", "p_inf", "solver")
+METHODS: tuple[str, ...] = get_args(Method)
 
 #: The paper draws 50,000 standard-normal samples and takes their min and max as the reward range.
 PAPER_RANGE_DRAWS = 50_000
@@ -34,7 +34,7 @@ SIMPLEX_TOL = 1e-6
 @lru_cache(maxsize=16)
 def expected_normal_max(num_draws: int = PAPER_RANGE_DRAWS) -> float:
     """Expected maximum of ``num_draws`` iid standard-normal samples (a deterministic stand-in for the
-    paper's sampled range; about 4.1 for 50,000 draws). The expected minimum is its negative."""
+    paper's sampled range; 4.2305 for 50,000 draws). The expected minimum is its negative."""
     if num_draws < 1:
         raise ValueError(f"num_draws must be >= 1, got {num_draws}")
 
@@ -88,6 +88,35 @@ class RewardRange:
         if not np.all(hi > lo):
             raise ValueError(f"need r_min < r_max, got r_min {lo.tolist()} and r_max {hi.tolist()}")
         return lo, hi
+
+    def describe(self) -> dict[str, Any]:
+        """The settings, for the record kept with a reward space."""
+        out: dict[str, Any] = {"kind": self.kind}
+        if self.kind == "data":
+            out["quantiles"] = list(self.quantiles)
+        if self.r_min is not None:
+            out["r_min"] = self.r_min
+        if self.r_max is not None:
+            out["r_max"] = self.r_max
+        return out
+
+
+def check_mapping(method: str, p: float, lam: Any, num_rewards: int | None = None) -> None:
+    """Mapping settings that are wrong for every preference, refused when they are declared: an unknown
+    method, ``p <= 1`` (or ``p = inf`` for ``p_norm``), ``lam`` with ``linear``, of the wrong length or below 1."""
+    if method not in METHODS:
+        raise ValueError(f"unknown mapping method {method!r}; choose one of {list(METHODS)}")
+    if method in ("p_norm", "solver"):
+        _check_p(p, allow_inf=method == "solver")
+    if lam is None:
+        return
+    if method == "linear":
+        raise ValueError("lam has no meaning for the linear mapping")
+    arr = np.atleast_1d(np.asarray(lam, dtype=float))
+    if num_rewards is not None and arr.shape != (num_rewards,) and arr.size != 1:
+        raise ValueError(f"lam {arr.tolist()} has {arr.size} values, expected {num_rewards} (one per reward)")
+    if np.any(np.isnan(arr)) or np.any(arr < 1):
+        raise ValueError(f"lam {arr.tolist()} must have every entry >= 1")
 
 
 def validate_preference(preference: Any, num_rewards: int | None = None) -> np.ndarray:
@@ -252,8 +281,7 @@ def preference_to_unit(
     num_rewards: int | None = None,
 ) -> np.ndarray:
     """The unit-space targets ``z`` in ``[0, 1]^N`` for a preference (see the module docstring)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown mapping method {method!r}; choose one of {list(METHODS)}")
+    check_mapping(method, p, None)
     w = validate_preference(preference, num_rewards)
     if method == "linear":
         if lam is not None:
@@ -291,7 +319,7 @@ def desired_rewards(
         lam: per-dimension reweighting ``lambda >= 1`` (Theorem 3.1); must keep ``w_i^(1/p)/lambda_i``
             in the order of ``w``. Default: all ones, or the paper's practical rule for p = inf.
         r_min, r_max: reward range (scalars or one value per reward); default: the expected extremes of
-            50,000 standard-normal draws (about -4.1 / +4.1), the paper's choice in normalized space.
+            50,000 standard-normal draws (-4.2305 / +4.2305), the paper's choice in normalized space.
         constraints: extra convex constraints for ``solver`` (scipy inequality dicts on ``z``).
     """
     z = preference_to_unit(preference, method, p=p, lam=lam, constraints=constraints)

@@ -18,37 +18,25 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
 import torch
 
-from ric.distributed import gather_objects, rank_and_world, sharded_weights
-from ric.interfaces import ConditionalPolicy, score_all
-from ric.mapping import RewardRange
+from ric.data import prompt_key, read_jsonl
+from ric.distributed import rank_and_world
+from ric.evaluation import moved_settings
+from ric.interfaces import ConditionalPolicy
 from ric.mors import mors_keep_mask, mors_thresholds, sample_original, sample_targets
+from ric.rollout import rollout
 
 log = logging.getLogger(__name__)
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
-    """Rows of a buffer file; a torn last line (a kill mid-write) is dropped, any other bad line is an error."""
-    if not path.is_file():
-        return []
-    lines = path.read_text(encoding="utf-8").split("\n")
-    rows = []
-    for k, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if k >= len(lines) - 2:
-                log.warning("dropping a torn last line of %s", path)
-                break
-            raise ValueError(f"{path}:{k + 1} is corrupt") from None
-    return rows
+    """Rows of a buffer file (none if it does not exist yet); a torn last line (a kill mid-write) is dropped."""
+    return read_jsonl(path, torn_tail=True) if path.is_file() else []
 
 
 class OnlineLoop(L.Callback):
@@ -64,13 +52,13 @@ class OnlineLoop(L.Callback):
         learning_rate: constant learning rate of the online rounds (paper: 1e-5).
         quantile, inclusive: MORS threshold quantile (0.7) and whether ties are kept.
         original_ratio: MORS-filtered original samples mixed in, as a share of the online buffer (0.5).
-        target_variant: ``paper`` or ``authors`` target sampling (see :func:`ric.mors.sample_targets`).
-        reward_range, range_quantiles, r_min, r_max: the target range (see :class:`ric.mapping.RewardRange`).
+        target_variant: ``paper`` or ``authors`` target sampling (see :func:`ric.mors.sample_targets`);
+            targets lie in the reward space's range.
         sampling: generation overrides (default: the policy's online settings, e.g. temperature 0.7, top_p 0.9
             for text).
         chunk_size: samples generated and scored between two appends to the buffer file.
         buffer_dir: where the buffer lives (default ``<log_dir>/online``).
-        fail_after: testing aid: raise after this many new samples (simulates a crash).
+        seed: the rounds' prompts and targets.
     """
 
     def __init__(
@@ -83,26 +71,40 @@ class OnlineLoop(L.Callback):
         quantile: float = 0.7,
         inclusive: bool = False,
         original_ratio: float = 0.5,
-        target_variant: str = "paper",
-        reward_range: str = "normal",
-        range_quantiles: tuple[float, float] = (0.0, 1.0),
-        r_min: float | list[float] | None = None,
-        r_max: float | list[float] | None = None,
+        target_variant: Literal["paper", "authors"] = "paper",
         sampling: dict[str, Any] | None = None,
         chunk_size: int = 64,
         buffer_dir: str | None = None,
         seed: int = 0,
-        fail_after: int | None = None,
+        reward_range: str | None = None,
+        range_quantiles: tuple[float, float] | None = None,
+        r_min: float | list[float] | None = None,
+        r_max: float | list[float] | None = None,
     ) -> None:
-        if iterations < 0 or steps_per_iteration < 1 or prompts_per_iteration < 1 or chunk_size < 1:
+        moved_settings("OnlineLoop", reward_range=reward_range, range_quantiles=range_quantiles,
+                       r_min=r_min, r_max=r_max)  # fmt: skip
+        for key, value, low in (
+            ("iterations", iterations, 0),
+            ("steps_per_iteration", steps_per_iteration, 1),
+            ("prompts_per_iteration", prompts_per_iteration, 1),
+            ("chunk_size", chunk_size, 1),
+        ):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"OnlineLoop.{key} must be an integer >= {low}, got {value!r}")
+        if offline_steps is not None and offline_steps < 0:
             raise ValueError(
-                f"need iterations >= 0 and positive steps_per_iteration / prompts_per_iteration / chunk_size, got "
-                f"{iterations} / {steps_per_iteration} / {prompts_per_iteration} / {chunk_size}"
+                f"OnlineLoop.offline_steps must be >= 0 (or null for trainer.max_steps), got {offline_steps}"
             )
         if target_variant not in ("paper", "authors"):
-            raise ValueError(f"target_variant must be 'paper' or 'authors', got {target_variant!r}")
+            raise ValueError(f"OnlineLoop.target_variant must be 'paper' or 'authors', got {target_variant!r}")
         if not 0 <= quantile <= 1:
-            raise ValueError(f"quantile must be in [0, 1], got {quantile}")
+            raise ValueError(f"OnlineLoop.quantile must be in [0, 1], got {quantile}")
+        if not original_ratio >= 0:
+            raise ValueError(
+                f"OnlineLoop.original_ratio must be >= 0 (a share of the online buffer), got {original_ratio}"
+            )
+        if not learning_rate > 0:
+            raise ValueError(f"OnlineLoop.learning_rate must be > 0, got {learning_rate}")
         self.iterations = iterations
         self.offline_steps = offline_steps
         self.steps_per_iteration = steps_per_iteration
@@ -112,12 +114,10 @@ class OnlineLoop(L.Callback):
         self.inclusive = inclusive
         self.original_ratio = original_ratio
         self.target_variant = target_variant
-        self.range = RewardRange(reward_range, tuple(range_quantiles), r_min, r_max)
         self.sampling = dict(sampling or {})
         self.chunk_size = chunk_size
         self.buffer_dir = buffer_dir
         self.seed = seed
-        self.fail_after = fail_after
         # state saved in checkpoints
         self.phase = 0  # number of finished generation rounds
         self.summaries: list[dict[str, Any]] = []
@@ -172,68 +172,54 @@ class OnlineLoop(L.Callback):
     def round_plan(self, trainer: L.Trainer, round_idx: int) -> tuple[list[Any], np.ndarray]:
         """Prompts and targets of a round: a pure function of the seed, so a resume draws the same."""
         dm = trainer.datamodule
-        prompts = list(dict.fromkeys(json.dumps(r["prompt"], default=str) for r in dm.train_records))
+        prompts = list(dict.fromkeys(prompt_key(r["prompt"]) for r in dm.train_records))
         rng = np.random.default_rng([self.seed, round_idx])
         idx = rng.integers(0, len(prompts), size=self.prompts_per_iteration)
-        lo, hi = self.range.bounds(len(dm.rewards), dm.normalizer.transform(dm.train_scores))
-        targets = sample_targets(self.prompts_per_iteration, lo, hi, variant=self.target_variant, rng=rng)
+        space = dm.space
+        targets = sample_targets(
+            self.prompts_per_iteration, space.r_min, space.r_max, variant=self.target_variant, rng=rng
+        )
         return [json.loads(prompts[i]) for i in idx], targets
 
     def generate_shard(self, trainer: L.Trainer, policy: ConditionalPolicy, round_idx: int) -> int:
-        """Generate and score this rank's share of the round, appending to its buffer file; returns the
-        number of new samples."""
+        """Generate and score this rank's share of the round, appending each chunk to its buffer file as it is
+        scored (flushed and fsynced, so a kill loses nothing finished); returns the number of new samples."""
         rank, world = rank_and_world()
         dm = trainer.datamodule
         prompts, targets = self.round_plan(trainer, round_idx)
         path = self.folder(trainer) / f"round{round_idx}" / f"rank{rank}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
-        done = {row["index"] for row in read_rows(path)}
+        rows = read_rows(path)
+        done = {row["index"] for row in rows}
         if path.is_file():  # rewrite without a torn tail, so appends start on a clean line
-            path.write_text("".join(json.dumps(r) + "\n" for r in read_rows(path)), encoding="utf-8")
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
         todo = [k for k in range(rank, self.prompts_per_iteration, world) if k not in done]
-        from tqdm.auto import tqdm
-
-        bar = tqdm(
-            total=len(todo),
-            desc=f"online round {round_idx + 1} generation",
-            unit="sample",
-            disable=not trainer.is_global_zero,
-        )
         made = 0
-        settings = {**policy.sampling_defaults("online"), **self.sampling}
-        chunks = [todo[start : start + self.chunk_size] for start in range(0, len(todo), self.chunk_size)]
-        lockstep = sharded_weights(trainer)
-        if lockstep:  # sharded weights: every rank makes as many generate calls, each of chunk_size prompts
-            chunks += [[]] * (max(gather_objects(len(chunks))) - len(chunks))
-        with path.open("a", encoding="utf-8") as fh, policy.generation_session():
-            for chunk in chunks:
-                if self.fail_after is not None and made + len(chunk) > self.fail_after:
-                    chunk = chunk[: max(0, self.fail_after - made)]
-                filler = (chunk or todo or [0])[-1:] * (self.chunk_size - len(chunk)) if lockstep else []
-                if chunk or filler:  # fillers keep lockstep ranks' batch counts equal, then are dropped
-                    calls = chunk + filler
-                    responses = policy.generate([prompts[k] for k in calls], targets[calls], **settings)[: len(chunk)]
-                if chunk:
-                    batch_prompts = [prompts[k] for k in chunk]
-                    raw = score_all(dm.rewards, batch_prompts, responses)
-                    # images etc. are written to files before their rows, so a row never points at nothing
-                    stored = policy.store_samples(responses, path.parent / "samples", [f"{k:07d}" for k in chunk])
-                    for j, k in enumerate(chunk):
-                        row = {
-                            "index": k,
-                            "prompt": batch_prompts[j],
-                            "response": stored[j],
-                            "target": targets[k].tolist(),
-                            "raw": raw[j].tolist(),
-                        }
-                        fh.write(json.dumps(row, default=str, ensure_ascii=False) + "\n")
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                    made += len(chunk)
-                    bar.update(len(chunk))
-                if self.fail_after is not None and made >= self.fail_after:
-                    raise RuntimeError(f"OnlineLoop.fail_after={self.fail_after} reached (simulated crash)")
-        bar.close()
+        with path.open("a", encoding="utf-8") as fh:
+
+            def append(chunk: list[int], responses: list[Any], raw: np.ndarray | None) -> None:
+                nonlocal made
+                # images etc. are written to files before their rows, so a row never points at nothing
+                stored = policy.store_samples(responses, path.parent / "samples", [f"{k:07d}" for k in chunk])
+                for j, k in enumerate(chunk):
+                    row = {"index": k, "prompt": prompts[k], "response": stored[j], "target": targets[k].tolist(),
+                           "raw": raw[j].tolist()}  # fmt: skip
+                    fh.write(json.dumps(row, default=str, ensure_ascii=False) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+                made += len(chunk)
+
+            rollout(
+                policy,
+                prompts,
+                targets,
+                indices=todo,
+                settings={**policy.sampling_defaults("online"), **self.sampling},
+                rewards=dm.rewards,
+                chunk_size=self.chunk_size,
+                on_chunk=append,
+                progress=f"online round {round_idx + 1} generation",
+            )
         return made
 
     def round_rows(self, trainer: L.Trainer, round_idx: int) -> list[dict[str, Any]]:
@@ -251,7 +237,7 @@ class OnlineLoop(L.Callback):
         rows = self.round_rows(trainer, round_idx)
         if not rows:
             raise RuntimeError(f"online round {round_idx + 1} produced no samples")
-        z = dm.normalizer.transform(np.array([r["raw"] for r in rows], dtype=float))
+        z = dm.space.normalize(np.array([r["raw"] for r in rows], dtype=float))
         thresholds = mors_thresholds(z, self.quantile)
         keep = mors_keep_mask(z, thresholds, self.inclusive)
         if not keep.any():
@@ -269,7 +255,7 @@ class OnlineLoop(L.Callback):
             records += [{"prompt": r["prompt"], "response": r["response"]} for r in kept]
             scores.append(z)
         online_scores = np.vstack(scores)
-        z_orig = dm.normalizer.transform(dm.train_scores)
+        z_orig = dm.space.normalize(dm.train_scores)
         rng = np.random.default_rng([self.seed, rounds, 7])
         pick = sample_original(z_orig, len(records), self.original_ratio, self.quantile, self.inclusive, rng=rng)
         if len(pick) == 0 and self.original_ratio > 0:

@@ -137,3 +137,47 @@ def tiny_cli_config(tmp_path, model_path, data_path, rewards, callbacks, **train
     path = tmp_path / "config.yaml"
     path.write_text(json.dumps(cfg))
     return path
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_llama, tmp_path_factory):
+    """A tiny Llama trained 3 steps on two rewards, then swept at 3 preferences, 2 samples per prompt."""
+    tmp_path = tmp_path_factory.mktemp("trained")
+    rows = []
+    for i in range(24):
+        q = f"Question number {i}: how do I water plant {i}?"
+        rows += [
+            {"prompt": q, "response": "Water it."},
+            {"prompt": q, "response": "Water it every morning with a cup of fresh water and keep it sunny."},
+        ]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    callbacks = [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True}},
+        {"class_path": "ric.evaluation.PreferenceSweep",
+         "init_args": {"num_points": 3, "output_dir": str(tmp_path / "sweep"), "samples_per_prompt": 2,
+                       "after_fit": True, "sampling": {"max_new_tokens": 6}, "seed": 5}},
+    ]  # fmt: skip
+    config = tiny_cli_config(tmp_path, tiny_llama, data, {"verbosity": "Verbosity", "readability": "Readability"},
+                             callbacks, limit_val_batches=0)  # fmt: skip
+    cfg = json.loads(config.read_text())
+    cfg["data"].update(reward_range="data", method="linear")
+    config.write_text(json.dumps(cfg))
+    from ric.cli import RiCCLI
+
+    RiCCLI(args=["fit", "--config", str(config)])
+    return {"ckpt": tmp_path / "ckpt" / "last.ckpt", "sweep": tmp_path / "sweep", "root": tmp_path}
+
+
+@pytest.fixture(scope="session")
+def trained_sd(tmp_path_factory):
+    from test_diffusion import _sd_config
+
+    tmp_path = tmp_path_factory.mktemp("sd")
+    callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                  "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True}}]  # fmt: skip
+    from ric.cli import RiCCLI
+
+    RiCCLI(args=["fit", "--config", str(_sd_config(tmp_path, callbacks, max_steps=2))])
+    return tmp_path / "ckpt" / "last.ckpt"

@@ -303,23 +303,28 @@ def test_unet_adapters_add_their_product_inside_the_matmul(tmp_path):
             torch.testing.assert_close(ours, theirs, rtol=tol, atol=tol * theirs.abs().max().item())
 
 
-def test_killed_image_round_resumes_with_every_picture_once(tmp_path):
+def test_killed_image_round_resumes_with_every_picture_once(tmp_path, monkeypatch):
+    from test_online import crash_on_chunk
+
+    from ric.diffusion.policy import DiffusionPolicy
+
     ckpt = {
         "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
         "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True, "every_n_train_steps": 1},
     }
     online = {"class_path": "ric.online.OnlineLoop",
               "init_args": {"iterations": 1, "steps_per_iteration": 1, "prompts_per_iteration": 6, "chunk_size": 2,
-                            "buffer_dir": str(tmp_path / "buffer"), "fail_after": 3}}  # fmt: skip
+                            "buffer_dir": str(tmp_path / "buffer")}}  # fmt: skip
     config = _sd_config(tmp_path, [ckpt, online], max_steps=1)
+    crash_on_chunk(monkeypatch, DiffusionPolicy, 2)
     with pytest.raises(RuntimeError, match="simulated crash"):
         RiCCLI(args=["fit", "--config", str(config)])
+    monkeypatch.undo()
     buffer = tmp_path / "buffer" / "round0"
     first = read_rows(buffer / "rank0.jsonl")
     pictures = {r["response"]: Path(r["response"]).read_bytes() for r in first}
-    assert len(first) == 3
-    RiCCLI(args=["fit", "--config", str(config), "--trainer.callbacks.fail_after", "null",
-                 "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt")])  # fmt: skip
+    assert len(first) == 2
+    RiCCLI(args=["fit", "--config", str(config), "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt")])
     rows = read_rows(buffer / "rank0.jsonl")
     assert sorted(r["index"] for r in rows) == list(range(6))
     assert len({r["response"] for r in rows}) == 6 and len(list((buffer / "samples").glob("*.png"))) == 6
@@ -344,11 +349,14 @@ def test_checkpoints_of_a_pretrained_model_hold_only_trained_weights(tmp_path):
 
 
 def test_sweep_noise_is_shared_across_preferences_and_online_noise_is_fresh(tiny_policy):
+    from ric.rollout import rollout
+
     prompts, settings = ["a red circle", "a blue square"], {"num_inference_steps": 2, "guidance_scale": 1.0}
-    evaluation = {**settings, **tiny_policy.sampling_defaults("evaluation")}
-    same = [np.asarray(im) for im in tiny_policy.generate(prompts, np.zeros((2, 2)), **evaluation)]
-    again = [np.asarray(im) for im in tiny_policy.generate(prompts, np.zeros((2, 2)), **evaluation)]
+    targets = np.zeros((2, 2))
+    # the sweep: each preference's rollout starts from the sweep's seed, so the noise is the same
+    same = [np.asarray(im) for im in rollout(tiny_policy, prompts, targets, settings=settings, seed=0).samples]
+    again = [np.asarray(im) for im in rollout(tiny_policy, prompts, targets, settings=settings, seed=0).samples]
     assert all(np.array_equal(a, b) for a, b in zip(same, again))
-    online = {**settings, **tiny_policy.sampling_defaults("online")}
-    first, second = (tiny_policy.generate(prompts, np.zeros((2, 2)), **online) for _ in range(2))
+    # online chunks: no seed, fresh noise from the global stream for each
+    first, second = (rollout(tiny_policy, prompts, targets, settings=settings).samples for _ in range(2))
     assert not any(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(first, second))

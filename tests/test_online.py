@@ -51,16 +51,25 @@ def test_one_online_iteration(tmp_path, tiny_llama, text_data):
     assert sorted(r["index"] for r in rows) == list(range(16))
     summary = json.loads((tmp_path / "buffer" / "round0" / "summary.json").read_text())
     dm = cli.datamodule
-    z = dm.normalizer.transform(np.array([r["raw"] for r in rows]))
+    z = dm.space.normalize(np.array([r["raw"] for r in rows]))
     kept = mors_keep_mask(z, mors_thresholds(z, 0.7))
     assert summary["generated"] == 16 and summary["kept_by_mors"] == int(kept.sum())
     assert summary["buffer_online"] == int(kept.sum())
-    assert summary["buffer_original"] == min(round(0.5 * kept.sum()), summary["buffer_original"])
-    assert len(dm.train_examples()) == summary["buffer_online"] + summary["buffer_original"]
+    # original data: MORS-filtered with its own thresholds, half the online buffer's size where enough pass
+    z_orig = dm.space.normalize(dm.train_scores)
+    passing = int(mors_keep_mask(z_orig, mors_thresholds(z_orig, 0.7)).sum())
+    # (when the original data ties at its thresholds, none passes: it is then sampled unfiltered)
+    available = passing if passing else len(z_orig)
+    assert summary["buffer_original"] == min(round(0.5 * kept.sum()), available) > 0
+    pool = dm.train_examples()
+    assert len(pool) == summary["buffer_online"] + summary["buffer_original"]
     np.testing.assert_allclose(list(summary["thresholds"].values()), mors_thresholds(z, 0.7))
-    # every training prompt of the pool carries the rewards its sample obtained
-    prompt, values = cli.model.conditioning.parse(dm.train_examples()[0]["prompt"])
-    assert values.shape == (2,)
+    # every prompt of the pool carries the rewards its sample obtained: the kept online samples first, in order
+    conditioning = cli.model.conditioning
+    parsed = np.array([conditioning.parse(ex["prompt"])[1] for ex in pool])
+    np.testing.assert_allclose(parsed[: int(kept.sum())], conditioning.round(z[kept]))
+    kept_rows = [r for r, k in zip(rows, kept) if k]
+    assert [ex["response"] for ex in pool[: len(kept_rows)]] == [r["response"] for r in kept_rows]
     # the online learning rate is constant
     assert cli.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-5)
     ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
@@ -68,29 +77,38 @@ def test_one_online_iteration(tmp_path, tiny_llama, text_data):
     assert state["phase"] == 1 and state["summaries"][0]["kept_by_mors"] == summary["kept_by_mors"]
 
 
-def test_killed_round_resumes_without_loss_or_duplicates(tmp_path, tiny_llama, text_data):
-    config = _config(tmp_path, tiny_llama, text_data, online={"fail_after": 6})
+def crash_on_chunk(monkeypatch, policy_class, chunk):
+    """Fault injection: the policy's ``store_samples`` raises when the online loop stores chunk ``chunk``
+    (1-based), as a crash in the middle of a round would."""
+    calls = []
+    original = policy_class.store_samples
+
+    def crashing(self, samples, folder, names):
+        calls.append(len(samples))
+        if len(calls) == chunk:
+            raise RuntimeError("simulated crash")
+        return original(self, samples, folder, names)
+
+    monkeypatch.setattr(policy_class, "store_samples", crashing)
+
+
+def test_killed_round_resumes_without_loss_or_duplicates(tmp_path, tiny_llama, text_data, monkeypatch):
+    from ric.text.policy import TextPolicy
+
+    config = _config(tmp_path, tiny_llama, text_data)
+    crash_on_chunk(monkeypatch, TextPolicy, 3)
     with pytest.raises(RuntimeError, match="simulated crash"):
         RiCCLI(args=["fit", "--config", str(config)])
+    monkeypatch.undo()
     first = _buffer(tmp_path)
-    assert len(first) == 6
+    assert len(first) == 8  # two chunks of 4 were on disk before the crash
     # a torn line from a kill mid-write is dropped, not fatal
     with (tmp_path / "buffer" / "round0" / "rank0.jsonl").open("a") as fh:
         fh.write('{"index": 99, "prompt": "tor')
-    resumed = RiCCLI(
-        args=[
-            "fit",
-            "--config",
-            str(config),
-            "--trainer.callbacks.fail_after",
-            "null",
-            "--ckpt_path",
-            str(tmp_path / "ckpt" / "last.ckpt"),
-        ]
-    )
+    resumed = RiCCLI(args=["fit", "--config", str(config), "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt")])
     rows = _buffer(tmp_path)
     assert sorted(r["index"] for r in rows) == list(range(16))
-    assert [r for r in rows if r["index"] < 6] == first  # finished samples were not regenerated
+    assert [r for r in rows if r["index"] < 8] == first  # finished samples were not regenerated
     assert resumed.trainer.global_step == 4
 
 
@@ -174,35 +192,36 @@ def test_online_config_errors():
 
     with pytest.raises(ValueError, match="target_variant"):
         OnlineLoop(target_variant="best")
-    with pytest.raises(ValueError, match="reward_range"):
+    with pytest.raises(ValueError, match="reward_range moved"):
         OnlineLoop(reward_range="wide")
+    with pytest.raises(ValueError, match=r"original_ratio must be >= 0.*-0.5"):
+        OnlineLoop(original_ratio=-0.5)
+    with pytest.raises(ValueError, match=r"prompts_per_iteration must be an integer >= 1, got 0"):
+        OnlineLoop(prompts_per_iteration=0)
 
 
-def test_even_share_pads_every_rank_to_the_same_count():
-    from ric.distributed import even_share
+def test_contiguous_shares_cover_every_prompt_once():
+    from ric.distributed import contiguous_share
 
-    shares = [even_share(7, rank, 3) for rank in range(3)]
-    assert [real for _, real in shares] == [3, 3, 1]
-    assert all(len(idx) == 3 for idx, _ in shares)
-    assert sorted(i for idx, real in shares for i in idx[:real]) == list(range(7))
-    assert even_share(1, 1, 2) == ([0], 0)  # a rank without prompts still makes the same calls
+    shares = [contiguous_share(7, rank, 3) for rank in range(3)]
+    assert shares == [[0, 1, 2], [3, 4, 5], [6]]
+    assert contiguous_share(1, 1, 2) == []  # a rank without prompts (the rollout fills its calls in lockstep)
     # contiguous blocks: the copies of a repeated prompt (samples_per_prompt) mostly share one rank's call
     prompts = [p for p in "abc" for _ in range(2)]
-    ranks_of = {p: {r for r in range(2) for i in even_share(6, r, 2)[0][: even_share(6, r, 2)[1]] if prompts[i] == p}
-                for p in "abc"}  # fmt: skip
+    ranks_of = {p: {r for r in range(2) for i in contiguous_share(6, r, 2) if prompts[i] == p} for p in "abc"}
     assert sum(len(r) for r in ranks_of.values()) <= 4 and ranks_of["a"] == {0} and ranks_of["c"] == {1}
 
 
 @pytest.mark.parametrize("n, world", [(7, 3), (2, 3), (6, 2), (1, 1)])
 def test_sweep_shares_reassemble_in_prompt_order(n, world):
-    from ric.distributed import even_share
+    from ric.distributed import contiguous_share
     from ric.evaluation import assemble
 
     parts = []
     for rank in range(world):
-        idx, real = even_share(n, rank, world)
-        samples = [f"sample of {i}" for i in idx][:real]
-        parts.append((idx[:real], samples, np.array([[i, -i] for i in idx[:real]], dtype=float).reshape(-1, 2)))
+        idx = contiguous_share(n, rank, world)
+        samples = [f"sample of {i}" for i in idx]
+        parts.append((idx, samples, np.array([[i, -i] for i in idx], dtype=float).reshape(-1, 2)))
     samples, raw = assemble(parts[::-1], n, 2)  # arrival order does not matter
     assert samples == [f"sample of {i}" for i in range(n)]
     np.testing.assert_array_equal(raw, [[i, -i] for i in range(n)])
@@ -245,13 +264,13 @@ def test_sweep_after_fit_runs_before_teardown_moves_the_model(tmp_path, tiny_lla
 
 LOCKSTEP_LAUNCHER = """
 import json, os, sys
-import ric.online, ric.text.policy
+import ric.rollout, ric.text.policy
 from ric.distributed import rank_and_world
 from ric.text.policy import TextPolicy
 
 # stand in for FSDP / ZeRO-3 (which Lightning runs on GPUs only): weights count as sharded across 2 ranks
 sharded = lambda trainer: trainer is not None and rank_and_world()[1] > 1
-ric.online.sharded_weights = ric.text.policy.sharded_weights = sharded
+ric.rollout.sharded_weights = ric.text.policy.sharded_weights = sharded
 log = os.environ["RIC_LOCKSTEP_LOG"]
 original = TextPolicy._generate_sorted
 
@@ -314,22 +333,32 @@ def test_online_round_merges_the_adapter_once(tmp_path, tiny_llama, text_data, m
 
 
 def test_each_rank_samples_from_its_own_stream_and_the_global_one_is_restored(monkeypatch):
-    from ric import distributed
-    from ric.evaluation import own_random_stream
+    from ric import distributed, rollout
+    from ric.rollout import random_stream
 
     torch.manual_seed(0)
     state = torch.get_rng_state()
-    draws = []
+    draws, seeded = [], []
     for rank in (0, 1):
         monkeypatch.setattr(distributed, "rank_and_world", lambda rank=rank: (rank, 2))
-        with own_random_stream(2):
+        monkeypatch.setattr(rollout, "rank_and_world", lambda rank=rank: (rank, 2))
+        with random_stream(None):
             draws.append(torch.rand(4))
+        with random_stream(7):
+            seeded.append(torch.rand(4))
         assert torch.equal(torch.get_rng_state(), state)
-    assert not torch.equal(draws[0], draws[1])
-    with own_random_stream(1):  # one process: its stream goes on as it is
+    assert not torch.equal(draws[0], draws[1]) and not torch.equal(seeded[0], seeded[1])
+    monkeypatch.undo()
+    with random_stream(None):  # one process without a seed: its stream goes on as it is
         single = torch.rand(4)
     torch.set_rng_state(state)
     assert torch.equal(single, torch.rand(4))
+    state = torch.get_rng_state()
+    with random_stream(7):  # a seed gives the same draws every time, and leaves the global stream alone
+        first = torch.rand(4)
+    with random_stream(7):
+        assert torch.equal(first, torch.rand(4))
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_sweep_runs_when_a_finished_fit_is_resumed(tmp_path, tiny_llama, text_data):

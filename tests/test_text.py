@@ -11,6 +11,7 @@ from conftest import tiny_cli_config
 from ric.cli import RiCCLI
 from ric.data import JsonlExamples, ScoreCache
 from ric.evaluation import PreferenceSweep, default_preferences
+from ric.online import OnlineLoop
 from ric.text.datasets import HHRLHF, RedditTLDR, split_dialogue
 from ric.text.policy import TextPolicy
 from ric.text.rewards import HFRewardModel, PaperRewardModel, Readability, Relevance, Sentiment, Verbosity
@@ -197,11 +198,16 @@ def test_fit_resume_and_sweep(tmp_path, tiny_llama, text_data):
     cli = RiCCLI(args=["fit", "--config", str(config)])
     assert cli.trainer.global_step == 3
     ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
-    assert set(ckpt["ric"]["normalization"]["reward_names"]) == {"verbosity", "sentiment"}
-    assert ckpt["ric"]["conditioning"]["template"] == TEMPLATE
+    meta = ckpt["ric"]
+    assert meta["schema_version"] == 2 and meta["policy"]["class_path"] == "ric.text.policy.TextPolicy"
+    assert meta["reward_space"]["reward_names"] == ["verbosity", "sentiment"]
+    assert [r["class_path"] for r in meta["reward_space"]["rewards"]] == [
+        "ric.text.rewards.Verbosity", "ric.text.rewards.Sentiment"
+    ]  # fmt: skip
+    assert meta["conditioning"]["template"] == TEMPLATE
     assert ckpt["state_dict"] and all("lora_" in k for k in ckpt["state_dict"])
-    norm = json.loads((tmp_path / "run" / "normalization.json").read_text())
-    assert norm["reward_names"] == ["verbosity", "sentiment"]
+    space = json.loads((tmp_path / "run" / "reward_space.json").read_text())
+    assert space == meta["reward_space"]
 
     resumed = RiCCLI(
         args=[
@@ -293,25 +299,11 @@ def test_clear_errors(tmp_path, tiny_llama, text_data):
     assert len(default_preferences(2)) == 11 and len(default_preferences(3)) == 13
 
 
-def test_sweep_reward_range_from_data():
-    from types import SimpleNamespace
-
-    from ric.normalization import RewardNormalizer
-
-    scores = np.stack([np.arange(101.0), -np.arange(101.0)], axis=1)
-    dm = SimpleNamespace(train_scores=scores, normalizer=RewardNormalizer(["a", "b"]).fit(scores))
-    z = dm.normalizer.transform(scores)
-    lo, hi = PreferenceSweep(reward_range="data").bounds(dm, 2)
-    np.testing.assert_allclose(lo, z.min(axis=0))
-    np.testing.assert_allclose(hi, z.max(axis=0))
-    lo, hi = PreferenceSweep(reward_range="data", range_quantiles=(0.1, 0.9)).bounds(dm, 2)
-    np.testing.assert_allclose(lo, np.quantile(z, 0.1, axis=0))
-    lo, hi = PreferenceSweep(r_min=-1.0, r_max=[2.0, 3.0]).bounds(dm, 2)
-    assert lo.tolist() == [-1.0, -1.0] and hi.tolist() == [2.0, 3.0]
-    with pytest.raises(ValueError, match="reward_range"):
-        PreferenceSweep(reward_range="dataset")
-    with pytest.raises(ValueError, match="range_quantiles"):
-        PreferenceSweep(range_quantiles=(0.9, 0.1))
+def test_sweep_range_settings_moved_to_the_reward_space():
+    with pytest.raises(ValueError, match=r"PreferenceSweep.reward_range moved to the reward space: set data.init_args"):
+        PreferenceSweep(reward_range="data")
+    with pytest.raises(ValueError, match=r"OnlineLoop.r_min moved"):
+        OnlineLoop(r_min=-1.0)
 
 
 @pytest.mark.parametrize("overlay", sorted((ROOT / "configs" / "speed").glob("*.yaml")), ids=lambda p: p.name)

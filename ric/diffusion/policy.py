@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -48,6 +48,11 @@ class DiffusionPolicy(ConditionalPolicy):
             preference); online generation draws its noise from torch's global generator.
     """
 
+    inference_overrides: ClassVar[dict[str, Any]] = {"gradient_checkpointing": False}
+    sampling_keys: ClassVar[frozenset[str] | None] = frozenset(
+        {"num_inference_steps", "guidance_scale", "eta", "batch_size", "seed"}
+    )
+
     def __init__(
         self,
         model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5",
@@ -87,6 +92,18 @@ class DiffusionPolicy(ConditionalPolicy):
             raise ValueError(f"resolution must be a positive multiple of 8, got {resolution}")
         if ema_decay is not None and not 0 < ema_decay < 1:
             raise ValueError(f"ema_decay must be in (0, 1), got {ema_decay}")
+        if lora_r < 0 or (lora_r > 0 and lora_alpha <= 0):
+            raise ValueError(
+                f"lora_r must be >= 0 (0 trains the full UNet) and lora_alpha > 0, got {lora_r} / {lora_alpha}"
+            )
+        if vae_fit_steps < 0:
+            raise ValueError(f"vae_fit_steps must be >= 0, got {vae_fit_steps}")
+        self.check_sampling(
+            {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "eta": eta},
+            "DiffusionPolicy",
+        )
+        if generation_batch_size < 1:
+            raise ValueError(f"DiffusionPolicy.generation_batch_size must be >= 1, got {generation_batch_size}")
         self.conditioning = RewardConditioning(
             list(reward_names), template=template, markers=markers, decimals=decimals
         )
@@ -280,11 +297,6 @@ class DiffusionPolicy(ConditionalPolicy):
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    def sampling_defaults(self, purpose: str) -> dict[str, Any]:
-        """The sweep samples every preference from the same noise (``seed``), so differences between its
-        columns come from the conditioning alone; online chunks draw fresh noise each."""
-        return {"seed": self.hparams.seed} if purpose == "evaluation" else {}
-
     @torch.no_grad()
     def generate(
         self,
@@ -296,11 +308,8 @@ class DiffusionPolicy(ConditionalPolicy):
         num_inference_steps, guidance_scale, eta, batch_size and seed (default: drawn from torch's global
         generator, so successive calls, e.g. an online round's chunks, start from different noise)."""
         h = self.hparams
-        known = {"num_inference_steps", "guidance_scale", "eta", "batch_size", "seed"}
-        unknown = set(sampling) - known
-        if unknown:
-            raise ValueError(f"unknown sampling settings {sorted(unknown)} for DiffusionPolicy; known: {sorted(known)}")
-        texts = self.condition(prompts, desired_rewards if self.conditioned else None)
+        self.check_sampling(sampling)
+        texts = self.condition(prompts, desired_rewards)
         batch_size = int(sampling.get("batch_size", h.generation_batch_size))
         device = self.unet.device  # where DeepSpeed / the strategy placed the weights
         seed = sampling.get("seed")
@@ -371,14 +380,35 @@ class DiffusionPolicy(ConditionalPolicy):
         canvas.save(path)
         return path
 
-    def export(self, path: str | Path) -> Path:
-        """A diffusers pipeline folder (UNet with LoRA fused, EMA weights if kept) plus ``ric.json``."""
+    def export(self, path: str | Path, merge: bool = True) -> Path:
+        """A diffusers pipeline folder (a copy of the UNet with its LoRA fused and the EMA weights if kept;
+        the live policy is not changed) plus ``ric.json`` and a model card. ``merge=False`` is not offered:
+        a pipeline folder always holds the full UNet."""
+        import copy
+
+        from diffusers import StableDiffusionPipeline
+
         path = Path(path)
+        unet = copy.deepcopy(self.unet)
         if self.ema is not None:
-            self.ema.copy_to(self.trained_parameters())
+            self.ema.copy_to([p for p in unet.parameters() if p.requires_grad])
         if self.hparams.lora_r > 0:
-            self.unet.fuse_lora()
-            self.unet.unload_lora()
-        self.pipeline().save_pretrained(path)
-        self.save_ric_metadata(path)
+            unet.fuse_lora()
+            unet.unload_lora()
+        pipe = self.pipeline()
+        StableDiffusionPipeline(**{**pipe.components, "unet": unet}).save_pretrained(path)
+        self.save_ric_metadata(path, export={"merged": True, "base": None})
         return path
+
+    @classmethod
+    def from_export(cls, folder: Path, meta: dict[str, Any], **overrides: Any) -> DiffusionPolicy:
+        """An export loads as a pretrained pipeline folder with the recorded sampling settings."""
+        init = dict((meta.get("policy") or {}).get("init_args") or {})
+        if not init:  # schema 1 recorded the conditioning only
+            c = meta.get("conditioning") or {}
+            init = {k: c[k] for k in ("reward_names", "template", "markers", "decimals") if k in c}
+            init["conditioned"] = meta.get("conditioned", True)
+        init.update(model=str(folder), tiny_config=None, revision=None, variant=None, lora_r=0, ema_decay=None,
+                    vae_fit_steps=0, gradient_checkpointing=False)  # fmt: skip
+        init.update(overrides)
+        return cls(**init)

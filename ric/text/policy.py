@@ -6,14 +6,14 @@ import contextlib
 import importlib.util
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 
 from ric.adapters import fuse_adapters
 from ric.conditioning import RewardConditioning
-from ric.distributed import sharded_weights
+from ric.distributed import attached_trainer, sharded_weights
 from ric.interfaces import ConditionalPolicy
 from ric.optim import adamw_with_schedule
 from ric.text.models import load_causal_lm
@@ -22,6 +22,17 @@ LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pr
 #: static-cache generation pads prompt widths to a multiple of this (fewer distinct cache lengths to compile)
 STATIC_WIDTH_STEP = 64
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: training-only switches turned off when a policy is loaded for inference
+INFERENCE_SETTINGS: dict[str, Any] = {
+    "compile": False,
+    "compile_mode": "default",
+    "gradient_checkpointing": False,
+    "liger_kernel": False,
+    "packing": False,
+    "packing_width": None,
+    "generation_backend": "hf",
+    "vllm_kwargs": None,
+}
 
 
 class TextPolicy(ConditionalPolicy):
@@ -72,6 +83,8 @@ class TextPolicy(ConditionalPolicy):
             serves the base model, the current adapter goes with each call; ``vllm_kwargs`` go to ``vllm.LLM``).
     """
 
+    inference_overrides: ClassVar[dict[str, Any]] = INFERENCE_SETTINGS
+
     def __init__(
         self,
         model: str = "smollm2",
@@ -115,6 +128,24 @@ class TextPolicy(ConditionalPolicy):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if lora_r < 0 or (lora_r > 0 and lora_alpha <= 0) or not 0 <= lora_dropout < 1:
+            raise ValueError(
+                f"LoRA needs lora_r >= 0 (0 fine-tunes every weight), lora_alpha > 0 and lora_dropout in [0, 1), got "
+                f"lora_r={lora_r}, lora_alpha={lora_alpha}, lora_dropout={lora_dropout}"
+            )
+        if max_length < 1 or not 0 <= min_tokens <= max_tokens:
+            raise ValueError(
+                f"need max_length >= 1 and 0 <= min_tokens <= max_tokens, got max_length={max_length}, "
+                f"min_tokens={min_tokens}, max_tokens={max_tokens}"
+            )
+        if not learning_rate > 0 or warmup_steps < 0:
+            raise ValueError(f"need learning_rate > 0 and warmup_steps >= 0, got {learning_rate} / {warmup_steps}")
+        self.check_sampling(
+            {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "do_sample": do_sample,
+             }, "TextPolicy",
+        )  # fmt: skip
+        if generation_batch_size < 1:
+            raise ValueError(f"TextPolicy.generation_batch_size must be >= 1, got {generation_batch_size}")
         # optional packages are checked before minutes of model loading
         if liger_kernel and importlib.util.find_spec("liger_kernel") is None:
             raise ImportError("liger_kernel=True needs Liger kernels: pip install liger-kernel (or 'ric[speed]')")
@@ -246,7 +277,7 @@ class TextPolicy(ConditionalPolicy):
         **sampling: Any,
     ) -> list[str]:
         """Batched, left-padded sampling; prompts are sorted by length so batches waste little padding."""
-        texts = self.condition(prompts, desired_rewards) if self.conditioned else self.condition(prompts, None)
+        texts = self.condition(prompts, desired_rewards)
         settings = {
             "max_new_tokens": self.hparams.max_new_tokens,
             "temperature": self.hparams.temperature,
@@ -263,7 +294,7 @@ class TextPolicy(ConditionalPolicy):
             return [self._decode(new) for new in self._vllm_engine().generate(encoded, self.lm, settings)]
         if self.hparams.cache_implementation is not None:
             settings.setdefault("cache_implementation", self.hparams.cache_implementation)
-        if sharded_weights(self._trainer):  # each forward gathers shards from all ranks: keep them in step
+        if sharded_weights(attached_trainer(self)):  # each forward gathers shards from all ranks: keep them in step
             settings.setdefault("synced_gpus", True)
         # where the embeddings live: Lightning's tracked device can lag behind DeepSpeed / bitsandbytes placement
         device = self.lm.get_input_embeddings().weight.device
@@ -384,7 +415,7 @@ class TextPolicy(ConditionalPolicy):
         h = self.hparams
         if not h.merge_lora_for_generation or h.lora_r <= 0 or h.quantization is not None:
             return []
-        if h.generation_backend != "hf" or sharded_weights(self._trainer):  # vLLM holds its own base weights
+        if h.generation_backend != "hf" or sharded_weights(attached_trainer(self)):  # vLLM holds its own base weights
             return []
         from peft.tuners.lora import LoraLayer
 
@@ -422,7 +453,8 @@ class TextPolicy(ConditionalPolicy):
     def _full_root_parameters(self) -> contextlib.AbstractContextManager:
         """Under FSDP the root unit's own parameters (embeddings, head) are gathered only inside its forward;
         generation calls the model directly, so gather them for its duration (layer units gather themselves)."""
-        model = self._trainer.strategy.model if self._trainer is not None else None
+        trainer = attached_trainer(self)
+        model = trainer.strategy.model if trainer is not None else None
         if torch.distributed.is_available():
             from torch.distributed.fsdp import FullyShardedDataParallel
 
@@ -436,19 +468,67 @@ class TextPolicy(ConditionalPolicy):
         super().on_save_checkpoint(checkpoint)
 
     def export(self, path: str | Path, merge: bool = True) -> Path:
-        """Save a standalone model folder: adapter merged into the base weights (``merge=True``) or the
-        adapter alone, plus tokenizer, normalization statistics and the conditioning format."""
+        """A standalone model folder: the adapter merged into a copy of the base weights (``merge=True``) or
+        the adapter alone (loaded onto the base model named in ``ric.json``), the tokenizer, ``ric.json``
+        and a model card. The live policy is not changed."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        lm = self.lm
-        if merge and hasattr(lm, "merge_and_unload"):
+        adapter = hasattr(self.lm, "merge_and_unload")
+        if merge and adapter:
             import copy
 
-            lm = copy.deepcopy(lm).merge_and_unload()
+            lm = copy.deepcopy(self.lm).merge_and_unload()
+        else:
+            lm = self.lm
         lm.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
-        self.save_ric_metadata(path)
+        merged = merge or not adapter
+        base = None if merged else {"model": self.hparams.model, "gguf_file": self.hparams.gguf_file}
+        self.save_ric_metadata(path, export={"merged": merged, "base": base})
         return path
+
+    @classmethod
+    def from_export(cls, folder: Path, meta: dict[str, Any], **overrides: Any) -> TextPolicy:
+        """A merged export loads as a plain model (``lora_r: 0``); an adapter-only one rebuilds the base model
+        with the recorded LoRA settings and loads the adapter into it. Training-only speed switches are off."""
+        init = dict((meta.get("policy") or {}).get("init_args") or {})
+        if not init:  # schema 1 recorded the conditioning only
+            c = meta.get("conditioning") or {}
+            init = {k: c[k] for k in ("reward_names", "template", "markers", "decimals") if k in c}
+            init["conditioned"] = meta.get("conditioned", True)
+        merged = (meta.get("export") or {}).get("merged", not (folder / "adapter_config.json").is_file())
+        init.update(cls.inference_overrides, quantization=None)
+        if merged:
+            init.update(model=str(folder), gguf_file=None, lora_r=0)
+        init.update(overrides)
+        policy = cls(**init)
+        if not merged:
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            weights = folder / "adapter_model.safetensors"
+            if not weights.is_file():
+                raise FileNotFoundError(f"{folder} is an adapter-only export but has no {weights.name}")
+            result = set_peft_model_state_dict(policy.lm, load_file(str(weights)))
+            if result.unexpected_keys:
+                raise ValueError(f"{weights} holds weights the model does not have: {result.unexpected_keys[:5]}")
+        return policy
+
+    def check_prompt(self, prompt: Any) -> None:
+        """Refuse an empty prompt, or one whose conditioned form leaves no room for ``max_new_tokens`` in the
+        model's context."""
+        super().check_prompt(prompt)
+        limit = getattr(self.lm.config, "max_position_embeddings", None)
+        if limit is None:
+            return
+        values = None if not self.conditioned else np.zeros(self.conditioning.num_rewards)
+        n = len(self._encode(self.format_prompt(prompt, values))[0])
+        room = limit - int(self.hparams.max_new_tokens)
+        if n > room:
+            raise ValueError(
+                f"the prompt is {n} tokens with its markers, over the {room} this model takes ({limit} tokens of "
+                f"context minus max_new_tokens {self.hparams.max_new_tokens}): {str(prompt)[:80]!r}..."
+            )
 
 
 def pad(rows: Sequence[tuple[list[int], list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:

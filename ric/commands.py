@@ -1,0 +1,375 @@
+"""The commands a user runs on a trained model: ``ric export``, ``ric generate`` and ``ric chat``.
+
+Each checks its inputs against the model's metadata (reward names, the reward space) before any weights
+load: a bad preference, path or prompts file is a one-line error naming the value, with exit code 2, and
+nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from ric.interfaces import ConditionalPolicy, Steered, score_all
+from ric.loading import ModelInfo, load_from_info, policy_class, read_model_info
+from ric.mapping import METHODS, validate_preference
+
+
+class UsageError(ValueError):
+    """Bad input to a command: reported in one line, exit code 2."""
+
+
+def parse_vector(text: str, what: str) -> list[float]:
+    """``"0.2,0.8"`` or ``"0.2 0.8"`` -> ``[0.2, 0.8]``."""
+    parts = [p for p in text.replace(",", " ").split() if p]
+    if not parts:
+        raise UsageError(f"{what} {text!r} is empty")
+    try:
+        return [float(p) for p in parts]
+    except ValueError:
+        raise UsageError(f"{what} {text!r} is not a list of numbers (write it as 0.2,0.8)") from None
+
+
+def check_preference(values: list[float], info: ModelInfo) -> list[float]:
+    try:
+        return validate_preference(values, num_rewards=len(info.reward_names)).tolist()
+    except ValueError as err:
+        raise UsageError(f"{err}; rewards: {info.reward_names}") from None
+
+
+def check_desired(values: list[float], info: ModelInfo) -> list[float]:
+    if len(values) != len(info.reward_names) or not np.all(np.isfinite(values)):
+        raise UsageError(
+            f"desired rewards {values} need {len(info.reward_names)} finite values, one per reward {info.reward_names}"
+        )
+    return values
+
+
+def read_prompts(path: str) -> list[str]:
+    """Prompts of a JSONL file, one ``{"prompt": ...}`` per line."""
+    from ric.data import read_jsonl
+
+    try:
+        rows = read_jsonl(path)
+    except FileNotFoundError:
+        raise UsageError(f"prompts file not found: {path}") from None
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if not rows:
+        raise UsageError(f'prompts file {path} holds no prompts (one {{"prompt": ...}} per line)')
+    prompts = []
+    for k, row in enumerate(rows, 1):
+        prompt = row.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise UsageError(f"{path}: line {k} has no non-empty string 'prompt': {json.dumps(row)[:80]}")
+        prompts.append(prompt)
+    return prompts
+
+
+def sampling_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampling flags that were given (the model's own settings apply to the others)."""
+    out: dict[str, Any] = {}
+    for flag in ("max_new_tokens", "temperature", "top_p", "num_inference_steps", "guidance_scale"):
+        value = getattr(args, flag, None)
+        if value is not None:
+            out[flag] = value
+    if getattr(args, "greedy", False):
+        out["do_sample"] = False
+    return out
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sampling (default: the model's own settings)")
+    group.add_argument("--max-new-tokens", type=int, help="text: tokens to generate")
+    group.add_argument("--temperature", type=float, help="text: sampling temperature")
+    group.add_argument("--top-p", type=float, help="text: nucleus sampling mass")
+    group.add_argument("--greedy", action="store_true", help="text: greedy decoding")
+    group.add_argument("--num-inference-steps", type=int, help="images: DDIM steps")
+    group.add_argument("--guidance-scale", type=float, help="images: classifier-free guidance scale")
+
+
+def load_checked(args: argparse.Namespace, info: ModelInfo) -> ConditionalPolicy:
+    return load_from_info(info, device=getattr(args, "device", None))
+
+
+def format_values(names: Sequence[str], values: Sequence[float] | None) -> str:
+    if values is None:
+        return "none (no reward markers)"
+    return ", ".join(f"{n} {v:+.2f}" for n, v in zip(names, values))
+
+
+# ---- export -------------------------------------------------------------------------------------
+def export_command(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"{out} already exists and is not an empty folder: choose a new one")
+    info = read_model_info(args.model)
+    policy = load_checked(args, info)
+    policy.export(out, merge=not args.no_merge)
+    print(f"exported {info.path} to {out.resolve()} (ric.json, README.md)")
+    print(f"steer it: ric generate {out} --preference {','.join(['1'] + ['0'] * (len(info.reward_names) - 1))} "
+          '--prompt "..."')  # fmt: skip
+    return 0
+
+
+# ---- generate -----------------------------------------------------------------------------------
+def steering_inputs(args: argparse.Namespace, info: ModelInfo) -> tuple[list[float] | None, list[float] | None]:
+    """``(preference, desired rewards)`` from the flags, checked against the model's rewards."""
+    preference = check_preference(parse_vector(args.preference, "preference"), info) if args.preference else None
+    desired = (
+        check_desired(parse_vector(args.desired_rewards, "desired rewards"), info) if args.desired_rewards else None
+    )
+    if preference is None and desired is None and info.conditioned:
+        raise UsageError(f"give --preference (weights on {info.reward_names}, summing to 1) or --desired-rewards")
+    if preference is not None and info.reward_space is None:
+        raise UsageError(f"{info.path} holds no reward space to map a preference: give --desired-rewards instead")
+    return preference, desired
+
+
+def generate_command(args: argparse.Namespace) -> int:
+    if args.num_samples < 1:
+        raise UsageError(f"--num-samples must be >= 1, got {args.num_samples}")
+    prompts = read_prompts(args.prompts) if args.prompts else list(args.prompt)
+    for k, prompt in enumerate(prompts, 1):
+        if not prompt.strip():
+            raise UsageError(f"prompt {k} is empty")
+    info = read_model_info(args.model)
+    preference, desired = steering_inputs(args, info)
+    settings = policy_class(info.class_path).check_sampling(sampling_settings(args), "sampling flags")
+    if args.out and not Path(args.out).resolve().parent.is_dir():
+        raise UsageError(f"the folder of --out {args.out} does not exist")
+    rewards = rebuild_rewards(info) if args.score else None
+    policy = load_checked(args, info)
+    try:
+        for prompt in prompts:
+            policy.check_prompt(prompt)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    names = info.reward_names
+    results = policy.steer(
+        prompts, preference, desired_rewards=desired, method=args.method, num_samples=args.num_samples,
+        seed=args.seed, **settings,
+    )  # fmt: skip
+    if rewards is not None:
+        add_scores(results, rewards, policy)
+    w = f" for w = ({', '.join(f'{v:.2f}' for v in preference)})" if preference is not None else ""
+    method = args.method or (policy.reward_space.method if policy.reward_space else "-")
+    print(f"desired rewards{w} [{method} mapping]: {format_values(names, results[0].desired_rewards)}")
+    image_dir = Path(args.image_dir)
+    stored = policy.store_samples(
+        [r.sample for r in results], image_dir, [f"sample{k:04d}" for k in range(len(results))]
+    )
+    for k, (result, shown) in enumerate(zip(results, stored)):
+        print(f"\n[{k + 1}/{len(results)}] {result.prompt}")
+        print(shown)
+        if result.obtained_rewards is not None:
+            print(f"  obtained: {format_values(names, list(result.obtained_rewards.values()))}")
+    if results[0].obtained_rewards is not None and len(results) > 1:
+        mean = np.mean([list(r.obtained_rewards.values()) for r in results], axis=0)
+        print(f"\nmean obtained over {len(results)} samples: {format_values(names, mean)}")
+    if args.out:
+        write_results(args.out, results, stored)
+        print(f"wrote {len(results)} lines to {args.out}")
+    return 0
+
+
+def rebuild_rewards(info: ModelInfo) -> list[Any]:
+    space = info.reward_space
+    if space is None:
+        raise UsageError(f"--score needs the model's reward space, and {info.path} has none")
+    try:
+        return space.build_rewards()
+    except (ValueError, RuntimeError) as err:
+        raise UsageError(f"--score cannot rebuild the rewards: {err}") from None
+
+
+def add_scores(results: list[Steered], rewards: Sequence[Any], policy: ConditionalPolicy) -> None:
+    """Each result's obtained rewards, in the reward space's normalized units."""
+    raw = score_all(rewards, [r.prompt for r in results], [r.sample for r in results])
+    z = policy.reward_space.normalize(raw)
+    for result, row in zip(results, z):
+        result.obtained_rewards = dict(zip(policy.reward_space.reward_names, row.tolist()))
+
+
+def write_results(path: str, results: Sequence[Steered], stored: Sequence[Any]) -> None:
+    lines = []
+    for result, response in zip(results, stored):
+        row = {
+            "prompt": result.prompt,
+            "preference": result.preference,
+            "desired_rewards": result.desired_rewards,
+            "response": response,
+        }
+        if result.obtained_rewards is not None:
+            row["obtained_rewards"] = result.obtained_rewards
+        lines.append(json.dumps(row, ensure_ascii=False))
+    Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+# ---- chat ---------------------------------------------------------------------------------------
+CHAT_HELP = """commands:
+  /w 0.3 0.7          set the preference (weights on the rewards, summing to 1)
+  /rewards 1.0 -0.5   set the desired rewards directly (normalized units)
+  /method linear      the preference mapping (linear, p_norm, p_inf, solver)
+  /help               this text
+  /quit               leave (or Ctrl-D)
+every other line is a prompt; each is answered on its own (RiC prompts are single-turn)."""
+
+
+def chat_command(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    info = read_model_info(args.model)
+    preference, desired = None, None
+    if args.preference:
+        preference = check_preference(parse_vector(args.preference, "preference"), info)
+    elif info.conditioned and info.reward_space is not None:
+        preference = [1.0 / len(info.reward_names)] * len(info.reward_names)
+    settings = policy_class(info.class_path).check_sampling(sampling_settings(args), "sampling flags")
+    policy = load_checked(args, info)
+    names = info.reward_names
+    method = args.method
+    interactive = stdin.isatty()
+
+    def say(text: str) -> None:
+        print(text, file=stdout, flush=True)
+
+    say(f"ric chat: {info.path} (rewards {names}); /help for commands")
+    if preference is not None:
+        say(f"preference w = {preference}")
+    turn = 0
+    while True:
+        if interactive:
+            stdout.write("you> ")
+            stdout.flush()
+        line = stdin.readline()
+        if not line:
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            if line.startswith("/"):
+                command, _, rest = line.partition(" ")
+                if command in ("/quit", "/exit"):
+                    return 0
+                if command == "/help":
+                    say(CHAT_HELP)
+                elif command == "/w":
+                    preference, desired = check_preference(parse_vector(rest, "preference"), info), None
+                    say(f"preference w = {preference}")
+                elif command == "/rewards":
+                    desired, preference = check_desired(parse_vector(rest, "desired rewards"), info), None
+                    say(f"desired rewards: {format_values(names, desired)}")
+                elif command == "/method":
+                    if rest.strip() not in METHODS:
+                        raise UsageError(f"unknown mapping method {rest.strip()!r}; choose one of {list(METHODS)}")
+                    method = rest.strip()
+                    say(f"mapping: {method}")
+                else:
+                    raise UsageError(f"unknown command {command!r}; /help lists them")
+                continue
+            policy.check_prompt(line)
+            seed = None if args.seed is None else args.seed + turn
+            result = policy.steer(line, preference, desired_rewards=desired, method=method, seed=seed, **settings)[0]
+        except ValueError as err:
+            say(f"error: {err}")
+            continue
+        turn += 1
+        shown = policy.store_samples([result.sample], Path(args.image_dir), [f"chat{turn:04d}"])[0]
+        say(f"[desired: {format_values(names, result.desired_rewards)}]")
+        say(f"ric> {shown}")
+
+
+# ---- serve --------------------------------------------------------------------------------------
+def serve_command(args: argparse.Namespace) -> int:
+    from ric.serve.server import build_server
+
+    server = build_server(args.model, args.max_batch_size, args.batch_timeout, args.score, args.device, args.front,
+                          args.timeout, args.name)  # fmt: skip
+    print(f"ric serve: {args.model} at http://{args.host}:{args.port}/ (page), OpenAI API at "
+          f"http://{args.host}:{args.port}/v1", flush=True)  # fmt: skip
+    server.run(host=args.host, port=args.port, generate_client_file=False, log_level=args.log_level)
+    return 0
+
+
+# ---- the parser ---------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ric",
+        description="Rewards-in-Context: train one model, steer it with a preference over its rewards.",
+        epilog="fit, validate and test run LightningCLI: ric fit --config configs/quickstart_text.yaml "
+        "(ric fit --help lists its settings).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="{fit,validate,test,export,generate,chat,serve}")
+    for name in ("fit", "validate", "test"):
+        sub.add_parser(name, help=f"LightningCLI {name} (ric {name} --help)", add_help=False)
+
+    export = sub.add_parser("export", help="write a standalone model folder with ric.json and a model card")
+    export.add_argument("model", help="a .ckpt file (or an export folder)")
+    export.add_argument("out", help="a new folder")
+    export.add_argument("--no-merge", action="store_true", help="text: save the LoRA adapter alone")
+    export.set_defaults(handler=export_command)
+
+    gen = sub.add_parser("generate", help="samples for prompts at a preference")
+    gen.add_argument("model", help="an export folder or a .ckpt file")
+    prompts = gen.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
+    prompts.add_argument("--prompts", help='a JSONL file, one {"prompt": ...} per line')
+    steering = gen.add_mutually_exclusive_group()
+    steering.add_argument("--preference", help="weights on the rewards, summing to 1, e.g. 0.2,0.8")
+    steering.add_argument("--desired-rewards", help="desired rewards directly (normalized units), e.g. 1.0,-0.5")
+    gen.add_argument("--method", choices=METHODS, help="preference mapping (default: the model's)")
+    gen.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
+    gen.add_argument("--seed", type=int, help="the same seed gives the same samples")
+    gen.add_argument("--score", action="store_true", help="score the samples with the model's rewards")
+    gen.add_argument("--out", help="write one JSON line per sample here")
+    gen.add_argument("--image-dir", default="ric_images", help="images: where the PNG files go")
+    gen.add_argument("--device", help="cpu (default), cuda, cuda:1, ...")
+    add_sampling_flags(gen)
+    gen.set_defaults(handler=generate_command)
+
+    chat = sub.add_parser("chat", help="an interactive session with a steerable model")
+    chat.add_argument("model", help="an export folder or a .ckpt file")
+    chat.add_argument("--preference", help="the starting preference (default: equal weights)")
+    chat.add_argument("--method", choices=METHODS, help="preference mapping (default: the model's)")
+    chat.add_argument("--seed", type=int, help="seed of the first answer (then seed + 1, ...)")
+    chat.add_argument("--image-dir", default="ric_images", help="images: where the PNG files go")
+    chat.add_argument("--device", help="cpu (default), cuda, ...")
+    add_sampling_flags(chat)
+    chat.set_defaults(handler=chat_command)
+
+    serve = sub.add_parser("serve", help="an OpenAI-compatible server with a steering page")
+    serve.add_argument("model", help="an export folder or a .ckpt file")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-batch-size", type=int, default=16, help="requests generated together")
+    serve.add_argument("--batch-timeout", type=float, default=0.05, help="seconds to wait for a batch to fill")
+    serve.add_argument("--score", action="store_true", help="return each response's obtained rewards")
+    serve.add_argument("--device", help="cpu (default), cuda, ...")
+    serve.add_argument("--front", help="the sweep's front.csv to show (default: found beside the model)")
+    serve.add_argument("--timeout", type=float, default=600.0, help="seconds a request may wait")
+    serve.add_argument("--name", help="the model's name in /v1/models (default: from its path)")
+    serve.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(handler=serve_command)
+    return parser
+
+
+def run(argv: Sequence[str]) -> int:
+    """Parse and run a user command; bad input is reported in one line with exit code 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help()
+        return 2
+    try:
+        return handler(args)
+    except (UsageError, ValueError, FileNotFoundError) as err:
+        print(f"ric {args.command}: error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,199 @@
+"""``ric serve MODEL``: an OpenAI-compatible server on LitServe, with a page to steer the model in a browser.
+
+The HTTP process knows the model's metadata only (reward names and space, read without weights): it checks
+each request there and answers a bad one with a 400 at once, then forwards the checked request to the one
+model worker, where LitServe batches requests of every endpoint together. Routes:
+
+* ``POST /v1/chat/completions``, ``POST /v1/completions`` (text), ``POST /v1/images/generations`` (images):
+  OpenAI's shapes plus ``preference`` (or ``desired_rewards``) and ``method`` in the body; the response
+  carries ``desired_rewards`` (and ``obtained_rewards`` with ``--score``) at its top level.
+* ``GET /v1/models``: the model, its rewards, their ranges and the mapping; ``GET /health``.
+* ``GET /``: the page; ``POST /v1/ric/desired`` (desired rewards of a preference) and ``GET /v1/ric/front``
+  (the model's sweep front) serve it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import HTMLResponse, JSONResponse
+
+from ric.loading import ModelInfo, read_model_info
+from ric.serve.api import STEER_PATH, SteeringAPI
+from ric.serve.requests import ENDPOINTS, BadRequest, ModelCard, error_body, parse_request
+from ric.space import RewardSpace
+
+
+class CheckRequests:
+    """ASGI middleware: reads each POST to an OpenAI endpoint, refuses malformed JSON and bad fields with a
+    400 naming them, and forwards the rest to the model worker's path with their kind."""
+
+    def __init__(self, app: Any, card: ModelCard) -> None:
+        self.app = app
+        self.card = card
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"].rstrip("/") not in ENDPOINTS:
+            await self.app(scope, receive, send)
+            return
+        kind = ENDPOINTS[scope["path"].rstrip("/")]
+        raw = b""
+        while True:
+            message = await receive()
+            raw += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        try:
+            try:
+                body = json.loads(raw or b"null")
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise BadRequest(f"the request body is not valid JSON: {err}") from None
+            parse_request(kind, body, self.card)
+        except BadRequest as err:
+            await respond(send, err.status, err.body())
+            return
+        forwarded = json.dumps({"kind": kind, "body": body}).encode()
+        headers = [(k, v) for k, v in scope["headers"] if k.lower() not in (b"content-length", b"content-type")]
+        headers += [(b"content-type", b"application/json"), (b"content-length", str(len(forwarded)).encode())]
+        sent = False
+
+        async def replay() -> dict:
+            nonlocal sent
+            if sent:
+                return await receive()
+            sent = True
+            return {"type": "http.request", "body": forwarded, "more_body": False}
+
+        await self.app({**scope, "path": STEER_PATH, "raw_path": STEER_PATH.encode(), "headers": headers}, replay, send)
+
+
+async def respond(send: Any, status: int, body: dict[str, Any]) -> None:
+    data = json.dumps(body).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": data})
+
+
+def model_card(info: ModelInfo, name: str, score: bool, front: Path | None) -> ModelCard:
+    kind = "image" if info.class_path.endswith("DiffusionPolicy") else "text"
+    space = info.reward_space
+    return ModelCard(
+        name=name,
+        kind=kind,
+        reward_names=info.reward_names,
+        conditioned=info.conditioned,
+        reward_space=space.to_dict() if space is not None else None,
+        scoring=score,
+        front=read_front_points(front) if front is not None else None,
+    )
+
+
+def find_front(info: ModelInfo) -> Path | None:
+    """The model's sweep ``front.csv``: in an export folder, or the run's ``sweep`` folder near a checkpoint."""
+    candidates = [info.path / "front.csv"] if info.kind == "export" else []
+    if info.kind == "checkpoint":
+        folder = info.path.resolve().parent
+        for _ in range(4):
+            candidates.append(folder / "sweep" / "front.csv")
+            folder = folder.parent
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def read_front_points(path: Path) -> dict[str, Any]:
+    """The sweep's points (preference, obtained means) for the page; rows without a preference (a base-model
+    sweep) are left out."""
+    from ric.compare import read_front
+
+    names, preferences, means = read_front(path)
+    points = [
+        {"preference": w.tolist(), "obtained": m.tolist()} for w, m in zip(preferences, means) if all(v == v for v in w)
+    ]
+    return {"file": str(path), "reward_names": names, "points": points}
+
+
+def add_routes(server: Any, card: ModelCard) -> None:
+    """The routes the HTTP process answers itself: the model list, the page and its helpers."""
+    app = server.app
+    app.router.routes = [r for r in app.router.routes if getattr(r, "path", None) != "/"]  # LitServe's own index
+    space = RewardSpace.from_dict(card.reward_space) if card.reward_space else None
+    page = resources.files("ric.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+    created = int(time.time())
+
+    async def models() -> JSONResponse:
+        ric = {"kind": card.kind, "reward_names": card.reward_names, "conditioned": card.conditioned,
+               "scoring": card.scoring, "mapping": None, "reward_range": None}  # fmt: skip
+        if space is not None:
+            ric["mapping"] = {"method": space.method, "p": space.p, "lam": space.lam}
+            ric["reward_range"] = {"r_min": space.r_min.tolist(), "r_max": space.r_max.tolist(),
+                                   "source": space.range_source}  # fmt: skip
+        entry = {"id": card.name, "object": "model", "created": created, "owned_by": "ric", "ric": ric}
+        return JSONResponse({"object": "list", "data": [entry]})
+
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    async def desired(request: Request) -> JSONResponse:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            return JSONResponse(error_body(f"the request body is not valid JSON: {err}", "invalid_request_error"), 400)
+        if space is None:
+            return JSONResponse(error_body("this model has no reward space", "invalid_request_error"), 400)
+        try:
+            steering = parse_request(card.kind if card.kind == "image" else "completion",
+                                     {"prompt": "-", **(body if isinstance(body, dict) else {})}, card)  # fmt: skip
+            values = (
+                space.desired(steering.preference, steering.method) if steering.preference else steering.desired_rewards
+            )
+        except BadRequest as err:
+            return JSONResponse(err.body(), err.status)
+        return JSONResponse({"preference": steering.preference, "desired_rewards": list(map(float, values))})
+
+    async def front() -> JSONResponse:
+        return JSONResponse(card.front or {"reward_names": card.reward_names, "points": []})
+
+    app.add_api_route("/v1/models", models, methods=["GET"])
+    app.add_api_route("/", index, methods=["GET"])
+    app.add_api_route("/v1/ric/desired", desired, methods=["POST"])
+    app.add_api_route("/v1/ric/front", front, methods=["GET"])
+
+
+def build_server(
+    model: str | Path,
+    max_batch_size: int = 16,
+    batch_timeout: float = 0.05,
+    score: bool = False,
+    device: str | None = None,
+    front: str | Path | None = None,
+    timeout: float = 600.0,
+    name: str | None = None,
+) -> Any:
+    """A LitServer for the model at ``model`` (nothing loads until it runs: the worker loads the weights)."""
+    import litserve as ls
+
+    if max_batch_size < 1:
+        raise ValueError(f"--max-batch-size must be >= 1, got {max_batch_size}")
+    if batch_timeout < 0:
+        raise ValueError(f"--batch-timeout must be >= 0 seconds, got {batch_timeout}")
+    info = read_model_info(model)
+    if score:
+        space = info.reward_space
+        if space is None or space.rewards is None or any(r is None for r in space.rewards):
+            raise ValueError(f"--score needs rebuildable rewards, and {info.path} does not record them")
+    front_path = Path(front) if front else find_front(info)
+    if front_path is not None and not front_path.is_file():
+        raise FileNotFoundError(f"--front {front_path} not found")
+    path = Path(model).resolve()
+    card = model_card(info, name or (path.name if path.is_dir() else f"{path.parent.parent.name}/{path.stem}"), score,
+                      front_path)  # fmt: skip
+    api = SteeringAPI(str(model), card, score=score, device=device, max_batch_size=max_batch_size,
+                      batch_timeout=batch_timeout)  # fmt: skip
+    accelerator = "cpu" if device in (None, "cpu") else "auto"
+    server = ls.LitServer(api, accelerator=accelerator, timeout=timeout, middlewares=[(CheckRequests, {"card": card})])
+    add_routes(server, card)
+    return server

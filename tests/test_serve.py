@@ -1,0 +1,244 @@
+"""ric serve: a live server on 127.0.0.1, called by the official openai client, raw HTTP and headless Chromium."""
+
+import base64
+import concurrent.futures
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+import ric
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``ric serve`` in a subprocess; its log is kept to count the batches it generated."""
+
+    def __init__(self, model, tmp_path, *args):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tmp_path / f"serve-{self.port}.log"
+        cmd = [sys.executable, "-m", "ric.cli", "serve", str(model), "--port", str(self.port), *map(str, args)]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
+                                     start_new_session=True)  # fmt: skip
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log.read_text()[-3000:]
+            try:
+                if get(f"{self.url}/health")[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise AssertionError(f"server did not start: {self.log.read_text()[-3000:]}")
+
+    def batches(self) -> list[int]:
+        return [
+            int(line.split("batch of ")[1].split()[0])
+            for line in self.log.read_text().splitlines()
+            if "batch of " in line
+        ]
+
+    def stop(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+
+
+def request(url, data=None, method=None, headers=None):
+    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def get(url):
+    return request(url)
+
+
+def post(url, body: bytes | dict):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return request(url, data, "POST", {"Content-Type": "application/json"})
+
+
+@pytest.fixture(scope="module")
+def server(trained, tmp_path_factory):
+    s = Server(trained["ckpt"], tmp_path_factory.mktemp("serve"), "--score", "--max-batch-size", "16",
+               "--batch-timeout", "0.5")  # fmt: skip
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def space(trained):
+    return ric.load(trained["ckpt"]).reward_space
+
+
+def test_openai_client_gets_a_steered_chat_completion(client, space):
+    reply = client.chat.completions.create(
+        model="ric", messages=[{"role": "user", "content": "how do I water a fern?"}], max_tokens=6,
+        extra_body={"preference": [0.2, 0.8]},
+    )  # fmt: skip
+    assert reply.choices[0].message.role == "assistant" and isinstance(reply.choices[0].message.content, str)
+    extra = reply.model_extra
+    np.testing.assert_allclose(extra["desired_rewards"], space.desired([0.2, 0.8]))
+    assert extra["preference"] == [0.2, 0.8] and set(extra["obtained_rewards"]) == {"verbosity", "readability"}
+    assert reply.usage.completion_tokens > 0
+    text = client.completions.create(model="ric", prompt="what is tea?", max_tokens=5,
+                                      extra_body={"desired_rewards": [1.0, -0.5], "method": "p_norm"})  # fmt: skip
+    assert isinstance(text.choices[0].text, str) and text.model_extra["desired_rewards"] == [1.0, -0.5]
+
+
+def test_streaming_chat_completion(client, space):
+    chunks = list(client.chat.completions.create(
+        model="ric", messages=[{"role": "user", "content": "hi"}], max_tokens=6, stream=True,
+        extra_body={"preference": [1.0, 0.0]},
+    ))  # fmt: skip
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    last = chunks[-1]
+    assert last.choices[0].finish_reason == "stop" and isinstance(text, str)
+    np.testing.assert_allclose(last.model_extra["desired_rewards"], space.desired([1.0, 0.0]))
+
+
+def test_concurrent_preferences_share_batches(client, server, space):
+    before = len(server.batches())
+    weights = [[k / 15, 1 - k / 15] for k in range(16)]
+
+    def ask(w):
+        return client.chat.completions.create(model="ric", messages=[{"role": "user", "content": f"question {w[0]:.2f}"}],
+                                              max_tokens=6, extra_body={"preference": w})  # fmt: skip
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        replies = list(pool.map(ask, weights))
+    for w, reply in zip(weights, replies):
+        np.testing.assert_allclose(reply.model_extra["desired_rewards"], space.desired(w))
+        assert reply.model_extra["preference"] == pytest.approx(w)
+    batches = server.batches()[before:]
+    assert sum(batches) == 16 and len(batches) < 16 and max(batches) > 1
+    assert max(r.model_extra["batch_size"] for r in replies) > 1
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (b'{"messages": [', "not valid JSON"),
+        ({"messages": [{"role": "user", "content": "hi"}], "preference": [0.5, 0.6]}, "sums to 1.1"),
+        ({"messages": [{"role": "user", "content": "hi"}], "preference": [1.0]}, "has 1 entries, expected 2"),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "preference": [NaN, 1.0]}', "non-finite"),
+        ({"messages": [{"role": "user", "content": "hi"}], "method": "p_two"}, "unknown method 'p_two'"),
+        ({"messages": [{"role": "user", "content": "   "}]}, "the prompt is empty"),
+        ({"messages": [{"role": "user", "content": "hi " * 3000}]}, "tokens with its markers, over the"),
+        ({"messages": []}, "messages must be a non-empty list"),
+        ({"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, "temperature must be a number > 0"),
+        ({"messages": [{"role": "user", "content": "hi"}], "desired_rewards": [1, "x"]}, "desired_rewards must be 2"),
+        ([1, 2], "must be a JSON object"),
+    ],
+)
+def test_bad_requests_get_a_4xx_naming_the_value_and_the_server_goes_on(server, body, message):
+    status, raw = post(f"{server.url}/v1/chat/completions", body)
+    assert 400 <= status < 500, raw
+    assert message in json.loads(raw)["error"]["message"]
+    status, raw = post(f"{server.url}/v1/chat/completions",
+                       {"messages": [{"role": "user", "content": "still there?"}], "max_tokens": 3})  # fmt: skip
+    assert status == 200, raw
+
+
+def test_models_and_health(server, space):
+    status, raw = get(f"{server.url}/v1/models")
+    card = json.loads(raw)["data"][0]["ric"]
+    assert status == 200 and card["reward_names"] == ["verbosity", "readability"] and card["kind"] == "text"
+    np.testing.assert_allclose(card["reward_range"]["r_max"], space.r_max)
+    assert card["mapping"]["method"] == "linear"
+    assert get(f"{server.url}/health") == (200, b"ok")
+    status, raw = post(f"{server.url}/v1/images/generations", {"prompt": "a cat", "preference": [1, 0]})
+    assert status == 404 and "generates text" in json.loads(raw)["error"]["message"]
+
+
+def test_page_in_headless_chromium(server, space, tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / 'chrome'}", "--window-size=1200,900"):  # fmt: skip
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
+    try:
+        driver.get(server.url + "/")
+        wait = WebDriverWait(driver, 60)
+        wait.until(lambda d: d.find_elements(By.ID, "desired-verbosity"))
+        before = driver.find_element(By.ID, "desired-verbosity").text
+        slider = driver.find_element(By.ID, "w0")
+        driver.execute_script(
+            "arguments[0].value = 0.9; arguments[0].dispatchEvent(new Event('input', {bubbles: true}));", slider
+        )
+        wait.until(lambda d: d.find_element(By.ID, "desired-verbosity").text != before)
+        assert driver.find_element(By.ID, "wv1").text == "0.10"  # the other weight follows: on the simplex
+        desired = space.desired([0.9, 0.1])  # the page shows what the model's reward space computes
+        assert driver.find_element(By.ID, "desired-verbosity").text == f"{desired[0]:+.2f}"
+        assert driver.find_element(By.ID, "desired-readability").text == f"{desired[1]:+.2f}"
+        driver.find_element(By.ID, "prompt").send_keys("How do I fix a squeaky door?")
+        driver.find_element(By.ID, "send").click()
+        wait.until(lambda d: "batch of" in d.find_element(By.ID, "status").text)
+        status = driver.find_element(By.ID, "status").text
+        assert f"verbosity {desired[0]:+.2f}" in status  # the response's own desired rewards
+        assert driver.find_element(By.ID, "obtained-verbosity").text.startswith(("+", "-"))
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#front circle")) == 3  # the sweep's 3 preferences
+        assert driver.find_elements(By.CSS_SELECTOR, "#front circle.current")  # the one nearest the sliders
+        assert driver.find_elements(By.CSS_SELECTOR, "#front rect.last")  # the response's obtained rewards
+        driver.save_screenshot(str(tmp_path / "page.png"))
+        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert not errors, errors
+    finally:
+        driver.quit()
+
+
+def test_images_endpoint_on_the_tiny_diffusion_model(trained_sd, tmp_path):
+    server = Server(trained_sd, tmp_path, "--max-batch-size", "4", "--batch-timeout", "0.3")
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        result = client.images.generate(prompt="a red circle on a grey background", extra_body={"preference": [1, 0]})
+        image = Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json)))
+        assert image.size == (16, 16) and len(result.model_extra["desired_rewards"]) == 2
+        with pytest.raises(openai.BadRequestError, match="sums to 2"):
+            client.images.generate(prompt="a red circle", extra_body={"preference": [1, 1]})
+        status, raw = post(f"{server.url}/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})
+        assert status == 404 and "generates images" in json.loads(raw)["error"]["message"]
+    finally:
+        server.stop()
