@@ -136,8 +136,9 @@ def test_concurrent_preferences_share_batches(client, server, space):
     weights = [[k / 15, 1 - k / 15] for k in range(16)]
 
     def ask(w):
-        return client.chat.completions.create(model="ric", messages=[{"role": "user", "content": f"question {w[0]:.2f}"}],
-                                              max_tokens=6, extra_body={"preference": w})  # fmt: skip
+        messages = [{"role": "user", "content": f"question {w[0]:.2f}"}]
+        extra = {"preference": w}
+        return client.chat.completions.create(model="ric", messages=messages, max_tokens=6, extra_body=extra)
 
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         replies = list(pool.map(ask, weights))
