@@ -1,29 +1,40 @@
 """The ``ric`` command: ``ric fit|validate|test --config ...`` (LightningCLI), ``ric export``, ``ric generate``,
-``ric chat``. ``python -m ric.cli ...`` is the same command.
+``ric chat``, ``ric serve``. ``python -m ric.cli ...`` is the same command.
 
 LightningCLI runs over any :class:`~ric.interfaces.ConditionalPolicy` (``model.class_path``) and the shared
-:class:`~ric.data.RelabelDataModule`; ``ric fit --print_config`` shows every setting with its default.
+:class:`~ric.data.RelabelDataModule`; ``ric fit --print_config`` shows every setting with its default. A
+setting that is wrong is reported in one line naming it, before any weights load; ``--verbose`` (or
+``RIC_VERBOSE=1``) shows the full traceback instead.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
+import re
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
 
 from ric.data import RelabelDataModule
 from ric.interfaces import ConditionalPolicy
-from ric.strategies import check_strategy
+from ric.strategies import check_packages, check_strategy
 
 #: subcommands that LightningCLI runs
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
 
 
+class ConfigError(ValueError):
+    """A setting that cannot work, found before any training: reported in one line."""
+
+
 class RiCCLI(LightningCLI):
-    """LightningCLI with the policy as a subclass choice and configs saved beside each run; the strategy is
-    checked against the model's settings before any weights load."""
+    """LightningCLI with the policy as a subclass choice and configs saved beside each run. Before any class
+    is built, the settings that can be checked without a model are: the strategy against the model's
+    quantization and the installed packages, the callbacks' settings against the rewards, the data's reward
+    names against the model's, and the checkpoint to resume from."""
 
     def __init__(self, args: Sequence[str] | None = None, run: bool = True, **kwargs) -> None:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -39,14 +50,140 @@ class RiCCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
-        check_strategy(config.get("trainer.strategy"), config.get("model.init_args.quantization"))
+        try:
+            check_strategy(config.get("trainer.strategy"), config.get("model.init_args.quantization"))
+            check_packages(config.get("trainer.strategy"))
+            reward_names = config.get("model.init_args.reward_names")
+            if reward_names is not None:
+                reward_names = list(reward_names)
+                check_data_rewards(config.get("data.rewards") or [], reward_names)
+                for k, callback in enumerate(config.get("trainer.callbacks") or []):
+                    class_path = str(_get(callback, "class_path"))
+                    if class_path.startswith("ric."):
+                        instance = build(callback, f"trainer.callbacks[{k}]")
+                        if hasattr(instance, "check_rewards"):
+                            where = f"trainer.callbacks[{k}] ({class_path.rpartition('.')[2]})"
+                            _prefixed(instance.check_rewards, where, reward_names)
+            for key in ("data.dataset", "data.test_dataset"):  # data sources only record settings: cheap to build
+                if config.get(key) is not None:
+                    build(config.get(key), key)
+        except (ValueError, TypeError, FileNotFoundError, ImportError) as err:
+            raise ConfigError(str(err)) from err
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads the checkpoint's hyper-parameters here, before any other check: a broken or foreign
+        # checkpoint is named first
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        ckpt = config.get("ckpt_path") if subcommand else None
+        if ckpt and ckpt not in ("last", "best", "hpc", "registry"):
+            from ric.loading import check_checkpoint
+
+            names = config.get("model.init_args.reward_names")
+            try:
+                check_checkpoint(ckpt, config.get("model.class_path"), list(names) if names else None)
+            except (ValueError, FileNotFoundError) as err:
+                raise ConfigError(f"--ckpt_path: {err}") from err
+        super()._parse_ckpt_path()
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError, FileNotFoundError, ImportError, OSError, RuntimeError) as err:
+            raise ConfigError(
+                config_cause(err, self.config[self.subcommand] if self.subcommand else self.config)
+            ) from err
+
+
+def check_data_rewards(rewards: Sequence[Any], reward_names: Sequence[str]) -> None:
+    """The data's reward models, by the names their settings give, against the policy's ``reward_names``."""
+    names = [_get(_get(r, "init_args") or {}, "name") for r in rewards]
+    if len(names) != len(reward_names) or (None not in names and list(names) != list(reward_names)):
+        raise ValueError(
+            f"model.init_args.reward_names {list(reward_names)} and the data's rewards {names} must list the same "
+            "rewards in the same order"
+        )
+
+
+def build(component: Any, where: str) -> Any:
+    """A configured class built from its ``class_path`` and ``init_args`` (its ``__init__`` checks them), with
+    ``where`` (the setting's path) in any error."""
+    class_path = _get(component, "class_path")
+    module, _, name = str(class_path).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"{where}: class {class_path!r} cannot be imported: {err}") from None
+    init_args = _get(component, "init_args")
+    kwargs = init_args.as_dict() if hasattr(init_args, "as_dict") else dict(init_args or {})
+    return _prefixed(cls, f"{where} ({name})", **kwargs)
+
+
+def _prefixed(fn: Any, where: str, *args: Any, **kwargs: Any) -> Any:
+    try:
+        return fn(*args, **kwargs)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        raise type(err)(f"{where}: {err}") from None
+
+
+def config_cause(err: BaseException, config: Any) -> str:
+    """The cause of a failure to build a configured class, in one line with the setting's path: jsonargparse
+    wraps it in a report of every type it tried (``Given value: Namespace(...)``)."""
+    text = str(err)
+    if "Given value" not in text:
+        return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+    block = text.split("Errors:", 1)[1].split("Given value type:", 1)[0] if "Errors:" in text else text
+    causes = [
+        line.strip()[2:] for line in block.splitlines()
+        if line.strip().startswith("- ") and "Expected a <class 'NoneType'>" not in line
+    ]  # fmt: skip
+    cause = causes[0] if causes else text.splitlines()[0]
+    match = re.search(r"class_path='([\w.]+)'", text)
+    where = _find_class(config, match.group(1)) if match else None
+    return f"{where}: {cause}" if where else cause
+
+
+def _find_class(config: Any, class_path: str, prefix: str = "") -> str | None:
+    """The config key whose ``class_path`` is ``class_path`` (``model``, ``data.rewards[1]``, ...)."""
+    if hasattr(config, "as_dict"):
+        config = config.as_dict()
+    if isinstance(config, dict):
+        if config.get("class_path") == class_path:
+            return f"{prefix} ({class_path.rpartition('.')[2]})" if prefix else class_path
+        for key, value in config.items():
+            found = _find_class(value, class_path, f"{prefix}.{key}" if prefix else key)
+            if found:
+                return found
+    if isinstance(config, list):
+        for k, value in enumerate(config):
+            found = _find_class(value, class_path, f"{prefix}[{k}]")
+            if found:
+                return found
+    return None
+
+
+def _get(obj: Any, key: str) -> Any:
+    if obj is None:
+        return None
+    if isinstance(obj, dict):
+        return obj.get(key)
+    return getattr(obj, key, None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ric`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "--verbose" in argv or os.environ.get("RIC_VERBOSE", "") not in ("", "0")
+    argv = [a for a in argv if a != "--verbose"]
     if argv and argv[0] in LIGHTNING_COMMANDS:
-        RiCCLI(args=argv)
+        try:
+            RiCCLI(args=argv)
+        except ConfigError as err:
+            if verbose:
+                raise
+            print(f"ric {argv[0]}: error: {err}\n(add --verbose, or set RIC_VERBOSE=1, for the traceback)",
+                  file=sys.stderr)  # fmt: skip
+            return 2
         return 0
     from ric.commands import run
 

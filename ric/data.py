@@ -82,6 +82,10 @@ class JsonlExamples(ExampleSource):
     """Local JSONL (optionally .gz) with ``prompt`` and ``response`` fields."""
 
     def __init__(self, path: str, prompt_key: str = "prompt", response_key: str = "response", limit: int | None = None):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"data file not found: {path}")
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be >= 1 (or null for all), got {limit}")
         self.path = str(path)
         self.prompt_key = prompt_key
         self.response_key = response_key

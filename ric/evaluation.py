@@ -8,10 +8,12 @@ Obtained rewards are reported in the same normalized units as the desired reward
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import math
 import shlex
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +27,7 @@ from ric.interfaces import ConditionalPolicy, RewardModel
 from ric.mapping import check_mapping, default_reward_range, validate_preference
 from ric.pareto import hypervolume, plot_fronts
 from ric.rollout import rollout
+from ric.signals import clear_stop
 
 log = logging.getLogger(__name__)
 
@@ -324,6 +327,10 @@ class PreferenceSweep(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._swept = False
+        clear_stop()  # a stop request belongs to one run
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        clear_stop()
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # not on_fit_end: by then the strategy's teardown has moved the model to the CPU
@@ -356,23 +363,58 @@ class PreferenceSweep(L.Callback):
         prompts: Sequence[Any],
         desired: np.ndarray | None,
         settings: dict[str, Any],
+        out: Path,
+        fingerprint: str = "",
     ) -> list[tuple[list[Any], np.ndarray]] | None:
-        """``(samples, raw scores)`` per preference (row of ``desired``; ``None``: one unconditioned row).
-        Every process generates and scores a contiguous share of the prompts, each preference from the
-        sweep's seed, in one generation session; rank 0 gets everything back, the other ranks ``None``."""
+        """``(stored samples, raw scores)`` per preference (row of ``desired``; ``None``: one unconditioned
+        row). Every process generates and scores a contiguous share of the prompts, each preference from the
+        sweep's seed, in one generation session; rank 0 gets everything back, the other ranks ``None``.
+
+        Each finished preference is kept in ``out/.partial`` (samples stored under their final names), so a
+        sweep stopped by a signal or a crash continues where it stopped; ``fingerprint`` (the model's state)
+        makes a changed model start afresh."""
         from tqdm.auto import tqdm
 
         rank, world = rank_and_world()
         share = contiguous_share(len(prompts), rank, world)
         rows = [None] if desired is None else list(desired)
+        partial = out / ".partial"
         local = []
         with policy.generation_session():
-            for row in tqdm(rows, desc="preference sweep", unit="pref", disable=rank != 0):
+            for k, row in enumerate(tqdm(rows, desc="preference sweep", unit="pref", disable=rank != 0)):
+                key = hashlib.sha256(
+                    json.dumps(
+                        [
+                            fingerprint,
+                            world,
+                            self.seed,
+                            settings,
+                            None if row is None else row.tolist(),
+                            [str(p) for p in prompts],
+                        ],
+                        default=str,
+                    ).encode()  # fmt: skip
+                ).hexdigest()[:16]
+                path = partial / f"pref{k:02d}-{key}.rank{rank}.json"
+                if path.is_file():
+                    if rank == 0:
+                        print(f"preference sweep: preference {k + 1} of {len(rows)} was finished before, reusing it")
+                    done = json.loads(path.read_text())
+                    local.append(
+                        (done["indices"], done["samples"], np.array(done["raw"], dtype=float).reshape(-1, len(rewards)))
+                    )
+                    continue
                 targets = None if row is None else np.broadcast_to(row, (len(prompts), len(rewards)))
-                out = rollout(
-                    policy, prompts, targets, indices=share, settings=settings, rewards=rewards, seed=self.seed
+                result = rollout(policy, prompts, targets, indices=share, settings=settings, rewards=rewards,
+                                 seed=self.seed)  # fmt: skip
+                stored = policy.store_samples(result.samples, out / "samples", [f"pref{k:02d}-{i:04d}" for i in share])
+                partial.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(
+                    json.dumps({"indices": share, "samples": stored, "raw": result.raw.tolist()}, default=str)
                 )
-                local.append((out.indices, out.samples, out.raw))
+                tmp.replace(path)
+                local.append((share, stored, result.raw))
         gathered = gather_to_first(local)
         if gathered is None:
             return None
@@ -402,16 +444,16 @@ class PreferenceSweep(L.Callback):
         out = Path(self.output_dir) if self.output_dir else Path(trainer.log_dir or ".") / "sweep"
         obtained, samples, generated = [], [], []
         settings = {**policy.sampling_defaults("evaluation"), **self.sampling}
-        results = self.generate_all(policy, rewards, prompts, None if self.unconditioned else desired, settings)
+        fingerprint = f"{type(policy).__qualname__}@{trainer.global_step}"
+        results = self.generate_all(
+            policy, rewards, prompts, None if self.unconditioned else desired, settings, out, fingerprint
+        )
         if results is None:  # not rank 0
             return None
-        for k, (responses, raw) in enumerate(tqdm(results, desc="writing results", unit="pref", leave=False)):
+        for k, (stored, raw) in enumerate(tqdm(results, desc="writing results", unit="pref", leave=False)):
             z = space.normalize(raw)
             obtained.append(z)
-            generated.append(responses)
-            stored = policy.store_samples(
-                responses, out / "samples", [f"pref{k:02d}-{i:04d}" for i in range(len(prompts))]
-            )
+            generated.append(stored)
             for i, (prompt, response) in enumerate(zip(prompts, stored)):
                 samples.append(
                     {
@@ -459,6 +501,7 @@ class PreferenceSweep(L.Callback):
             ]
             print("Pearson correlation of the rewards on the training data: " + ", ".join(pairs))
         print(f"hypervolume {self.last_metrics['hypervolume']:.4f} (reference {self.last_metrics['reference_point']})")
+        shutil.rmtree(out / ".partial", ignore_errors=True)  # the sweep is complete: nothing to continue
         self.front_csv = (out / "front.csv").resolve()
         print(self.front_csv, flush=True)
         self.print_next_step(trainer)

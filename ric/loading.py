@@ -97,7 +97,8 @@ def _checkpoint_info(path: Path) -> ModelInfo:
     if path.stat().st_size == 0:
         raise ModelFileError(f"checkpoint {path} is empty")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        # memory-mapped: the metadata is read, tensors only when used
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except (RuntimeError, OSError, EOFError, zipfile.BadZipFile, ValueError) as err:
         reason = "truncated or corrupt" if zipfile.is_zipfile(path) or path.suffix == ".ckpt" else "not a checkpoint"
         raise ModelFileError(f"checkpoint {path} cannot be read ({reason}): {str(err).splitlines()[0]}") from None
@@ -126,6 +127,22 @@ def _checkpoint_info(path: Path) -> ModelInfo:
             f"checkpoint {path} was trained on rewards {list(saved)}, but its config {config_path} names {configured}"
         )
     return ModelInfo(path, "checkpoint", meta, class_path, init_args, ckpt, config_path)
+
+
+def check_checkpoint(path: str | Path, class_path: str | None, reward_names: list[str] | None) -> None:
+    """A checkpoint to resume or test from, checked before any model loads: readable, written by a ric policy
+    of the configured class and for the configured rewards."""
+    info = read_model_info(path)
+    if info.kind != "checkpoint":
+        raise ModelFileError(f"ckpt_path {path} is a folder; give a .ckpt file")
+    if class_path and info.class_path != class_path:
+        raise ModelFileError(
+            f"checkpoint {path} was written by a {info.class_path}, but model.class_path is {class_path}"
+        )
+    if reward_names is not None and info.reward_names and list(info.reward_names) != list(reward_names):
+        raise ModelFileError(
+            f"checkpoint {path} was trained on rewards {info.reward_names}, but the config names {list(reward_names)}"
+        )
 
 
 def find_config(checkpoint: Path, levels: int = 3) -> Path | None:

@@ -30,6 +30,7 @@ from ric.evaluation import moved_settings
 from ric.interfaces import ConditionalPolicy
 from ric.mors import mors_keep_mask, mors_thresholds, sample_original, sample_targets
 from ric.rollout import rollout
+from ric.signals import StopRequested, clear_stop
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,7 @@ class OnlineLoop(L.Callback):
         )
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        clear_stop()  # a stop request belongs to one run
         if not isinstance(pl_module, ConditionalPolicy):
             raise TypeError("OnlineLoop needs a ConditionalPolicy")
         if self._resolved_offline is None:
@@ -278,7 +280,18 @@ class OnlineLoop(L.Callback):
 
     def run_round(self, trainer: L.Trainer, policy: ConditionalPolicy, round_idx: int, train_time: float) -> None:
         started = time.perf_counter()
-        made = self.generate_shard(trainer, policy, round_idx)
+        try:
+            made = self.generate_shard(trainer, policy, round_idx)
+        except StopRequested as stop:
+            where = save_for_resume(trainer)
+            rows = len(self.round_rows(trainer, round_idx))
+            resume = (
+                f"checkpoint {where}; continue with --ckpt_path last" if where else "continue from the last checkpoint"
+            )
+            total, folder = self.prompts_per_iteration, self.folder(trainer) / f"round{round_idx}"
+            print(f"stopped by {stop.name} during online round {round_idx + 1}: {rows} of {total} samples are kept "
+                  f"in {folder}; {resume}", flush=True)  # fmt: skip
+            raise
         trainer.strategy.barrier("ric-online-generation")
         gen_time = time.perf_counter() - started
         kept, z, thresholds = self.select(trainer, round_idx)
@@ -312,3 +325,18 @@ class OnlineLoop(L.Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         self._phase_started = time.perf_counter()
+
+
+def save_for_resume(trainer: L.Trainer) -> Path | None:
+    """After a stop request, a checkpoint ``fit --ckpt_path last`` resumes from: ``last.ckpt`` beside the
+    run's other checkpoints. Only in a single process (saving is collective, and the other ranks may not have
+    stopped)."""
+    if rank_and_world()[1] > 1:
+        return None
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    folders = [c.dirpath for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.dirpath]
+    folder = Path(folders[0]) if folders else Path(trainer.default_root_dir) / "checkpoints"
+    path = folder / "last.ckpt"
+    trainer.save_checkpoint(path)
+    return path

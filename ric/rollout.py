@@ -11,6 +11,7 @@ chunks into lockstep and drops the padding from the results.
 from __future__ import annotations
 
 import contextlib
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +21,7 @@ import torch
 
 from ric.distributed import attached_trainer, gather_objects, rank_and_world, seed_for_rank, sharded_weights
 from ric.interfaces import ConditionalPolicy, RewardModel, score_all
-from ric.signals import check_stop
+from ric.signals import check_stop, graceful_stop
 
 #: ``(indices, samples, raw scores or None)`` of a finished chunk
 ChunkCallback = Callable[[list[int], list[Any], "np.ndarray | None"], None]
@@ -87,7 +88,9 @@ def rollout(
     bar = tqdm(total=len(todo), desc=progress, unit="sample", disable=progress is None or rank != 0, leave=False)
     samples: list[Any] = []
     raw: list[np.ndarray] = []
-    with policy.generation_session(), random_stream(seed):
+    # inside a fit or test, Ctrl-C also stops at a chunk boundary (Lightning already defers SIGTERM)
+    stops = graceful_stop((signal.SIGINT,)) if trainer is not None else contextlib.nullcontext()
+    with stops, policy.generation_session(), random_stream(seed):
         for chunk in chunks:
             check_stop(trainer)
             filler = (chunk or todo or [0])[-1:] * (size - len(chunk)) if lockstep else []

@@ -16,12 +16,21 @@ from typing import Any
 _requested: list[int] = []
 
 
-class StopRequested(RuntimeError):
-    """A stop signal arrived; raised at the next chunk boundary of a generation loop."""
+class StopRequested(SystemExit):
+    """A stop signal arrived; raised at the next chunk boundary of a generation loop. A ``SystemExit`` with
+    the shell's status for the signal (143 for SIGTERM, 130 for SIGINT), so Lightning tears down cleanly and
+    the process ends without a traceback, non-zero."""
 
     def __init__(self, signum: int) -> None:
         self.signum = signum
-        super().__init__(f"stopped by {signal.Signals(signum).name}: what was generated so far is kept")
+        super().__init__(128 + int(signum))
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    def __str__(self) -> str:
+        return f"stopped by {self.name}: what was generated so far is kept"
 
 
 def request_stop(signum: int = signal.SIGTERM, frame: Any = None) -> None:
@@ -58,6 +67,9 @@ def graceful_stop(signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) ->
     def handler(signum: int, frame: Any) -> None:
         if signum == signal.SIGINT and _requested:
             raise KeyboardInterrupt
+        if not _requested:
+            print(f"\n{signal.Signals(signum).name}: stopping after the chunk being generated (Ctrl-C again stops now)",
+                  flush=True)  # fmt: skip
         request_stop(signum, frame)
 
     previous = {s: signal.signal(s, handler) for s in signals}

@@ -82,6 +82,22 @@ def check_strategy(strategy: Any, quantization: str | None) -> None:
         )
 
 
+def check_packages(strategy: Any) -> None:
+    """A strategy whose package is not installed is named with the extra that brings it, before any model
+    loads (Lightning would say so only once the Trainer is built)."""
+    import importlib.util
+
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    cls, _ = resolve_strategy(strategy)
+    if cls is not None and issubclass(cls, DeepSpeedStrategy) and importlib.util.find_spec("deepspeed") is None:
+        shown = strategy if isinstance(strategy, str) else cls.__name__
+        raise ImportError(
+            f"trainer.strategy={shown!r} needs DeepSpeed, which is not installed: pip install 'ric[deepspeed]' "
+            "(on a machine with CUDA), or use strategy: ddp"
+        )
+
+
 def _get(obj: Any, key: str) -> Any:
     if obj is None:
         return None

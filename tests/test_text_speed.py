@@ -62,12 +62,11 @@ def test_wide_packing_makes_one_row_with_the_same_loss(tiny_llama, attn):
     assert narrow["input_ids"].shape[0] == 2 and wide["input_ids"].shape[0] == 1
     assert wide["input_ids"].shape[1] % 8 == 0 and real <= wide["input_ids"].shape[1] < real + 8
     assert int((wide["input_ids"] != pad_id).sum()) == real and num_examples(wide) == 3
-    with torch.no_grad():
-        loss = policy(**narrow)
-        # transformers compiles flex attention; on the CPU its recompile for a second shape (dynamic) can
-        # fail in inductor's C++ template, so each shape compiles afresh here
-        torch._dynamo.reset()
-        torch.testing.assert_close(policy(**wide), loss, atol=1e-5, rtol=1e-5)
+    # transformers compiles flex attention; inductor's CPU flex kernel (torch 2.14) returns NaN or wrong values
+    # for some of these shapes from one run to the next. What is tested here is the packing and its block mask,
+    # so flex attention runs uncompiled (its reference implementation), which gives the exact loss.
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+        torch.testing.assert_close(policy(**wide), policy(**narrow), atol=1e-5, rtol=1e-5)
 
 
 def test_wide_rows_are_multiples_of_8_and_hold_whole_examples():

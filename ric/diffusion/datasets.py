@@ -8,6 +8,7 @@ Corrupt images are skipped with one counted warning, never a crash.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import json
@@ -62,36 +63,57 @@ def write_captions(folder: Path, lines: list[str]) -> None:
 
 
 class ImageFolder(ExampleSource):
-    """A folder of images with ``captions.jsonl`` lines ``{"file": "x.png", "caption": "..."}``.
+    """A folder of images with captions: ``captions.jsonl`` lines ``{"file": "x.png", "caption": "..."}``, or
+    the Hugging Face ``imagefolder`` convention, ``metadata.jsonl`` (or ``metadata.csv``) with a ``file_name``
+    column and a text column (``text`` by default) beside images that may sit in subfolders.
 
     Args:
         path: the folder.
-        captions: the captions file, relative to the folder.
-        file_key, caption_key: field names in the captions file.
+        captions: the captions file, relative to the folder; default: ``captions.jsonl`` if there is one,
+            else ``metadata.jsonl`` or ``metadata.csv``.
+        file_key, caption_key: field names in the captions file (defaults: ``file`` / ``caption`` for
+            ``captions.jsonl``, ``file_name`` / ``text`` for the ``metadata`` files).
         limit: keep at most this many pairs.
     """
 
     def __init__(
         self,
         path: str,
-        captions: str = "captions.jsonl",
-        file_key: str = "file",
-        caption_key: str = "caption",
+        captions: str | None = None,
+        file_key: str | None = None,
+        caption_key: str | None = None,
         limit: int | None = None,
     ) -> None:
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"image folder not found: {path}")
         self.path = str(path)
-        self.captions = captions
-        self.file_key = file_key
-        self.caption_key = caption_key
+        self.captions = captions or next(
+            (n for n in ("captions.jsonl", "metadata.jsonl", "metadata.csv") if (Path(path) / n).is_file()),
+            "captions.jsonl",
+        )
+        hf = self.captions.startswith("metadata.")
+        self.file_key = file_key or ("file_name" if hf else "file")
+        self.caption_key = caption_key or ("text" if hf else "caption")
         self.limit = limit
+
+    def rows(self) -> list[dict[str, Any]]:
+        index = Path(self.path) / self.captions
+        if index.suffix == ".csv":
+            if not index.is_file():
+                raise FileNotFoundError(f"captions file not found: {index}")
+            with index.open(newline="", encoding="utf-8") as fh:
+                return list(csv.DictReader(fh))
+        if not index.is_file():
+            raise FileNotFoundError(
+                f'{self.path} has no {self.captions}: give captions.jsonl ({{"file", "caption"}} lines) or the '
+                'Hugging Face imagefolder metadata.jsonl ({"file_name", "text"} lines)'
+            )
+        return read_jsonl(index)
 
     def load(self) -> list[dict[str, Any]]:
         folder = Path(self.path)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"image folder not found: {folder}")
-        rows = read_jsonl(folder / self.captions)
         records = []
-        for i, row in enumerate(rows):
+        for i, row in enumerate(self.rows()):
             if self.file_key not in row or self.caption_key not in row:
                 raise ValueError(f"{folder / self.captions}: line {i + 1} lacks {self.file_key!r} or "
                                  f"{self.caption_key!r}: {row}")  # fmt: skip

@@ -22,6 +22,14 @@ def split_dialogue(text: str) -> tuple[str, str]:
     return prompt, response.strip()
 
 
+def local(path: str, suffixes: tuple[str, ...]) -> None:
+    """A path that names a local file (by its suffix, or a folder prefix) must exist: checked when the config
+    is read, not after the model has loaded. Hub names (``owner/name``) pass."""
+    p = Path(path)
+    if (p.suffix in suffixes or path.startswith((".", "/", "~"))) and not p.expanduser().exists():
+        raise FileNotFoundError(f"data file not found: {path}")
+
+
 def _hub(name: str, **kwargs: Any):
     try:
         import datasets
@@ -58,6 +66,7 @@ class HHRLHF(ExampleSource):
             raise ValueError(f"responses must be 'both', 'chosen' or 'rejected', got {responses!r}")
         if every_nth < 1:
             raise ValueError(f"every_nth must be >= 1, got {every_nth}")
+        local(path, (".jsonl", ".gz", ".json"))
         self.path, self.split, self.data_dir = path, split, data_dir
         self.responses, self.every_nth, self.limit = responses, every_nth, limit
 
@@ -110,6 +119,7 @@ class RedditTLDR(ExampleSource):
         split: str = "train",
         limit: int | None = None,
     ) -> None:
+        local(path, (".csv", ".jsonl", ".gz"))
         self.path, self.summary_columns, self.split, self.limit = path, tuple(summary_columns), split, limit
 
     def load(self) -> list[dict[str, Any]]:
@@ -155,9 +165,10 @@ class RedditTLDR(ExampleSource):
 
 
 class Quickstart(JsonlExamples):
-    """The project's own CPU-sized set: 80 everyday questions we wrote, each with three responses
-    bootstrapped from SmolLM2-135M-Instruct under hidden style instructions (short / plain / detailed),
-    so length and readability vary per prompt. Regenerate with ``scripts/bootstrap_quickstart_data.py``."""
+    """The project's own CPU-sized set: 160 everyday questions we wrote, each with four responses
+    bootstrapped from SmolLM2-135M-Instruct under four hidden style instructions (from one simple sentence
+    to a long formal answer), so length and readability vary per prompt. Regenerate with
+    ``scripts/bootstrap_quickstart_data.py``."""
 
     def __init__(self, limit: int | None = None) -> None:
         super().__init__(str(ASSETS / "quickstart.jsonl"), limit=limit)

@@ -148,7 +148,7 @@ class TextPolicy(ConditionalPolicy):
             raise ValueError(f"TextPolicy.generation_batch_size must be >= 1, got {generation_batch_size}")
         # optional packages are checked before minutes of model loading
         if liger_kernel and importlib.util.find_spec("liger_kernel") is None:
-            raise ImportError("liger_kernel=True needs Liger kernels: pip install liger-kernel (or 'ric[speed]')")
+            raise ImportError("liger_kernel=True needs Liger kernels: pip install 'ric[speed]'")
         if packing_width is not None and (packing_width < max_length or not packing):
             raise ValueError(
                 f"packing_width ({packing_width}) needs packing: true and at least max_length ({max_length}) tokens:"

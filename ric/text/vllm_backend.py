@@ -18,7 +18,7 @@ KNOWN_SETTINGS = {"max_new_tokens", "min_new_tokens", "do_sample", "temperature"
 
 def require_vllm() -> None:
     if importlib.util.find_spec("vllm") is None:
-        raise ImportError("generation_backend='vllm' needs vLLM (CUDA): pip install vllm")
+        raise ImportError("generation_backend='vllm' needs vLLM (CUDA): pip install 'ric[vllm]'")
 
 
 def sampling_params(settings: dict[str, Any], eos_token_id: int) -> dict[str, Any]:
