@@ -113,7 +113,8 @@ def main() -> None:
             results.append(result)
             r = result
             print(f"{clients:>3} clients: {r['requests_per_s']:.2f} req/s, "
-                  f"{r['completion_tokens_per_s']:.1f} tokens/s, p50 {r['latency_p50_s']:.2f} s, p95 {r['latency_p95_s']:.2f} s, "
+                  f"{r['completion_tokens_per_s']:.1f} tokens/s, p50 {r['latency_p50_s']:.2f} s, "
+                  f"p95 {r['latency_p95_s']:.2f} s, "
                   f"mean batch {r['mean_batch_size']:.1f}", flush=True)  # fmt: skip
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
