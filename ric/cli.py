@@ -172,12 +172,15 @@ def _get(obj: Any, key: str) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ric`` console script."""
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = "--verbose" in argv or os.environ.get("RIC_VERBOSE", "") not in ("", "0")
     argv = [a for a in argv if a != "--verbose"]
     if argv and argv[0] in LIGHTNING_COMMANDS:
+        if from_command_line:  # LightningCLI reads sys.argv itself (and warns when it is also given args)
+            sys.argv = [sys.argv[0], *argv]
         try:
-            RiCCLI(args=argv)
+            RiCCLI(args=None if from_command_line else argv)
         except ConfigError as err:
             if verbose:
                 raise

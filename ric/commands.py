@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -112,7 +113,12 @@ def export_command(args: argparse.Namespace) -> int:
     info = read_model_info(args.model)
     policy = load_checked(args, info)
     policy.export(out, merge=not args.no_merge)
-    print(f"exported {info.path} to {out.resolve()} (ric.json, README.md)")
+    from ric.serve.server import find_front
+
+    front = find_front(info)
+    if front is not None and front.parent != out:  # the run's sweep front: the served page shows it
+        shutil.copyfile(front, out / "front.csv")
+    print(f"exported {info.path} to {out.resolve()} (ric.json, README.md{', front.csv' if front else ''})")
     print(f"steer it: ric generate {out} --preference {','.join(['1'] + ['0'] * (len(info.reward_names) - 1))} "
           '--prompt "..."')  # fmt: skip
     return 0

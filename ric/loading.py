@@ -239,17 +239,24 @@ class quiet_loading:
     new embedding rows are initialized, its GGUF conversion bar); warnings stay visible."""
 
     def __enter__(self) -> quiet_loading:
+        import functools
+
         import transformers
+        from transformers import modeling_gguf_pytorch_utils as gguf
 
         self._verbosity = transformers.logging.get_verbosity()
         transformers.logging.set_verbosity_error()
         self._bars = transformers.utils.logging.is_progress_bar_enabled()
         transformers.utils.logging.disable_progress_bar()
+        self._gguf_tqdm = gguf.tqdm  # its GGUF conversion bar is a plain tqdm
+        gguf.tqdm = functools.partial(gguf.tqdm, disable=True)
         return self
 
     def __exit__(self, *exc: Any) -> None:
         import transformers
+        from transformers import modeling_gguf_pytorch_utils as gguf
 
         transformers.logging.set_verbosity(self._verbosity)
         if self._bars:
             transformers.utils.logging.enable_progress_bar()
+        gguf.tqdm = self._gguf_tqdm

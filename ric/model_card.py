@@ -3,6 +3,7 @@ to steer the model, in words rather than JSON."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +45,12 @@ def model_card(meta: dict[str, Any], folder: Path) -> str:
         "Rewards are normalized to zero mean and unit std over the training data: a desired reward of +1.0 "
         "asks for one standard deviation above the training mean.",
         "",
-        f"- Default mapping of a preference to desired rewards: `{method}`{p}; reward range from "
-        f"`{space.get('range_source', {'kind': 'normal'})}`.",
+        f"- Default mapping of a preference to desired rewards: `{method}`{p}; reward range: "
+        f"{_range_text(space.get('range_source') or {'kind': 'normal'})}.",
         f"- Statistics fitted on: {fitted.get('dataset', 'not recorded')} ({fitted.get('num_samples', '?')} samples, "
         f"split `{fitted.get('split', '?')}`).",
-        f"- Prompt format: `{cond.get('template', '?')}` with markers `{' '.join(cond.get('markers') or [])}`, "
-        f"values with {cond.get('decimals', 1)} decimal(s).",
+        f"- Prompt template: `{json.dumps(cond.get('template', '?'))}` (JSON-escaped) with the markers "
+        f"`{' '.join(cond.get('markers') or [])}`, values with {cond.get('decimals', 1)} decimal(s).",
         f"- Export: {'adapter merged into the base weights' if export.get('merged') else 'adapter only'}"
         + (f" (base `{export['base']}`)" if export.get("base") else "")
         + ".",
@@ -72,6 +73,16 @@ def model_card(meta: dict[str, Any], folder: Path) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _range_text(source: dict[str, Any]) -> str:
+    if source.get("kind") == "data":
+        lo, hi = source.get("quantiles", [0.0, 1.0])
+        text = f"the {lo:g} to {hi:g} quantiles of the normalized training rewards"
+    else:
+        text = "the paper's, +-4.23 (the expected extremes of 50,000 standard-normal draws)"
+    overrides = [f"{k} = {source[k]}" for k in ("r_min", "r_max") if k in source]
+    return text + (f", with {', '.join(overrides)}" if overrides else "")
 
 
 def _at(values: Any, i: int) -> float | None:

@@ -256,3 +256,20 @@ def test_diffusion_loads_steers_and_generates(trained_sd, tmp_path):
 def test_main_dispatches_lightning_and_user_commands(capsys):
     assert main([]) == 2  # no command: the overview
     assert "export" in capsys.readouterr().out
+
+
+def test_a_gguf_loaded_model_exports_and_loads_back(tmp_path):
+    """transformers keeps its GGUF marker on a model whose weights it dequantized, and refuses to save it."""
+    from ric.space import RewardSpace
+    from ric.text.policy import TextPolicy
+
+    lora = {"lora_r": 2, "lora_alpha": 4, "lora_target_modules": ["q_proj"], "lora_layers": [0]}
+    policy = TextPolicy(model="smollm2", reward_names=["a", "b"], max_new_tokens=4, **lora)
+    assert policy.lm.get_base_model().hf_quantizer is not None
+    policy.set_reward_space(RewardSpace.fit(["a", "b"], np.random.default_rng(0).normal(size=(10, 2))))
+    folder = policy.export(tmp_path / "gguf-export")
+    assert policy.lm.get_base_model().hf_quantizer is not None  # the live model keeps what it had
+    loaded = ric.load(folder)
+    prompt = ["Why is the sky blue?"]
+    theirs = loaded.steer(prompt, [0.5, 0.5], do_sample=False)[0].sample
+    assert theirs == policy.steer(prompt, [0.5, 0.5], do_sample=False)[0].sample

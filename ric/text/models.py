@@ -93,3 +93,20 @@ def load_causal_lm(
     if lm.generation_config is not None:
         lm.generation_config.pad_token_id = tok.pad_token_id
     return lm, tok
+
+
+def drop_gguf_marker(lm: torch.nn.Module) -> bool:
+    """Make a model loaded from a GGUF file savable with ``save_pretrained``. Its weights were dequantized to
+    plain float tensors at load time, but transformers keeps the GGUF quantizer attached and refuses to save
+    a "quantized" model; call this on the copy being saved, never on a model whose weights stay packed.
+    Returns whether a marker was dropped."""
+    quantizer = getattr(lm, "hf_quantizer", None)
+    config = getattr(quantizer, "quantization_config", None)
+    method = getattr(getattr(config, "quant_method", None), "value", getattr(config, "quant_method", None))
+    packed = any(type(m).__name__.startswith("Gguf") for m in lm.modules())  # weights kept in GGUF blocks
+    if quantizer is None or method != "gguf" or packed:
+        return False
+    lm.hf_quantizer = None
+    if hasattr(lm.config, "quantization_config"):
+        del lm.config.quantization_config
+    return True

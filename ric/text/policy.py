@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -16,7 +17,7 @@ from ric.conditioning import RewardConditioning
 from ric.distributed import attached_trainer, sharded_weights
 from ric.interfaces import ConditionalPolicy
 from ric.optim import adamw_with_schedule
-from ric.text.models import load_causal_lm
+from ric.text.models import drop_gguf_marker, load_causal_lm
 
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 #: static-cache generation pads prompt widths to a multiple of this (fewer distinct cache lengths to compile)
@@ -201,7 +202,11 @@ class TextPolicy(ConditionalPolicy):
                 layers_to_transform=list(lora_layers) if lora_layers is not None else None,
                 task_type="CAUSAL_LM",
             )
-            self.lm = get_peft_model(self.lm, config)
+            with warnings.catch_warnings():  # peft asks transformers a deprecated property: harmless, ours to hide
+                warnings.filterwarnings(
+                    "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+                )
+                self.lm = get_peft_model(self.lm, config)
         elif quantization is not None:
             raise ValueError("quantized base weights cannot be fine-tuned without LoRA: set lora_r > 0")
         self.lm.train()  # GGUF and hub loaders return eval-mode modules; Lightning keeps module modes as found
@@ -473,11 +478,15 @@ class TextPolicy(ConditionalPolicy):
         and a model card. The live policy is not changed."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
+        import copy
+
         adapter = hasattr(self.lm, "merge_and_unload")
         if merge and adapter:
-            import copy
-
             lm = copy.deepcopy(self.lm).merge_and_unload()
+            drop_gguf_marker(lm)
+        elif not adapter and getattr(self.lm, "hf_quantizer", None) is not None:
+            lm = copy.deepcopy(self.lm)  # a full fine-tune of a GGUF-loaded model: the copy loses the marker
+            drop_gguf_marker(lm)
         else:
             lm = self.lm
         lm.save_pretrained(path)
