@@ -433,7 +433,8 @@ class PreferenceSweep(L.Callback):
             raise ValueError("no held-out prompts to evaluate: set test_fraction > 0 or test_dataset")
         method = self.method or space.method
         p = space.p if self.p is None else self.p
-        if self.unconditioned:
+        unconditioned = self.unconditioned or not policy.conditioned  # a model without markers is one point
+        if unconditioned:
             preferences = np.full((1, len(names)), np.nan)
             desired = np.full((1, len(names)), np.nan)
         else:
@@ -446,7 +447,7 @@ class PreferenceSweep(L.Callback):
         settings = {**policy.sampling_defaults("evaluation"), **self.sampling}
         fingerprint = f"{type(policy).__qualname__}@{trainer.global_step}"
         results = self.generate_all(
-            policy, rewards, prompts, None if self.unconditioned else desired, settings, out, fingerprint
+            policy, rewards, prompts, None if unconditioned else desired, settings, out, fingerprint
         )
         if results is None:  # not rank 0
             return None
@@ -458,8 +459,8 @@ class PreferenceSweep(L.Callback):
                 samples.append(
                     {
                         "prompt": prompt,
-                        "preference": None if self.unconditioned else preferences[k].tolist(),
-                        "desired": None if self.unconditioned else desired[k].tolist(),
+                        "preference": None if unconditioned else preferences[k].tolist(),
+                        "desired": None if unconditioned else desired[k].tolist(),
                         "response": response if isinstance(response, str) else str(response),
                         "scores": dict(zip(names, z[i].tolist())),
                         "raw_scores": dict(zip(names, raw[i].tolist())),
@@ -467,9 +468,9 @@ class PreferenceSweep(L.Callback):
                 )
         meta = {
             "label": self.label,
-            "mapping_method": None if self.unconditioned else method,
+            "mapping_method": None if unconditioned else method,
             "p": p if method in ("p_norm", "solver") else None,
-            "unconditioned": self.unconditioned,
+            "unconditioned": unconditioned,
             "reward_space": space.to_dict(),
             "sampling": settings,
             "seed": self.seed,
@@ -504,13 +505,14 @@ class PreferenceSweep(L.Callback):
         shutil.rmtree(out / ".partial", ignore_errors=True)  # the sweep is complete: nothing to continue
         self.front_csv = (out / "front.csv").resolve()
         print(self.front_csv, flush=True)
-        self.print_next_step(trainer)
+        if not unconditioned:
+            self.print_next_step(trainer)
         return self.front_csv
 
     def print_next_step(self, trainer: L.Trainer) -> None:
         """After a fit, the command that steers the model just trained."""
         ckpt = next((c.last_model_path or c.best_model_path for c in trainer.checkpoint_callbacks), None)
-        if not ckpt or self.unconditioned:
+        if not ckpt:
             return
         script = Path(sys.executable).with_name("ric")
         command = shlex.quote(_relative(script)) if script.is_file() else "ric"
