@@ -357,7 +357,7 @@ def make_policy(args: argparse.Namespace, model_ref: str, dtype: str, device: to
             max_length=args.seq_len, packing=args.packing, **{"attn_implementation": "sdpa", **switches},
         )  # fmt: skip
     if peft_forward:
-        unfuse_adapters(policy._fused_adapters)
+        unfuse_adapters(policy.fused_adapters)
     return policy.to(device)
 
 

@@ -38,6 +38,7 @@ class RiCCLI(LightningCLI):
 
     def __init__(self, args: Sequence[str] | None = None, run: bool = True, **kwargs) -> None:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        quiet_dependencies()
         super().__init__(
             ConditionalPolicy,
             RelabelDataModule,
@@ -93,6 +94,24 @@ class RiCCLI(LightningCLI):
             raise ConfigError(
                 config_cause(err, self.config[self.subcommand] if self.subcommand else self.config)
             ) from err
+
+
+def quiet_dependencies() -> None:
+    """Known-harmless notices our runs trigger in dependencies, silenced; real warnings stay visible."""
+    import logging
+    import warnings
+
+    # Lightning's advertisement for its cloud logger, printed at every fit
+    def no_tip(record: logging.LogRecord) -> bool:
+        return "Tip: For seamless cloud logging" not in record.getMessage()
+
+    for name in ("lightning.pytorch", "lightning.pytorch.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        for target in (logger, *logger.handlers):
+            if no_tip not in getattr(target, "filters", []):
+                target.addFilter(no_tip)
+    # Lightning 2.6 asks torch 2.14 a deprecated pytree question on every batch it moves
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
 def check_data_rewards(rewards: Sequence[Any], reward_names: Sequence[str]) -> None:

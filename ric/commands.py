@@ -292,6 +292,34 @@ def chat_command(args: argparse.Namespace, stdin: TextIO | None = None, stdout: 
         say(f"ric> {shown}")
 
 
+# ---- desired ------------------------------------------------------------------------------------
+def desired_command(args: argparse.Namespace) -> int:
+    """The desired rewards of one preference under every mapping, in a model's reward space or the paper's."""
+    from ric.mapping import default_reward_range, desired_rewards
+
+    values = parse_vector(args.preference, "preference")
+    if args.model:
+        info = read_model_info(args.model)
+        space = info.reward_space
+        if space is None:
+            raise UsageError(f"{info.path} holds no reward space")
+        values = check_preference(values, info)
+        lo, hi, names = space.r_min, space.r_max, space.reward_names
+        where = f"the reward space of {info.path} (default mapping {space.method})"
+    else:
+        w = validate_preference(values)
+        lo_n, hi_n = default_reward_range()
+        lo, hi = np.full(w.size, lo_n), np.full(w.size, hi_n)
+        names = [f"R{i + 1}" for i in range(w.size)]
+        where = f"the paper's reward range [{lo_n:+.3f}, {hi_n:+.3f}]"
+    print(f"preference w = {values} in {where}, normalized units")
+    for method in METHODS:
+        result = desired_rewards(values, method, p=args.p, r_min=lo, r_max=hi)
+        label = f"{method} (p={args.p:g})" if method in ("p_norm", "solver") else method
+        print(f"{label:>16}: " + "  ".join(f"{n} = {v:+.3f}" for n, v in zip(names, result)))
+    return 0
+
+
 # ---- serve --------------------------------------------------------------------------------------
 def serve_command(args: argparse.Namespace) -> int:
     from ric.serve.server import build_server
@@ -312,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="fit, validate and test run LightningCLI: ric fit --config configs/quickstart_text.yaml "
         "(ric fit --help lists its settings).",
     )
-    sub = parser.add_subparsers(dest="command", metavar="{fit,validate,test,export,generate,chat,serve}")
+    sub = parser.add_subparsers(dest="command", metavar="{fit,validate,test,export,generate,chat,serve,desired}")
     for name in ("fit", "validate", "test"):
         sub.add_parser(name, help=f"LightningCLI {name} (ric {name} --help)", add_help=False)
 
@@ -349,6 +377,12 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--device", help="cpu (default), cuda, ...")
     add_sampling_flags(chat)
     chat.set_defaults(handler=chat_command)
+
+    desired = sub.add_parser("desired", help="the desired rewards of a preference under every mapping")
+    desired.add_argument("preference", help="weights summing to 1, e.g. 0.2,0.8")
+    desired.add_argument("--model", help="use this model's reward space (default: the paper's range)")
+    desired.add_argument("--p", type=float, default=2.0, help="the norm of p_norm and solver")
+    desired.set_defaults(handler=desired_command)
 
     serve = sub.add_parser("serve", help="an OpenAI-compatible server with a steering page")
     serve.add_argument("model", help="an export folder or a .ckpt file")

@@ -174,6 +174,9 @@ class FunctionReward(RewardModel):
         return torch.as_tensor(np.asarray(self.fn(prompts, samples), dtype=np.float32))
 
 
+#: the dtype names policy settings accept
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 #: what FSDP, activation checkpointing and torch.compile insert into parameter names (state dicts omit them)
 WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 

@@ -330,24 +330,3 @@ def desired_rewards(
     if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi)) and np.all(hi > lo)):
         raise ValueError(f"need finite r_min < r_max, got r_min {lo.tolist()} and r_max {hi.tolist()}")
     return (hi - lo) * z + lo
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m ric.mapping 0.2 0.8``: desired rewards for one preference under every method."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("preference", type=float, nargs="+", help="w_1 ... w_N, summing to 1")
-    parser.add_argument("--p", type=float, default=2.0, help="norm for p_norm and solver")
-    args = parser.parse_args(argv)
-    w = validate_preference(args.preference)
-    lo, hi = default_reward_range()
-    print(f"preference w = {w.tolist()}   (reward range [{lo:+.3f}, {hi:+.3f}] in normalized units)")
-    for method in METHODS:
-        values = desired_rewards(w, method, p=args.p)
-        label = f"{method} (p={args.p:g})" if method in ("p_norm", "solver") else method
-        print(f"{label:>16}: " + "  ".join(f"R{i + 1} = {v:+.3f}" for i, v in enumerate(values)))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,5 +1,6 @@
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -112,6 +113,16 @@ def text_data(tmp_path):
 
 
 TINY_TEMPLATE = "Q: {prompt} {rewards}\nA:"
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def shared_file(*parts: str) -> Path:
+    """A file of ``../shared/data``; a clear failure naming it when the folder is not beside the checkout."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.is_file():
+        pytest.fail(f"{path} is missing: the tests read the shared data in ../shared/data beside the checkout")
+    return path
 
 
 def tiny_cli_config(tmp_path, model_path, data_path, rewards, callbacks, **trainer):

@@ -9,15 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import shared_file
 from PIL import Image
 
 from ric.cli import RiCCLI
 from ric.diffusion.datasets import ImageFolder, ImageShards, Shapes
 from ric.diffusion.models import CLIP_MAX_TOKENS, clip_tokenizer
 from ric.diffusion.rewards import AestheticReward, Colourfulness, JpegCompressibility
+from ric.mors import mors_keep_mask, mors_thresholds
 from ric.online import read_rows
 
-AESTHETIC = Path(__file__).resolve().parents[2] / "shared" / "data" / "aesthetic" / "sac+logos+ava1-l14-linearMSE.pth"
 SMALL_CLIP = {
     "embed_dim": 768,
     "vision_cfg": {"width": 64, "layers": 2, "patch_size": 8, "image_size": 32, "head_width": 32},
@@ -81,10 +82,10 @@ def test_caption_dropout_uses_the_empty_prompt(tiny_policy):
     assert batch["pixels"].shape == (3, 3, 16, 16) and batch["pixels"].min() >= -1
 
 
-@pytest.mark.skipif(not AESTHETIC.is_file(), reason="needs ../shared/data/aesthetic")
 def test_aesthetic_head_loads_laion_weights():
-    reward = AestheticReward(str(AESTHETIC), pretrained=None, clip_config=SMALL_CLIP)
-    state = torch.load(AESTHETIC, map_location="cpu", weights_only=True)
+    aesthetic = shared_file("aesthetic", "sac+logos+ava1-l14-linearMSE.pth")
+    reward = AestheticReward(str(aesthetic), pretrained=None, clip_config=SMALL_CLIP)
+    state = torch.load(aesthetic, map_location="cpu", weights_only=True)
     torch.testing.assert_close(reward.head.layers[7].weight, state["layers.7.weight"])
     scores = reward.score(["", "", ""], [_noise(seed=1), _noise(seed=2), Image.new("RGB", (40, 30), "red")])
     assert scores.shape == (3,) and torch.isfinite(scores).all()
@@ -226,7 +227,10 @@ def test_one_online_iteration_on_tiny_sd(tmp_path):
     assert sorted(r["index"] for r in rows) == list(range(6))
     assert all(Path(r["response"]).suffix == ".png" and Path(r["response"]).is_file() for r in rows)
     summary = json.loads((tmp_path / "buffer" / "round0" / "summary.json").read_text())
-    assert summary["generated"] == 6 and 1 <= summary["kept_by_mors"] <= 6
+    # MORS on the pictures' own scores: kept exactly those above the 0.7-quantile in some reward
+    z = cli.model.reward_space.normalize(np.array([r["raw"] for r in rows]))
+    kept = mors_keep_mask(z, mors_thresholds(z, 0.7))
+    assert summary["generated"] == 6 and summary["kept_by_mors"] == (int(kept.sum()) if kept.any() else 6)
     pool = cli.datamodule.train_examples()
     assert len(pool) == summary["buffer_online"] + summary["buffer_original"]
     assert all(Path(e["response"]).is_file() for e in pool)
@@ -249,11 +253,17 @@ def test_lora_unet_trains_only_adapters_and_exports_a_pipeline(tmp_path):
     x, t, h = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 77, 32)
     with torch.no_grad():
         expected = policy.unet(x, t, h).sample
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
     folder = policy.export(tmp_path / "export")
     assert json.loads((folder / "ric.json").read_text())["conditioning"]["reward_names"] == ["a", "b"]
+    # the live policy is as it was: adapters unfused, the same weights, still trainable
+    assert policy.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, policy.state_dict()[k]) for k, v in before.items())
+    assert [n for n, p in policy.named_parameters() if p.requires_grad] == trainable
     reloaded = load_pretrained(str(folder))
     with torch.no_grad():
         torch.testing.assert_close(reloaded.unet(x, t, h).sample, expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(policy.unet(x, t, h).sample, expected)
 
 
 @contextlib.contextmanager
@@ -277,7 +287,7 @@ def test_unet_adapters_add_their_product_inside_the_matmul(tmp_path):
     from ric.diffusion.policy import DiffusionPolicy
 
     policy = DiffusionPolicy(model="tiny", tiny_config=TINY, resolution=16, lora_r=4, reward_names=["a", "b"])
-    assert policy._fused_adapters and all(type(m) is FusedLoraLinear for m in policy._fused_adapters)
+    assert policy.fused_adapters and all(type(m) is FusedLoraLinear for m in policy.fused_adapters)
     with torch.no_grad():  # a non-zero adapter, so its product matters
         for name, p in policy.unet.named_parameters():
             if "lora_B" in name:
@@ -293,8 +303,8 @@ def test_unet_adapters_add_their_product_inside_the_matmul(tmp_path):
         return loss.detach(), [p.grad.clone() for p in policy.trained_parameters()], ops
 
     fused = {autocast: step(autocast) for autocast in (False, True)}
-    assert all(ops[torch.ops.aten.addmm_.default] == len(policy._fused_adapters) for *_, ops in fused.values())
-    unfuse_adapters(policy._fused_adapters)
+    assert all(ops[torch.ops.aten.addmm_.default] == len(policy.fused_adapters) for *_, ops in fused.values())
+    unfuse_adapters(policy.fused_adapters)
     for autocast, tol in ((False, 1e-5), (True, 0.1)):  # bf16: three roundings of the product vs one
         loss, grads, ops = step(autocast)
         assert ops[torch.ops.aten.addmm_.default] == 0

@@ -47,7 +47,10 @@ def test_quantization_allowed_with_replicated_weights(strategy):
     check_strategy(strategy, "8bit")
 
 
-def test_shipped_strategies_resolve():
+def test_shipped_strategies_resolve(monkeypatch):
+    import ric.cli
+
+    monkeypatch.setattr(ric.cli, "check_packages", lambda strategy: None)  # DeepSpeed is not installed here
     cls, args = resolve_strategy(
         ParseOnly(args=["--config", str(ROOT / "configs/text_hh.yaml")], run=False).config.trainer.strategy
     )

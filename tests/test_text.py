@@ -6,18 +6,20 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_TEMPLATE as TEMPLATE
-from conftest import tiny_cli_config
+from conftest import shared_file, tiny_cli_config
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from ric.cli import RiCCLI
-from ric.data import JsonlExamples, ScoreCache
+from ric.cli import ConfigError, RiCCLI
+from ric.data import JsonlExamples, RelabelDataModule, ScoreCache
 from ric.evaluation import PreferenceSweep, default_preferences
+from ric.interfaces import ConditionalPolicy
 from ric.online import OnlineLoop
 from ric.text.datasets import HHRLHF, RedditTLDR, split_dialogue
 from ric.text.policy import TextPolicy
 from ric.text.rewards import HFRewardModel, PaperRewardModel, Readability, Relevance, Sentiment, Verbosity
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
 
 
 @pytest.fixture(scope="module")
@@ -126,12 +128,12 @@ def test_offline_rewards():
 
 
 def test_datasets_read_shared_files():
-    hh = HHRLHF(str(SHARED / "hh-rlhf" / "harmless-base-test.jsonl.gz"), limit=10)
+    hh = HHRLHF(str(shared_file("hh-rlhf", "harmless-base-test.jsonl.gz")), limit=10)
     rows = hh.load()
     assert len(rows) == 20
     assert all(not r["prompt"].endswith("Assistant:") and r["prompt"].startswith("\n\nHuman:") for r in rows)
     assert len(HHRLHF(hh.path, responses="chosen", every_nth=4, limit=5).load()) == 5
-    tldr = RedditTLDR(str(SHARED / "tldr" / "oai1b.csv"), limit=5).load()
+    tldr = RedditTLDR(str(shared_file("tldr", "oai1b.csv")), limit=5).load()
     assert len(tldr) == 10 and "POST:" not in tldr[0]["prompt"] and "TL;DR" not in tldr[0]["prompt"]
     assert split_dialogue("\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: d") == (
         "\n\nHuman: a\n\nAssistant: b\n\nHuman: c",
@@ -171,15 +173,41 @@ def test_score_cache(tmp_path):
     assert CountingVerbosity.calls > calls
 
 
-@pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
-def test_every_config_parses(config):
-    class ParseOnly(RiCCLI):
-        def instantiate_classes(self):
-            pass
+class ParseOnly(RiCCLI):
+    """Parses a config and runs every check that needs no model (callbacks and data sources built, reward names
+    compared), but builds nothing heavy."""
 
-    cli = ParseOnly(args=["--config", str(config)], run=False)
-    assert cli.config["model"]["class_path"]
-    assert cli.config["data"]["rewards"]
+    def instantiate_classes(self):
+        pass
+
+
+@pytest.fixture()
+def without_gpu_packages(monkeypatch):
+    """The paper configs name DeepSpeed, which this CPU machine does not install; the check itself is tested
+    in test_bad_inputs."""
+    import ric.cli
+
+    monkeypatch.setattr(ric.cli, "check_packages", lambda strategy: None)
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_config_parses(config, without_gpu_packages, tmp_path):
+    import importlib
+
+    import yaml
+
+    dataset = yaml.safe_load(config.read_text())["data"]["dataset"]
+    extra = []
+    if dataset["class_path"].endswith("ImageFolder"):  # the paper's SD config reads the user's own pictures
+        extra = ["--data.dataset.init_args.path", str(tmp_path)]
+    cli = ParseOnly(args=["--config", str(config), *extra], run=False)
+    model = cli.config["model"]
+    module, _, name = model["class_path"].rpartition(".")
+    assert issubclass(getattr(importlib.import_module(module), name), ConditionalPolicy)
+    names = [r["init_args"]["name"] for r in cli.config["data"]["rewards"]]
+    assert names == list(model["init_args"]["reward_names"]) and len(names) >= 2
+    sweeps = [c for c in cli.config["trainer"]["callbacks"] if c["class_path"] == "ric.evaluation.PreferenceSweep"]
+    assert len(sweeps) == 1  # every shipped config evaluates itself
 
 
 def _config(tmp_path, tiny_llama, data_path):
@@ -282,9 +310,9 @@ def test_clear_errors(tmp_path, tiny_llama, text_data):
     empty.write_text("")
     with pytest.raises(ValueError, match="data set is empty"):
         RiCCLI(args=["fit", "--config", str(_config(tmp_path, tiny_llama, empty))])
-    with pytest.raises(FileNotFoundError, match="absent.jsonl"):
+    with pytest.raises(ConfigError, match=r"data.dataset \(JsonlExamples\): data file not found: .*absent.jsonl"):
         RiCCLI(args=["fit", "--config", str(_config(tmp_path, tiny_llama, tmp_path / "absent.jsonl"))])
-    with pytest.raises(ValueError, match=r"conditioned on rewards \['verbosity', 'humor'\]"):
+    with pytest.raises(ConfigError, match=r"reward_names \['verbosity', 'humor'\] and the data's rewards"):
         RiCCLI(
             args=[
                 "fit",
@@ -307,13 +335,27 @@ def test_sweep_range_settings_moved_to_the_reward_space():
 
 
 @pytest.mark.parametrize("overlay", sorted((ROOT / "configs" / "speed").glob("*.yaml")), ids=lambda p: p.name)
-def test_speed_overlays_apply_on_the_paper_configs(overlay):
-    class ParseOnly(RiCCLI):
-        def instantiate_classes(self):
-            pass
-
+def test_speed_overlays_apply_on_the_paper_configs(overlay, without_gpu_packages):
     for base in ("text_hh.yaml", "text_summary.yaml"):
         cli = ParseOnly(args=["--config", str(ROOT / "configs" / base), "--config", str(overlay)], run=False)
         args = cli.config["model"]["init_args"]
         assert args["quantization"] is None and args["compile"] and args["cache_implementation"] == "static"
         assert args["lora_r"] == 64  # the base config's other settings stay
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    prompts=st.lists(st.integers(0, 30), min_size=4, max_size=80),
+    val=st.sampled_from([0.0, 0.1, 0.3]),
+    test=st.sampled_from([0.0, 0.2, 0.4]),
+    seed=st.integers(0, 5),
+)
+def test_split_never_puts_one_prompt_in_two_splits(prompts, val, test, seed):
+    records = [{"prompt": f"q{p}", "response": f"answer {k}"} for k, p in enumerate(prompts)]
+    dm = RelabelDataModule(JsonlExamples.__new__(JsonlExamples), [Verbosity()], val_fraction=val, test_fraction=test,
+                           seed=seed)  # fmt: skip
+    train, valid, held_out = dm.split(records)
+    train_p, val_p = {r["prompt"] for r in train}, {r["prompt"] for r in valid}
+    assert not (train_p & val_p) and not (train_p & set(held_out)) and not (val_p & set(held_out))
+    assert len(train) + len(valid) + sum(r["prompt"] in held_out for r in records) == len(records)
+    assert len(held_out) == len(set(held_out))

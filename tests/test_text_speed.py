@@ -122,7 +122,7 @@ def test_fused_adapters_match_peft_under_autocast(tiny_llama):
     peft's forward to bf16 rounding (same dropout masks). Without autocast a bf16 input meets float32
     adapters, so peft's forward (with its casts) runs, bit for bit."""
     policy = make_policy(tiny_llama, dtype="bfloat16", lora_dropout=0.1)
-    layers = policy._fused_adapters
+    layers = policy.fused_adapters
     assert len(layers) == 2 * 7 and all(type(layer) is FusedLoraLinear for layer in layers)
     assert {p.dtype for n, p in policy.named_parameters() if "lora_" in n} == {torch.float32}
     batch = policy.collate(EXAMPLES)
@@ -142,9 +142,9 @@ def test_fused_adapters_in_float32_match_peft(tiny_llama):
     policy = make_policy(tiny_llama, lora_dropout=0.1)
     batch = policy.collate(EXAMPLES)
     fused = run_step(policy, batch, autocast=False)
-    unfuse_adapters(policy._fused_adapters)
+    unfuse_adapters(policy.fused_adapters)
     peft = run_step(policy, batch, autocast=False)
-    assert fused[3] == len(policy._fused_adapters) == 14 and peft[3] == 0
+    assert fused[3] == len(policy.fused_adapters) == 14 and peft[3] == 0
     torch.testing.assert_close(fused[0], peft[0], rtol=1e-5, atol=1e-5)
     for ours, theirs in zip(fused[1], peft[1]):
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
@@ -230,13 +230,13 @@ def test_checkpoint_keeps_adapter_inside_wrapped_layers(tiny_llama):
 
 @pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is not None, reason="liger-kernel is installed")
 def test_liger_without_package_fails_before_loading(tmp_path):
-    with pytest.raises(ImportError, match="pip install liger-kernel"):
+    with pytest.raises(ImportError, match=r"pip install 'ric\[speed\]'"):
         TextPolicy(model=str(tmp_path / "absent"), liger_kernel=True)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed")
 def test_vllm_backend_without_package_fails_before_loading(tmp_path):
-    with pytest.raises(ImportError, match="pip install vllm"):
+    with pytest.raises(ImportError, match=r"pip install 'ric\[vllm\]'"):
         TextPolicy(model=str(tmp_path / "absent"), generation_backend="vllm")
 
 
@@ -358,7 +358,7 @@ def test_compiled_layers_hold_their_adapters_in_one_graph(tiny_llama, monkeypatc
 
     monkeypatch.setattr(torch.amp, "is_autocast_available", untraceable)
     policy = make_policy(tiny_llama, compile=True, lora_dropout=0.1)
-    assert all(type(m) is FusedLoraLinear for m in policy._fused_adapters) and len(policy._fused_adapters) == 14
+    assert all(type(m) is FusedLoraLinear for m in policy.fused_adapters) and len(policy.fused_adapters) == 14
     torch._dynamo.reset()
     counters.clear()
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -17,10 +17,9 @@ from ric.conditioning import RewardConditioning
 from ric.diffusion.images import as_image, image_grid, resize_center_crop, to_tensor
 from ric.diffusion.models import CLIP_MAX_TOKENS, build_tiny, load_pretrained
 from ric.distributed import seed_for_rank
-from ric.interfaces import ConditionalPolicy
+from ric.interfaces import DTYPES, ConditionalPolicy
 from ric.optim import adamw_with_schedule
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 UNET_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 
 
@@ -134,7 +133,7 @@ class DiffusionPolicy(ConditionalPolicy):
                     init_lora_weights="gaussian",
                 )
             )
-        self._fused_adapters = fuse_adapters(self.unet)  # the adapters' products added inside the base matmuls
+        self.fused_adapters = fuse_adapters(self.unet)  # the adapters' products added inside the base matmuls
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.ema = None

@@ -88,7 +88,14 @@ def load_causal_lm(
     else:
         lm = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if len(tok) > lm.get_input_embeddings().num_embeddings:
-        lm.resize_token_embeddings(len(tok))
+        import transformers
+
+        verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()  # its note on how the pad token's row is initialized
+        try:
+            lm.resize_token_embeddings(len(tok))
+        finally:
+            transformers.logging.set_verbosity(verbosity)
     lm.config.pad_token_id = tok.pad_token_id
     if lm.generation_config is not None:
         lm.generation_config.pad_token_id = tok.pad_token_id

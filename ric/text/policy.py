@@ -15,14 +15,13 @@ import torch
 from ric.adapters import fuse_adapters
 from ric.conditioning import RewardConditioning
 from ric.distributed import attached_trainer, sharded_weights
-from ric.interfaces import ConditionalPolicy
+from ric.interfaces import DTYPES, ConditionalPolicy
 from ric.optim import adamw_with_schedule
 from ric.text.models import drop_gguf_marker, load_causal_lm
 
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 #: static-cache generation pads prompt widths to a multiple of this (fewer distinct cache lengths to compile)
 STATIC_WIDTH_STEP = 64
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: training-only switches turned off when a policy is loaded for inference
 INFERENCE_SETTINGS: dict[str, Any] = {
     "compile": False,
@@ -149,7 +148,7 @@ class TextPolicy(ConditionalPolicy):
             raise ValueError(f"TextPolicy.generation_batch_size must be >= 1, got {generation_batch_size}")
         # optional packages are checked before minutes of model loading
         if liger_kernel and importlib.util.find_spec("liger_kernel") is None:
-            raise ImportError("liger_kernel=True needs Liger kernels: pip install 'ric[speed]'")
+            raise ImportError("liger_kernel=True needs Liger kernels (liger-kernel): pip install 'ric[speed]'")
         if packing_width is not None and (packing_width < max_length or not packing):
             raise ValueError(
                 f"packing_width ({packing_width}) needs packing: true and at least max_length ({max_length}) tokens:"
@@ -213,7 +212,7 @@ class TextPolicy(ConditionalPolicy):
         # a checkpoint holds only the trained weights (the adapter), not the frozen base
         self.strict_loading = False
         # adapters add their product inside the base output's matmul, without peft's float32 input copies
-        self._fused_adapters = fuse_adapters(self.lm)
+        self.fused_adapters = fuse_adapters(self.lm)
         if compile:  # in place: parameter names and checkpoints stay the same
             for layer in decoder_layers(self.lm):
                 layer.compile(mode=None if compile_mode == "default" else compile_mode)

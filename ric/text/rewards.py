@@ -8,7 +8,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 
 from ric.interfaces import RewardModel
@@ -245,9 +244,6 @@ class Relevance(LengthSortedReward):
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         return torch.nn.functional.normalize(pooled, dim=-1)
 
-    def length_key(self, prompt: Any, sample: Any) -> int:
-        return len(str(sample))
-
     def score(self, prompts, samples, batch_size=None, progress=False) -> torch.Tensor:
         self._prompt_cache = {}
         try:
@@ -262,8 +258,3 @@ class Relevance(LengthSortedReward):
             self._prompt_cache.update(zip(new, self.embed(new)))
         query = torch.stack([self._prompt_cache[p] for p in prompts])
         return (query * self.embed([str(s) for s in samples])).sum(-1)
-
-
-def pearson(a: Sequence[float], b: Sequence[float]) -> float:
-    """Pearson correlation, used to check that two rewards conflict on a data set."""
-    return float(np.corrcoef(np.asarray(a, dtype=float), np.asarray(b, dtype=float))[0, 1])
