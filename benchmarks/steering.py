@@ -33,6 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 HH = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 RESULTS = ROOT / "benchmarks" / "results"
 PREFERENCES = [[0.0, 1.0], [0.25, 0.75], [0.5, 0.5], [0.75, 0.25], [1.0, 0.0]]
+#: sampling of every evaluation: the paper's online settings, answers up to 128 tokens (shorter would cap verbosity)
+EVAL: dict[str, Any] = {"temperature": 0.7, "top_p": 0.9, "max_new_tokens": 128}
 
 #: the recipe: what the studies below vary one at a time
 BASE: dict[str, Any] = {
@@ -107,7 +109,7 @@ def train(folder: Path, s: dict[str, Any], seed: int, save_steps: list[int]) -> 
     if done.is_file():
         return json.loads(done.read_text())["seconds"]
     folder.mkdir(parents=True, exist_ok=True)
-    config = folder / "config.yaml"
+    config = folder / "run.json"  # (LightningCLI writes its own config.yaml beside it)
     config.write_text(json.dumps(train_config(folder, s, seed, save_steps)))
     ckpt = folder / "ckpt" / "last.ckpt"
     cmd = [sys.executable, "-m", "ric.cli", "fit", "--config", str(config)] + (
@@ -124,7 +126,7 @@ def data_module(folder: Path) -> Any:
     """The run's data module as its config builds it (no model is loaded)."""
     import importlib
 
-    config = json.loads((folder / "config.yaml").read_text())["data"]
+    config = json.loads((folder / "run.json").read_text())["data"]
 
     def build(spec: dict) -> Any:
         module, _, name = spec["class_path"].rpartition(".")
@@ -157,9 +159,7 @@ def evaluate(ckpt: Path, prompts: list[str], samples: int, seed: int, space_over
     desired, means, sems = [], [], []
     start = time.perf_counter()
     for w in PREFERENCES:
-        steered = policy.steer(
-            prompts, w, num_samples=samples, seed=seed, temperature=0.7, top_p=0.9, max_new_tokens=128
-        )
+        steered = policy.steer(prompts, w, num_samples=samples, seed=seed, **EVAL)
         z = space.normalize(score_all(rewards, [s.prompt for s in steered], [s.sample for s in steered]))
         desired.append(steered[0].desired_rewards)
         means.append(z.mean(axis=0))
@@ -267,11 +267,11 @@ def online_round(
     config["trainer"]["callbacks"].append({"class_path": "ric.online.OnlineLoop", "init_args": {
         "iterations": 1, "steps_per_iteration": steps, "prompts_per_iteration": generations, "learning_rate": 2.0e-4,
         "chunk_size": 32, "buffer_dir": str(folder / "online"), "sampling": {"max_new_tokens": 128}}})  # fmt: skip
-    (folder / "config.yaml").write_text(json.dumps(config))
+    (folder / "run.json").write_text(json.dumps(config))
     resume = folder / "ckpt" / "last.ckpt"
     start_from = resume if resume.exists() else offline / "ckpt" / "last.ckpt"
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "ric.cli", "fit", "--config", str(folder / "config.yaml"), "--ckpt_path",
+    subprocess.run([sys.executable, "-m", "ric.cli", "fit", "--config", str(folder / "run.json"), "--ckpt_path",
                     str(start_from)], check=True, cwd=ROOT)  # fmt: skip
     seconds = time.perf_counter() - start
     done.write_text(json.dumps({"seconds": seconds}))
@@ -368,7 +368,16 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--samples", type=int, default=1)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "steering")
+    parser.add_argument("--smoke", action="store_true", help="wiring check: 4 steps, 4 prompts, short answers")
     args = parser.parse_args()
+    if args.smoke:
+        BASE.update(steps=4, warmup=1)
+        for variants, _ in STUDIES.values():
+            for overrides in variants.values():
+                overrides.pop("steps", None)
+        STUDIES["length"] = (STUDIES["length"][0], [2, 4])
+        EVAL["max_new_tokens"] = 16
+        args.prompts, args.out = 4, args.out.with_name(args.out.name + "-smoke")
     if not HH.is_file():
         raise FileNotFoundError(f"hh-rlhf data not found at {HH} (../shared/data beside the checkout)")
     results = run_study(args)
@@ -376,7 +385,7 @@ def main() -> None:
     results["summary"] = summary
     results["command"] = " ".join([Path(sys.executable).name, *sys.argv])
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = f"steering_{args.study}"
+    name = f"steering_{args.study}" + ("_smoke" if args.smoke else "")
     (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2, default=float))
     plot(results, summary, RESULTS / f"{name}.png")
     print(json.dumps(summary, indent=2))
