@@ -1,5 +1,6 @@
 """Front quality on hh-rlhf (harmless-base): base model vs plain SFT vs RiC offline vs RiC + 1 online
-round, and the mapping ablation (linear vs p = 2 vs p = inf) on the RiC model.
+round vs the RL baselines (MORLHF at 3 preferences, Rewarded Soups with 2 experts, both GRPO on TRL), with
+the cost of each, and the mapping ablation (linear vs p = 2 vs p = inf) on the RiC model.
 
 SmolLM2-135M-Instruct with the quickstart's offline rewards (verbosity, readability), data from
 ``../shared/data/hh-rlhf``. Every arm is evaluated on the same held-out prompts; hypervolumes share one
@@ -7,7 +8,7 @@ reference point. Expected from the paper: online > offline > SFT / base, and p =
 
     .venv/bin/python benchmarks/front_quality.py --scale cpu --out runs/front_quality   # about 35 min on 2 cores
     .venv/bin/python benchmarks/front_quality.py --scale gpu --out runs/front_quality   # minutes on one GPU
-    .venv/bin/python benchmarks/front_quality.py --scale smoke                          # wiring check, 6 min
+    .venv/bin/python benchmarks/front_quality.py --scale smoke                          # wiring check
 """
 
 from __future__ import annotations
@@ -23,10 +24,29 @@ ROOT = Path(__file__).resolve().parents[1]
 HH = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 SCALES = {
     # dialogues, offline steps, online steps, online generations, held-out prompts, new tokens
-    "smoke": dict(limit=200, offline=4, online=2, generations=16, test_prompts=6, new_tokens=16, accelerator="cpu"),
-    "cpu": dict(limit=1000, offline=100, online=40, generations=192, test_prompts=24, new_tokens=48, accelerator="cpu"),
+    # (and GRPO steps per baseline policy)
+    "smoke": dict(
+        limit=200, offline=4, online=2, generations=16, test_prompts=6, new_tokens=16, accelerator="cpu", rl_steps=2
+    ),
+    "cpu": dict(
+        limit=1000,
+        offline=100,
+        online=40,
+        generations=192,
+        test_prompts=24,
+        new_tokens=48,
+        accelerator="cpu",
+        rl_steps=40,
+    ),
     "gpu": dict(
-        limit=2312, offline=2000, online=500, generations=4096, test_prompts=200, new_tokens=128, accelerator="gpu"
+        limit=2312,
+        offline=2000,
+        online=500,
+        generations=4096,
+        test_prompts=200,
+        new_tokens=128,
+        accelerator="gpu",
+        rl_steps=500,
     ),
 }
 
@@ -47,8 +67,6 @@ def config(out: Path, s: dict, *, conditioned: bool = True, online: bool = False
                     "steps_per_iteration": s["online"],
                     "prompts_per_iteration": s["generations"],
                     "learning_rate": 1e-4,
-                    "reward_range": "data",
-                    "range_quantiles": [0.05, 0.95],
                     "buffer_dir": str(out / "online"),
                     "chunk_size": 64,
                     "sampling": {"max_new_tokens": s["new_tokens"]},
@@ -71,16 +89,45 @@ def config(out: Path, s: dict, *, conditioned: bool = True, online: bool = False
                  "rewards": [{"class_path": "ric.text.rewards.Verbosity"},
                              {"class_path": "ric.text.rewards.Readability"}],
                  "batch_size": 8, "val_fraction": 0.0, "test_fraction": 0.1, "max_test_prompts": s["test_prompts"],
-                 "cache_dir": str(ROOT / ".ric_cache"), "output_dir": str(out)},
+                 "cache_dir": str(ROOT / ".ric_cache"), "output_dir": str(out), "reward_range": "data",
+                 "range_quantiles": [0.05, 0.95]},
     }  # fmt: skip
 
 
-def sweep_args(out: Path, s: dict, method: str, unconditioned: bool = False) -> list[str]:
-    cb = {"class_path": "ric.evaluation.PreferenceSweep", "init_args": {
+def sweep_callback(out: Path, s: dict, method: str, unconditioned: bool = False, **extra: object) -> dict:
+    return {"class_path": "ric.evaluation.PreferenceSweep", "init_args": {
         "num_points": 5, "method": method, "unconditioned": unconditioned, "output_dir": str(out),
-        "reward_range": "data", "range_quantiles": [0.05, 0.95], "label": out.name,
-        "sampling": {"temperature": 0.7, "max_new_tokens": s["new_tokens"]}}}  # fmt: skip
-    return ["--trainer.callbacks+=" + json.dumps(cb)]
+        "label": out.name, "sampling": {"temperature": 0.7, "max_new_tokens": s["new_tokens"]}, **extra}}  # fmt: skip
+
+
+def sweep_args(out: Path, s: dict, method: str, unconditioned: bool = False) -> list[str]:
+    return ["--trainer.callbacks+=" + json.dumps(sweep_callback(out, s, method, unconditioned))]
+
+
+def baseline(name: str, out: Path, s: dict) -> Path:
+    """MORLHF or Rewarded Soups with the RiC arm's policy settings, data and sampling; returns its sweep."""
+    from ric.baselines.methods import main as run_baseline
+
+    dest = out / "sweeps" / name
+    if (dest / "metrics.json").exists():
+        print(f"skipping: {dest / 'metrics.json'} exists")
+        return dest
+    ric = config(out / name, s)
+    policy = {k: v for k, v in ric["model"]["init_args"].items() if k not in ("reward_names", "conditioned")}
+    three = [[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]]
+    cfg = {
+        "policy": policy,
+        "data": {"class_path": "ric.data.RelabelDataModule", "init_args": ric["data"]},
+        "grpo": {"steps": s["rl_steps"], "max_new_tokens": s["new_tokens"], "save_steps": max(1, s["rl_steps"] // 4)},
+        "sweep": sweep_callback(dest, s, "p_inf", **({"preferences": three} if name == "morlhf" else {})),
+        "output_dir": str(out / name),
+    }
+    path = out / name / "baseline.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(cfg))
+    if run_baseline([name, "--config", str(path)]) != 0:
+        raise RuntimeError(f"ric baseline {name} failed")
+    return dest
 
 
 def run(args: list[str], done: Path | None = None) -> None:
@@ -144,14 +191,19 @@ def main() -> None:
     run(["fit", "--config", str(long)], done=long_ckpt)
     arms["RiC offline, same steps"] = sweep("ric_long", long, "p_inf", long_ckpt)
 
+    arms["MORLHF (3 policies)"] = baseline("morlhf", out, s)
+    arms["Rewarded Soups"] = baseline("soups", out, s)
+
     main_cmp = compare(list(arms.values()), list(arms), out / "compare_methods")
     maps = {"linear": "ric_linear", "p = 2": "ric_p_norm", "p = inf": "ric_p_inf"}
     map_cmp = compare([out / "sweeps" / v for v in maps.values()], list(maps), out / "compare_mappings")
     hv = {r["run"]: r["hypervolume"] for r in main_cmp["runs"]}
     hm = {r["run"]: r["hypervolume"] for r in map_cmp["runs"]}
-    print("\narm                 hypervolume")
-    for name, value in hv.items():
-        print(f"{name:<20}{value:.4f}")
+    print("\narm                        hypervolume  train s  generated  reward calls")
+    for r in main_cmp["runs"]:
+        cells = [f"{r[k]:.0f}" if r.get(k) is not None else "-" for k in ("train_seconds", "generated_samples",
+                                                                             "reward_calls")]  # fmt: skip
+        print(f"{r['run']:<27}{r['hypervolume']:>11.4f}{cells[0]:>9}{cells[1]:>11}{cells[2]:>14}")
     print("\nmapping             hypervolume")
     for name, value in hm.items():
         print(f"{name:<20}{value:.4f}")
@@ -164,7 +216,10 @@ def main() -> None:
     for name, ok in checks.items():
         print(f"{name}: {'held' if ok else 'did not hold'}")
     (out / "front_quality.json").write_text(
-        json.dumps({"scale": args.scale, "arms": hv, "mappings": hm, "expectations": checks}, indent=2)
+        json.dumps(
+            {"scale": args.scale, "arms": hv, "runs": main_cmp["runs"], "mappings": hm, "expectations": checks},
+            indent=2,
+        )  # fmt: skip
     )
     print(out / "compare_methods" / "front.png")
 

@@ -46,7 +46,7 @@ BASE: dict[str, Any] = {
 #: study -> (variants: name -> overrides of BASE, steps at which each variant is evaluated)
 SHORT = {"steps": 200}
 STUDIES: dict[str, tuple[dict[str, dict[str, Any]], list[int] | None]] = {
-    "length": ({"recipe": {}}, [50, 100, 200, 300, 400]),
+    "length": ({"recipe": {}}, [100, 200, 400]),
     "lr": ({"lr=5e-4": {**SHORT, "lr": 5.0e-4}, "lr=2e-3": SHORT, "lr=5e-3": {**SHORT, "lr": 5.0e-3}}, None),
     "format": (
         {"1 decimal": SHORT, "integers": {**SHORT, "decimals": 0},
@@ -195,7 +195,8 @@ def run_study(args: argparse.Namespace) -> dict:
         s = {**BASE, **overrides}
         at = steps or [s["steps"]]
         for seed in seeds:
-            folder = run_dir(args.out, args.study, name, seed)
+            # the length study evaluates the recipe's own run along the way: one training run serves both
+            folder = run_dir(args.out, "recipe" if args.study == "length" else args.study, name, seed)
             seconds = train(folder, s, seed, at if steps else [s["steps"]])
             prompts = held_out_prompts(folder, args.prompts)
             for step in at:

@@ -207,6 +207,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                   file=sys.stderr)  # fmt: skip
             return 2
         return 0
+    if argv and argv[0] == "baseline":  # the RL baselines (TRL) are an optional subpackage
+        from ric.baselines.methods import main as baseline
+
+        try:
+            return baseline(argv[1:])
+        except (ValueError, FileNotFoundError, ImportError) as err:
+            if verbose:
+                raise
+            print(f"ric baseline: error: {err}", file=sys.stderr)
+            return 2
     from ric.commands import run
 
     return run(argv)

@@ -340,9 +340,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="fit, validate and test run LightningCLI: ric fit --config configs/quickstart_text.yaml "
         "(ric fit --help lists its settings).",
     )
-    sub = parser.add_subparsers(dest="command", metavar="{fit,validate,test,export,generate,chat,serve,desired}")
+    sub = parser.add_subparsers(
+        dest="command", metavar="{fit,validate,test,export,generate,chat,serve,desired,baseline}"
+    )
     for name in ("fit", "validate", "test"):
         sub.add_parser(name, help=f"LightningCLI {name} (ric {name} --help)", add_help=False)
+    sub.add_parser("baseline", help="the paper's RL baselines: ric baseline morlhf|soups --config FILE",
+                   add_help=False)  # fmt: skip
 
     export = sub.add_parser("export", help="write a standalone model folder with ric.json and a model card")
     export.add_argument("model", help="a .ckpt file (or an export folder)")

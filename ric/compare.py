@@ -36,6 +36,32 @@ def read_front(path: str | Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     return names, prefs, means
 
 
+#: cost columns of the table, from each run's metrics.json (blank where a run did not record them)
+COST_FIELDS = ("train_seconds", "generation_seconds", "generated_samples", "reward_calls", "training_tokens")
+
+
+def read_cost(front: str | Path) -> dict[str, float | None]:
+    """The cost of a run from the ``metrics.json`` beside its front: training and generation wall seconds,
+    generated samples and reward calls (training and sweep together), training tokens."""
+    folder = Path(front) if Path(front).is_dir() else Path(front).parent
+    path = folder / "metrics.json"
+    cost = json.loads(path.read_text()).get("cost", {}) if path.is_file() else {}
+    if not cost:
+        return dict.fromkeys(COST_FIELDS)
+
+    def total(*keys: str) -> float | None:
+        values = [cost[k] for k in keys if cost.get(k) is not None]
+        return float(sum(values)) if values else None
+
+    return {
+        "train_seconds": total("train_seconds"),
+        "generation_seconds": total("sweep_seconds"),
+        "generated_samples": total("generated_samples_training", "generated_samples_sweep"),
+        "reward_calls": total("reward_calls_training", "reward_calls_sweep"),
+        "training_tokens": total("training_tokens"),
+    }
+
+
 def compare(
     fronts: Sequence[str | Path],
     labels: Sequence[str] | None = None,
@@ -54,10 +80,10 @@ def compare(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
-    for label, (_, _, means) in zip(labels, loaded):
-        results.append({"run": label, "hypervolume": hypervolume(means, ref), "points": len(means)})
+    for f, label, (_, _, means) in zip(fronts, labels, loaded):
+        results.append({"run": label, "hypervolume": hypervolume(means, ref), "points": len(means), **read_cost(f)})
     with (out / "compare.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["run", "hypervolume", "points"])
+        writer = csv.DictWriter(fh, fieldnames=["run", "hypervolume", "points", *COST_FIELDS])
         writer.writeheader()
         writer.writerows(results)
     summary = {"reward_names": names, "reference_point": ref.tolist(), "runs": results}
@@ -83,7 +109,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     summary = compare(args.fronts, args.labels, args.out, args.reference)
     for r in summary["runs"]:
-        print(f"{r['run']:>20}  hypervolume {r['hypervolume']:.4f}")
+        costs = ", ".join(f"{k.replace('_', ' ')} {r[k]:.0f}" for k in COST_FIELDS if r.get(k) is not None)
+        print(f"{r['run']:>20}  hypervolume {r['hypervolume']:.4f}" + (f"  ({costs})" if costs else ""))
     print(f"reference point {summary['reference_point']}")
     print(Path(args.out).resolve() / "front.png")
 

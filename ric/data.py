@@ -309,9 +309,13 @@ class RelabelDataModule(L.LightningDataModule):
         return train, val, [json.loads(p) for p in test_prompts]
 
     def setup(self, stage: str) -> None:
+        self.prepare(self.policy)
+
+    def prepare(self, policy: ConditionalPolicy) -> None:
+        """Split, filter and score the data for ``policy`` and give it the reward space; what ``setup`` does
+        under a trainer, callable without one (the RL baselines train outside Lightning)."""
         if self._ready:
             return
-        policy = self.policy
         if list(policy.conditioning.reward_names) != self.reward_names:
             raise ValueError(
                 f"the policy is conditioned on rewards {list(policy.conditioning.reward_names)}, but the data "
@@ -338,7 +342,7 @@ class RelabelDataModule(L.LightningDataModule):
         self.train_records, self.val_records = train, val
         self.train_scores, self.val_scores = scores[: len(train)], scores[len(train) :]
         space = self.build_space()
-        if self.trainer is not None and self.trainer.is_global_zero:
+        if self.trainer is None or self.trainer.is_global_zero:
             space.save(self._output_dir() / "reward_space.json")
         policy.set_reward_space(space)
         self._ready = True

@@ -7,6 +7,7 @@ Obtained rewards are reported in the same normalized units as the desired reward
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -15,6 +16,7 @@ import math
 import shlex
 import shutil
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -313,6 +315,7 @@ class PreferenceSweep(L.Callback):
         self.last_metrics: dict[str, Any] | None = None
         self.front_csv: Path | None = None
         self._swept = False
+        self._training: dict[str, Any] = {}
 
     def check_rewards(self, reward_names: Sequence[str]) -> None:
         """Refuse preferences that do not fit the configured rewards (called when the config is parsed)."""
@@ -329,12 +332,33 @@ class PreferenceSweep(L.Callback):
         self._swept = False
         clear_stop()  # a stop request belongs to one run
 
+    # ---- the cost ledger of the training this process ran (a resumed fit counts its own part) ----------
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._training = {"train_seconds": 0.0, "training_steps": trainer.global_step, "training_tokens": 0,
+                          "training_examples": 0, "_start": time.perf_counter()}  # fmt: skip
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if isinstance(batch, dict) and self._training:
+            ids, mask = batch.get("input_ids"), batch.get("attention_mask")
+            if mask is not None or ids is not None:  # tokens through the model (all of a packed row)
+                self._training["training_tokens"] += int(mask.sum() if mask is not None else ids.numel())
+            first = next((v for v in batch.values() if hasattr(v, "shape")), None)
+            self._training["training_examples"] += int(first.shape[0]) if first is not None else 0
+
+    def end_training(self, trainer: L.Trainer) -> None:
+        if "_start" in self._training:
+            self._training["train_seconds"] = time.perf_counter() - self._training.pop("_start")
+            self._training["training_steps"] = trainer.global_step - self._training["training_steps"]
+
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         clear_stop()
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # not on_fit_end: by then the strategy's teardown has moved the model to the CPU
         if self.after_fit:
+            self.end_training(trainer)
             for callback in trainer.checkpoint_callbacks:  # the final checkpoint first: a sweep can take hours
                 callback.on_train_end(trainer, pl_module)
             self.run(trainer, pl_module)
@@ -344,6 +368,7 @@ class PreferenceSweep(L.Callback):
         """A fit with nothing left to train (resumed from its final checkpoint, or no training batches) ends
         without ``on_train_end``; sweep then, on the device the strategy had the model on."""
         if self.after_fit and not self._swept:
+            self.end_training(trainer)
             log.warning("no training ran in this fit; running the preference sweep after teardown")
             pl_module.to(trainer.strategy.root_device)
             self.run(trainer, pl_module)
@@ -365,6 +390,7 @@ class PreferenceSweep(L.Callback):
         settings: dict[str, Any],
         out: Path,
         fingerprint: str = "",
+        preferences: np.ndarray | None = None,
     ) -> list[tuple[list[Any], np.ndarray]] | None:
         """``(stored samples, raw scores)`` per preference (row of ``desired``; ``None``: one unconditioned
         row). Every process generates and scores a contiguous share of the prompts, each preference from the
@@ -372,7 +398,8 @@ class PreferenceSweep(L.Callback):
 
         Each finished preference is kept in ``out/.partial`` (samples stored under their final names), so a
         sweep stopped by a signal or a crash continues where it stopped; ``fingerprint`` (the model's state)
-        makes a changed model start afresh."""
+        makes a changed model start afresh. ``preferences`` (rows like ``desired``): each row is generated
+        inside ``policy.preference_context`` (the weights a baseline trained or mixed for it)."""
         from tqdm.auto import tqdm
 
         rank, world = rank_and_world()
@@ -380,41 +407,33 @@ class PreferenceSweep(L.Callback):
         rows = [None] if desired is None else list(desired)
         partial = out / ".partial"
         local = []
-        with policy.generation_session():
-            for k, row in enumerate(tqdm(rows, desc="preference sweep", unit="pref", disable=rank != 0)):
-                key = hashlib.sha256(
-                    json.dumps(
-                        [
-                            fingerprint,
-                            world,
-                            self.seed,
-                            settings,
-                            None if row is None else row.tolist(),
-                            [str(p) for p in prompts],
-                        ],
-                        default=str,
-                    ).encode()  # fmt: skip
-                ).hexdigest()[:16]
-                path = partial / f"pref{k:02d}-{key}.rank{rank}.json"
-                if path.is_file():
-                    if rank == 0:
-                        print(f"preference sweep: preference {k + 1} of {len(rows)} was finished before, reusing it")
-                    done = json.loads(path.read_text())
-                    local.append(
-                        (done["indices"], done["samples"], np.array(done["raw"], dtype=float).reshape(-1, len(rewards)))
-                    )
-                    continue
-                targets = None if row is None else np.broadcast_to(row, (len(prompts), len(rewards)))
+        for k, row in enumerate(tqdm(rows, desc="preference sweep", unit="pref", disable=rank != 0)):
+            key = hashlib.sha256(
+                json.dumps(
+                    [fingerprint, world, self.seed, settings, None if row is None else row.tolist(),
+                     [str(p) for p in prompts]],
+                    default=str,
+                ).encode()
+            ).hexdigest()[:16]  # fmt: skip
+            path = partial / f"pref{k:02d}-{key}.rank{rank}.json"
+            if path.is_file():
+                if rank == 0:
+                    print(f"preference sweep: preference {k + 1} of {len(rows)} was finished before, reusing it")
+                done = json.loads(path.read_text())
+                raw = np.array(done["raw"], dtype=float).reshape(-1, len(rewards))
+                local.append((done["indices"], done["samples"], raw))
+                continue
+            targets = None if row is None else np.broadcast_to(row, (len(prompts), len(rewards)))
+            context = contextlib.nullcontext() if preferences is None else policy.preference_context(preferences[k])
+            with context, policy.generation_session():
                 result = rollout(policy, prompts, targets, indices=share, settings=settings, rewards=rewards,
                                  seed=self.seed)  # fmt: skip
-                stored = policy.store_samples(result.samples, out / "samples", [f"pref{k:02d}-{i:04d}" for i in share])
-                partial.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp")
-                tmp.write_text(
-                    json.dumps({"indices": share, "samples": stored, "raw": result.raw.tolist()}, default=str)
-                )
-                tmp.replace(path)
-                local.append((share, stored, result.raw))
+            stored = policy.store_samples(result.samples, out / "samples", [f"pref{k:02d}-{i:04d}" for i in share])
+            partial.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"indices": share, "samples": stored, "raw": result.raw.tolist()}, default=str))
+            tmp.replace(path)
+            local.append((share, stored, result.raw))
         gathered = gather_to_first(local)
         if gathered is None:
             return None
@@ -433,7 +452,8 @@ class PreferenceSweep(L.Callback):
             raise ValueError("no held-out prompts to evaluate: set test_fraction > 0 or test_dataset")
         method = self.method or space.method
         p = space.p if self.p is None else self.p
-        unconditioned = self.unconditioned or not policy.conditioned  # a model without markers is one point
+        # a model without markers is one point, unless a preference selects its weights (the RL baselines)
+        unconditioned = self.unconditioned or not (policy.conditioned or policy.weight_steered)
         if unconditioned:
             preferences = np.full((1, len(names)), np.nan)
             desired = np.full((1, len(names)), np.nan)
@@ -446,9 +466,11 @@ class PreferenceSweep(L.Callback):
         obtained, samples, generated = [], [], []
         settings = {**policy.sampling_defaults("evaluation"), **self.sampling}
         fingerprint = f"{type(policy).__qualname__}@{trainer.global_step}"
+        start = time.perf_counter()
         results = self.generate_all(
-            policy, rewards, prompts, None if unconditioned else desired, settings, out, fingerprint
-        )
+            policy, rewards, prompts, None if unconditioned else desired, settings, out, fingerprint,
+            preferences if policy.weight_steered and not unconditioned else None,
+        )  # fmt: skip
         if results is None:  # not rank 0
             return None
         for k, (stored, raw) in enumerate(tqdm(results, desc="writing results", unit="pref", leave=False)):
@@ -478,6 +500,12 @@ class PreferenceSweep(L.Callback):
             "r_min": space.r_min.tolist(),
             "r_max": space.r_max.tolist(),
             "samples_per_prompt": self.samples_per_prompt,
+            "cost": {
+                **self._training,
+                "sweep_seconds": time.perf_counter() - start,
+                "generated_samples_sweep": len(prompts) * len(results),
+                "reward_calls_sweep": len(prompts) * len(results) * len(rewards),
+            },
         }
         train_scores = getattr(dm, "train_scores", np.zeros((0, len(names))))
         if len(train_scores) > 2 and len(names) > 1:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ric.conditioning import RewardConditioning
+from ric.mapping import validate_preference
 from ric.space import RewardSpace
 
 
@@ -222,6 +223,14 @@ class ConditionalPolicy(L.LightningModule, ABC):
     reward_space: RewardSpace | None = None
     #: init arguments a policy loaded for inference sets: training-only switches off
     inference_overrides: ClassVar[dict[str, Any]] = {}
+    #: steered through its weights, not reward markers: a preference selects or mixes trained weights
+    #: (the RL baselines of :mod:`ric.baselines`), see :meth:`preference_context`
+    weight_steered: ClassVar[bool] = False
+
+    def preference_context(self, preference: Sequence[float]) -> contextlib.AbstractContextManager:
+        """The policy for ``preference`` for the duration. RiC's preference lives in the prompt's markers, so
+        this does nothing; a ``weight_steered`` policy swaps in the weights trained (or mixed) for it."""
+        return contextlib.nullcontext()
 
     def set_reward_space(self, space: RewardSpace) -> None:
         names = list(self.conditioning.reward_names)
@@ -459,7 +468,17 @@ class ConditionalPolicy(L.LightningModule, ABC):
         from ric.rollout import rollout
 
         targets = None if desired is None else desired[rows]
-        samples = rollout(self, [prompts[i] for i in rows], targets, settings=sampling, seed=seed).samples
+        context = contextlib.nullcontext()
+        if self.weight_steered:
+            if preference is None or np.asarray(preference, dtype=float).ndim != 1:
+                raise ValueError(
+                    f"{type(self).__name__} is steered by one preference for all prompts, got {preference!r}"
+                )
+            w = validate_preference(preference, num_rewards=self.conditioning.num_rewards)
+            prefs = _rows("preference", w, len(prompts))
+            context = self.preference_context(w)
+        with context:
+            samples = rollout(self, [prompts[i] for i in rows], targets, settings=sampling, seed=seed).samples
         return [
             Steered(
                 prompt=prompts[i],

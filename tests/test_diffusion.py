@@ -266,6 +266,39 @@ def test_lora_unet_trains_only_adapters_and_exports_a_pipeline(tmp_path):
         torch.testing.assert_close(policy.unet(x, t, h).sample, expected)
 
 
+def test_trained_text_encoder_learns_is_averaged_and_exported(tmp_path):
+    """``train_text_encoder``: the loss reaches the text encoder, EMA tracks it after the UNet, and an
+    export writes its EMA weights (the live policy keeps its own)."""
+    from ric.diffusion.models import load_pretrained
+    from ric.diffusion.policy import DiffusionPolicy
+
+    frozen = DiffusionPolicy(model="tiny", tiny_config=TINY, resolution=16, reward_names=["a", "b"])
+    assert not any(p.requires_grad for p in frozen.text_encoder.parameters())
+    policy = DiffusionPolicy(
+        model="tiny", tiny_config=TINY, resolution=16, reward_names=["a", "b"], train_text_encoder=True,
+        ema_decay=0.5, frozen_dtype="bfloat16",
+    )  # fmt: skip
+    encoder = list(policy.text_encoder.parameters())
+    assert policy.text_encoder.dtype == torch.float32 and policy.vae.dtype == torch.bfloat16
+    assert policy.trained_parameters()[-len(encoder) :] == encoder
+    batch = policy.collate([{"prompt": "a red circle <R1> 0.1 <R2> 0.2", "response": _noise(20)}] * 2)
+    policy.loss(batch, dropout=0.0).backward()
+    embedding = policy.text_encoder.get_input_embeddings().weight
+    assert embedding.grad is not None and embedding.grad.abs().sum() > 0
+    policy.ema.step(policy.trained_parameters())  # diffusers' first EMA step copies the weights
+    with torch.no_grad():
+        for p in encoder:
+            p.add_(1.0)  # the live weights move away from the EMA's
+    policy.ema.step(policy.trained_parameters())  # a weighted mean of old and new
+    live = embedding.detach().clone()
+    shadow = policy.ema.shadow_params[len(policy.trained_parameters()) - len(encoder)]
+    folder = policy.export(tmp_path / "export")
+    exported = load_pretrained(str(folder)).text_encoder.get_input_embeddings().weight
+    torch.testing.assert_close(exported, shadow)
+    assert not torch.allclose(exported, live)
+    torch.testing.assert_close(embedding.detach(), live)
+
+
 @contextlib.contextmanager
 def counting():
     """Counts the ops dispatched inside the block, by overload."""

@@ -178,9 +178,21 @@ def test_compare_three_runs(tmp_path):
         return folder
 
     runs = [fake("base", 0.0), fake("sft", 0.2), fake("ric", 0.5)]
+    (runs[2] / "metrics.json").write_text(json.dumps({"cost": {
+        "train_seconds": 30.0, "sweep_seconds": 5.0, "generated_samples_sweep": 10, "reward_calls_sweep": 20,
+        "training_tokens": 900}}))  # fmt: skip
+    (runs[1] / "metrics.json").write_text(json.dumps({"cost": {
+        "train_seconds": 50.0, "generated_samples_training": 64, "generated_samples_sweep": 10}}))  # fmt: skip
     summary = compare(runs, ["base", "SFT", "RiC"], tmp_path / "out")
     hv = {r["run"]: r["hypervolume"] for r in summary["runs"]}
     assert hv["base"] < hv["SFT"] < hv["RiC"]
+    by_run = {r["run"]: r for r in summary["runs"]}
+    assert by_run["base"]["train_seconds"] is None  # nothing recorded: blank, not zero
+    assert by_run["RiC"]["train_seconds"] == 30.0 and by_run["RiC"]["reward_calls"] == 20
+    assert by_run["SFT"]["generated_samples"] == 74 and by_run["SFT"]["training_tokens"] is None
+    table = (tmp_path / "out" / "compare.csv").read_text().splitlines()
+    assert table[0].split(",")[3:] == ["train_seconds", "generation_seconds", "generated_samples", "reward_calls",
+                                        "training_tokens"]  # fmt: skip
     assert (tmp_path / "out" / "front.png").stat().st_size > 5000
     assert json.loads((tmp_path / "out" / "compare.json").read_text())["reference_point"] == summary["reference_point"]
     with pytest.raises(ValueError, match="2 labels for 3 runs"):

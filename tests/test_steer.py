@@ -49,6 +49,15 @@ def test_steer_gives_the_sweeps_samples_for_its_seed(trained):
     assert [s.sample for s in again] == [s.sample for s in steered]  # the same seed, the same samples
 
 
+def test_the_sweep_records_the_cost_of_training_and_evaluation(trained):
+    cost = json.loads((trained["sweep"] / "metrics.json").read_text())["cost"]
+    assert cost["training_steps"] == 3 and cost["train_seconds"] > 0
+    assert cost["training_examples"] == 3 * 4 and cost["training_tokens"] > cost["training_examples"]
+    rows = (trained["sweep"] / "samples.jsonl").read_text().count("\n")
+    assert cost["generated_samples_sweep"] == rows and cost["reward_calls_sweep"] == 2 * rows
+    assert cost["sweep_seconds"] > 0
+
+
 def test_steer_per_prompt_preferences_and_explicit_rewards(trained):
     policy = ric.load(trained["ckpt"])
     mixed = policy.steer(["q one", "q two"], [[1.0, 0.0], [0.0, 1.0]], do_sample=False)

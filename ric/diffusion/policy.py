@@ -24,7 +24,8 @@ UNET_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 
 
 class DiffusionPolicy(ConditionalPolicy):
-    """Conditioned fine-tuning of a Stable Diffusion UNet (paper section 4.4); VAE and text encoder frozen.
+    """Conditioned fine-tuning of a Stable Diffusion UNet (paper section 4.4); the VAE is frozen, and so is
+    the text encoder unless ``train_text_encoder``.
 
     Args:
         model: hub name or local diffusers folder (SD v1.5 by default), or ``tiny`` for small
@@ -38,7 +39,10 @@ class DiffusionPolicy(ConditionalPolicy):
         lora_r: 0 trains the full UNet (the paper); > 0 trains LoRA adapters on its attention projections.
         caption_dropout: probability of training on the empty prompt (classifier-free guidance; paper 0.05).
         ema_decay: keep an exponential moving average of the trained weights and sample with it.
-        frozen_dtype: dtype of the frozen VAE and text encoder.
+        train_text_encoder: train the text encoder with the UNet (the paper keeps SD's frozen: a pretrained
+            CLIP already tells "0.1" from "0.9"; a random one embeds the reward markers almost alike, so the
+            tiny model needs it trained to read them).
+        frozen_dtype: dtype of the frozen VAE (and of the text encoder when it is not trained).
         vae_fit_steps: tiny models only: first fit the random VAE as an autoencoder on the training images for
             this many steps (a random decoder cannot show what the UNet learned).
         num_inference_steps, guidance_scale, eta, generation_batch_size: DDIM sampling defaults (paper: 50,
@@ -69,6 +73,7 @@ class DiffusionPolicy(ConditionalPolicy):
         lora_target_modules: Sequence[str] = UNET_ATTENTION,
         caption_dropout: float = 0.05,
         ema_decay: float | None = None,
+        train_text_encoder: bool = False,
         frozen_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         gradient_checkpointing: bool = False,
         learning_rate: float = 1e-5,
@@ -119,7 +124,10 @@ class DiffusionPolicy(ConditionalPolicy):
         self.tokenizer = parts.tokenizer
         self.noise_scheduler = parts.scheduler
         self.vae = parts.vae.requires_grad_(False).to(DTYPES[frozen_dtype]).eval()
-        self.text_encoder = parts.text_encoder.requires_grad_(False).to(DTYPES[frozen_dtype]).eval()
+        if train_text_encoder:  # trained in float32 like the UNet
+            self.text_encoder = parts.text_encoder.float().requires_grad_(True)
+        else:
+            self.text_encoder = parts.text_encoder.requires_grad_(False).to(DTYPES[frozen_dtype]).eval()
         self.unet = parts.unet
         if lora_r > 0:
             from peft import LoraConfig
@@ -146,9 +154,12 @@ class DiffusionPolicy(ConditionalPolicy):
         # a checkpoint of a pretrained model holds only the trained weights (UNet or its LoRA, and EMA)
         self.strict_loading = False
 
-    def trained_parameters(self) -> list[torch.nn.Parameter]:
-        """The UNet weights training changes (all of them, or the LoRA adapters), which EMA tracks."""
-        return [p for p in self.unet.parameters() if p.requires_grad]
+    def trained_parameters(self, unet: Any = None, text_encoder: Any = None) -> list[torch.nn.Parameter]:
+        """The weights training changes, which EMA tracks, in EMA's order: the UNet's (all, or its LoRA
+        adapters), then the text encoder's when it is trained. ``unet`` / ``text_encoder``: copies of this
+        policy's modules to list instead (an export's)."""
+        modules = [self.unet if unet is None else unet, self.text_encoder if text_encoder is None else text_encoder]
+        return [p for m in modules for p in m.parameters() if p.requires_grad]
 
     # ---- prompts ------------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
@@ -196,6 +207,7 @@ class DiffusionPolicy(ConditionalPolicy):
             if dropout > 0:
                 drop = torch.rand(ids.shape[0], device=ids.device) < dropout
                 ids = torch.where(drop[:, None], self.uncond_ids.to(ids.device), ids)
+        with torch.set_grad_enabled(self.hparams.train_text_encoder and torch.is_grad_enabled()):
             hidden = self.text_encoder(ids)[0]
         noise = torch.randn_like(latents)
         steps = self.noise_scheduler.config.num_train_timesteps
@@ -388,14 +400,14 @@ class DiffusionPolicy(ConditionalPolicy):
         from diffusers import StableDiffusionPipeline
 
         path = Path(path)
-        unet = copy.deepcopy(self.unet)
+        unet, text_encoder = copy.deepcopy(self.unet), copy.deepcopy(self.text_encoder)
         if self.ema is not None:
-            self.ema.copy_to([p for p in unet.parameters() if p.requires_grad])
+            self.ema.copy_to(self.trained_parameters(unet, text_encoder))
         if self.hparams.lora_r > 0:
             unet.fuse_lora()
             unet.unload_lora()
         pipe = self.pipeline()
-        StableDiffusionPipeline(**{**pipe.components, "unet": unet}).save_pretrained(path)
+        StableDiffusionPipeline(**{**pipe.components, "unet": unet, "text_encoder": text_encoder}).save_pretrained(path)
         self.save_ric_metadata(path, export={"merged": True, "base": None})
         return path
 

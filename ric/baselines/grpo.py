@@ -1,0 +1,127 @@
+"""One LoRA adapter trained by TRL's GRPO on a weighted sum of normalized rewards, resumable."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ric.baselines.rewards import NormalizedReward
+
+
+@dataclasses.dataclass
+class GRPOSettings:
+    """The RL run of every baseline policy (TRL's GRPO in place of the paper's PPO).
+
+    Args:
+        steps: optimizer steps per policy.
+        learning_rate: AdamW learning rate of the LoRA adapter.
+        beta: KL coefficient against the base model (the adapter switched off).
+        num_generations: completions per prompt (GRPO's group; advantages are relative within it).
+        prompts_per_step: prompts per optimizer step (each with ``num_generations`` completions).
+        max_new_tokens, temperature, top_p: sampling of the completions (set them as RiC's online stage).
+        save_steps: checkpoint interval, from which a killed run resumes.
+        seed: the RL run's seed (prompt order, sampling).
+    """
+
+    steps: int = 100
+    learning_rate: float = 1.0e-5
+    beta: float = 0.04
+    num_generations: int = 4
+    prompts_per_step: int = 2
+    max_new_tokens: int = 128
+    temperature: float = 0.7
+    top_p: float = 0.9
+    save_steps: int = 25
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "prompts_per_step", "max_new_tokens", "save_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"GRPOSettings.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_generations < 2:
+            raise ValueError(
+                f"GRPOSettings.num_generations must be >= 2 (GRPO compares a group), got {self.num_generations}"
+            )
+        if not self.learning_rate > 0 or self.beta < 0:
+            raise ValueError(
+                f"GRPOSettings needs learning_rate > 0 and beta >= 0, got {self.learning_rate} / {self.beta}"
+            )
+        if not self.temperature > 0 or not 0 < self.top_p <= 1:
+            raise ValueError(
+                f"GRPOSettings needs temperature > 0 and top_p in (0, 1], got {self.temperature} / {self.top_p}"
+            )
+
+
+def train_adapter(
+    policy: Any,
+    name: str,
+    rewards: Sequence[NormalizedReward],
+    weights: Sequence[float],
+    prompts: Sequence[Any],
+    settings: GRPOSettings,
+    folder: Path,
+) -> dict[str, Any]:
+    """Train a new LoRA adapter ``name`` on ``policy``'s base (its LoRA settings) with GRPO on
+    ``sum_i weights[i] * rewards[i]`` over ``prompts``; save it to ``folder / "adapter"``. A folder with a
+    finished adapter is not trained again; a killed run resumes from its last TRL checkpoint. Returns the
+    run's cost (wall seconds, generated samples, reward calls, training tokens)."""
+    done = folder / "cost.json"
+    if done.is_file() and (folder / "adapter" / "adapter_config.json").is_file():
+        return json.loads(done.read_text())
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import GRPOConfig, GRPOTrainer
+
+    h = policy.hparams
+    target = h.lora_target_modules if isinstance(h.lora_target_modules, str) else list(h.lora_target_modules)
+    lm = policy.lm
+    lm.add_adapter(name, LoraConfig(
+        r=h.lora_r, lora_alpha=h.lora_alpha, lora_dropout=h.lora_dropout, target_modules=target,
+        layers_to_transform=list(h.lora_layers) if h.lora_layers is not None else None, task_type="CAUSAL_LM",
+    ))  # fmt: skip
+    lm.set_adapter(name)
+    batch = settings.prompts_per_step * settings.num_generations
+    config = GRPOConfig(
+        output_dir=str(folder / "trl"), max_steps=settings.steps, learning_rate=settings.learning_rate,
+        beta=settings.beta, num_generations=settings.num_generations, per_device_train_batch_size=batch,
+        max_completion_length=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p,
+        reward_weights=[float(w) for w in weights], save_steps=settings.save_steps, save_strategy="steps",
+        logging_steps=1, report_to=[], seed=settings.seed, use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=False, bf16=False, lr_scheduler_type="constant", warmup_steps=0,
+    )  # fmt: skip
+    data = Dataset.from_dict({"prompt": [policy.format_prompt(p, None) for p in prompts], "raw_prompt": list(prompts)})
+    before = [(r.calls, r.samples, r.seconds) for r in rewards]
+    trainer = GRPOTrainer(model=lm, reward_funcs=list(rewards), args=config, train_dataset=data,
+                          processing_class=policy.tokenizer)  # fmt: skip
+    start = time.perf_counter()
+    last = get_last_checkpoint(str(folder / "trl")) if (folder / "trl").is_dir() else None
+    trainer.train(resume_from_checkpoint=last)
+    seconds = time.perf_counter() - start
+    lm.set_adapter(name)
+    lm.save_pretrained(str(folder / "staging"), selected_adapters=[name])
+    (folder / "staging" / name).replace(folder / "adapter")  # peft saves a named adapter in a subfolder
+    for extra in (name, "ref"):  # TRL adds "ref", its KL reference (a copy of the policy's unused, zero adapter)
+        if extra in lm.peft_config:
+            lm.delete_adapter(extra)
+    lm.set_adapter("default")
+    history = trainer.state.log_history
+    tokens = max((float(e.get("num_tokens", 0)) for e in history), default=0.0)
+    cost = {
+        "train_seconds": seconds,
+        "steps": trainer.state.global_step,
+        "resumed_from": last,
+        "generated_samples": trainer.state.global_step * batch,
+        "reward_calls": sum(r.samples - b[1] for r, b in zip(rewards, before)),
+        "reward_seconds": sum(r.seconds - b[2] for r, b in zip(rewards, before)),
+        "training_tokens": tokens,
+        "weights": [float(w) for w in weights],
+    }
+    done.write_text(json.dumps(cost, indent=2))
+    return cost

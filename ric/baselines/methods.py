@@ -1,0 +1,194 @@
+"""``ric baseline morlhf|soups``: train a baseline's RL policies, then sweep them like a RiC run.
+
+Each runner takes the RiC run's policy settings (base model, LoRA, template, sampling) and its data module
+(same split, rewards and reward space), trains its adapters with GRPO (finished ones are kept and not
+retrained), and evaluates through :class:`~ric.evaluation.PreferenceSweep`, writing the same files as a RiC
+sweep plus a ``cost`` entry in ``metrics.json``: training and generation seconds, generated samples, reward
+calls and training tokens, summed over the method's RL runs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+
+from ric.baselines.grpo import GRPOSettings, train_adapter
+from ric.baselines.policy import AdapterPolicy, MORLHFPolicy, SoupPolicy
+from ric.baselines.rewards import NormalizedReward
+from ric.data import RelabelDataModule, prompt_key
+from ric.evaluation import PreferenceSweep
+from ric.mapping import validate_preference
+
+
+class Baseline:
+    """What MORLHF and Rewarded Soups share: the data, the RL runs and the sweep.
+
+    Args:
+        policy: the RiC run's ``TextPolicy`` init arguments (model, LoRA settings, template, sampling);
+            ``reward_names`` and ``conditioned`` are set here.
+        data: the RiC run's data module: the same split, rewards and reward space (give its
+            ``normalization: <run>/reward_space.json`` to use that run's statistics exactly).
+        grpo: the RL run of each policy.
+        sweep: the evaluation (default: the 5-point sweep); its ``output_dir`` defaults to
+            ``<output_dir>/sweep`` and its label to the method's name.
+        output_dir: where adapters, TRL checkpoints, the reward space and the sweep go.
+        max_train_prompts: RL prompts, taken from the training split in its order (``null``: all).
+    """
+
+    label = "baseline"
+    policy_class: type[AdapterPolicy] = AdapterPolicy
+
+    def __init__(
+        self,
+        policy: dict[str, Any],
+        data: RelabelDataModule,
+        grpo: GRPOSettings | None = None,
+        sweep: PreferenceSweep | None = None,
+        output_dir: str = "runs/baseline",
+        max_train_prompts: int | None = 256,
+    ) -> None:
+        if "model" not in policy:
+            raise ValueError("policy needs at least 'model' (the RiC run's TextPolicy init arguments)")
+        if max_train_prompts is not None and max_train_prompts < 1:
+            raise ValueError(f"max_train_prompts must be >= 1 (or null for all), got {max_train_prompts}")
+        self.policy_args = {**policy, "reward_names": data.reward_names}
+        self.policy_args.pop("conditioned", None)
+        self.data = data
+        self.grpo = grpo or GRPOSettings()
+        self.sweep = sweep or PreferenceSweep(num_points=5)
+        self.sweep.check_rewards(data.reward_names)
+        self.output_dir = Path(output_dir)
+        self.max_train_prompts = max_train_prompts
+        self.sweep.output_dir = self.sweep.output_dir or str(self.output_dir / "sweep")
+        if self.sweep.label == "RiC":
+            self.sweep.label = self.label
+
+    def training_preferences(self) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def build_policy(self, adapters: list[str], preferences: list[np.ndarray]) -> AdapterPolicy:
+        raise NotImplementedError
+
+    def run(self) -> Path:
+        """Train what is not trained yet, sweep, and return the sweep's ``front.csv``."""
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.data.output_dir = self.data.output_dir or str(self.output_dir)
+        base = self.build_policy([], [])
+        self.data.prepare(base)
+        space = base.reward_space
+        rewards = [NormalizedReward(r, space) for r in self.data.rewards]
+        prompts = list({prompt_key(r["prompt"]): r["prompt"] for r in self.data.train_records}.values())
+        prompts = prompts[: self.max_train_prompts] if self.max_train_prompts else prompts
+        prefs = self.training_preferences()
+        costs, folders = [], []
+        for k, w in enumerate(prefs):
+            folder = self.output_dir / f"policy{k}"
+            print(f"{self.label}: RL policy {k + 1} of {len(prefs)}, reward weights {w.tolist()}", flush=True)
+            costs.append(train_adapter(base, f"rl{k}", rewards, w, prompts, self.grpo, folder))
+            folders.append(str(folder / "adapter"))
+        for path in folders:
+            base.add_trained_adapter(path)
+        if isinstance(base, MORLHFPolicy):
+            base.trained_preferences = list(prefs)
+        trainer = L.Trainer(accelerator="auto", devices=1, logger=False, callbacks=[self.sweep],
+                            enable_checkpointing=False, enable_progress_bar=False,
+                            default_root_dir=str(self.output_dir))  # fmt: skip
+        trainer.test(base, datamodule=self.data, verbose=False)
+        front = self.sweep.front_csv
+        metrics_path = Path(self.sweep.output_dir) / "metrics.json"
+        metrics = json.loads(metrics_path.read_text())
+        metrics["cost"] = {
+            **metrics.get("cost", {}),
+            "method": self.label,
+            "rl_runs": len(costs),
+            "train_seconds": sum(c["train_seconds"] for c in costs),
+            "generated_samples_training": sum(c["generated_samples"] for c in costs),
+            "reward_calls_training": sum(c["reward_calls"] for c in costs),
+            "training_tokens": sum(c["training_tokens"] for c in costs),
+            "sweep_points": metrics["num_preferences"],
+            "per_run": costs,
+        }
+        metrics_path.write_text(json.dumps(metrics, indent=2, default=float))
+        return front
+
+
+class MORLHF(Baseline):
+    """MORLHF: one GRPO policy per preference on ``sum_i w_i r_i`` (the sweep's preferences unless
+    ``preferences`` is given); the sweep evaluates each preference with the policy trained for it."""
+
+    label = "MORLHF"
+
+    def __init__(
+        self,
+        policy: dict[str, Any],
+        data: RelabelDataModule,
+        preferences: list[list[float]] | None = None,
+        grpo: GRPOSettings | None = None,
+        sweep: PreferenceSweep | None = None,
+        output_dir: str = "runs/morlhf",
+        max_train_prompts: int | None = 256,
+    ) -> None:
+        super().__init__(policy, data, grpo, sweep, output_dir, max_train_prompts)
+        n = len(self.data.reward_names)
+        if preferences is not None:
+            self.preferences = [validate_preference(w, num_rewards=n) for w in preferences]
+            self.sweep.preferences = [w.tolist() for w in self.preferences]
+        else:
+            self.preferences = list(self.sweep.resolve_preferences(self.data.reward_names))
+
+    def training_preferences(self) -> list[np.ndarray]:
+        return self.preferences
+
+    def build_policy(self, adapters: list[str], preferences: list[np.ndarray]) -> AdapterPolicy:
+        return MORLHFPolicy(adapters, preferences, **self.policy_args)
+
+
+class RewardedSoups(Baseline):
+    """Rewarded Soups: one GRPO policy per reward (weights ``e_i``), interpolated per preference."""
+
+    label = "Rewarded Soups"
+
+    def __init__(
+        self,
+        policy: dict[str, Any],
+        data: RelabelDataModule,
+        grpo: GRPOSettings | None = None,
+        sweep: PreferenceSweep | None = None,
+        output_dir: str = "runs/soups",
+        max_train_prompts: int | None = 256,
+    ) -> None:
+        super().__init__(policy, data, grpo, sweep, output_dir, max_train_prompts)
+
+    def training_preferences(self) -> list[np.ndarray]:
+        return list(np.eye(len(self.data.reward_names)))
+
+    def build_policy(self, adapters: list[str], preferences: list[np.ndarray]) -> AdapterPolicy:
+        return SoupPolicy(adapters, **self.policy_args)
+
+
+METHODS: dict[str, type[Baseline]] = {"morlhf": MORLHF, "soups": RewardedSoups}
+
+
+def from_args(argv: list[str]) -> Baseline:
+    """The baseline ``ric baseline morlhf|soups --config FILE [--key value ...]`` describes (nothing loaded)."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    if not argv or argv[0] not in METHODS:
+        raise ValueError(f"name a baseline: ric baseline {{{'|'.join(METHODS)}}} --config FILE (got {argv[:1]})")
+    cls = METHODS[argv[0]]
+    parser = ArgumentParser(prog=f"ric baseline {argv[0]}", description=cls.__doc__.splitlines()[0])
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_class_arguments(cls, as_positional=False, fail_untyped=False)
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # renamed in 4.49
+    init = instantiate(parser.parse_args(argv[1:]))
+    return cls(**{k: v for k, v in vars(init).items() if k != "config" and not k.startswith("__")})
+
+
+def main(argv: list[str]) -> int:
+    """``ric baseline morlhf|soups --config FILE``: train and sweep; prints the sweep's front.csv."""
+    print(from_args(argv).run(), flush=True)
+    return 0
