@@ -46,7 +46,7 @@ BASE: dict[str, Any] = {
 #: study -> (variants: name -> overrides of BASE, steps at which each variant is evaluated)
 SHORT = {"steps": 200}
 STUDIES: dict[str, tuple[dict[str, dict[str, Any]], list[int] | None]] = {
-    "length": ({"recipe": {}}, [100, 200, 400]),
+    "length": ({"recipe": {}}, [100, 200]),
     "lr": ({"lr=5e-4": {**SHORT, "lr": 5.0e-4}, "lr=2e-3": SHORT, "lr=5e-3": {**SHORT, "lr": 5.0e-3}}, None),
     "format": (
         {"1 decimal": SHORT, "integers": {**SHORT, "decimals": 0},
@@ -181,7 +181,10 @@ def evaluate(ckpt: Path, prompts: list[str], samples: int, seed: int, space_over
 
 
 def checkpoint_at(folder: Path, step: int, final: int) -> Path:
-    return folder / "ckpt" / ("last.ckpt" if step == final else f"step{step}.ckpt")
+    """The checkpoint saved at ``step`` (a resumed run writes ``last-v1.ckpt`` beside an older ``last.ckpt``,
+    so ``last`` is only the fallback for the final step)."""
+    saved = folder / "ckpt" / f"step{step}.ckpt"
+    return saved if saved.is_file() or step != final else folder / "ckpt" / "last.ckpt"
 
 
 def run_study(args: argparse.Namespace) -> dict:

@@ -35,7 +35,8 @@ class Baseline:
         grpo: the RL run of each policy.
         sweep: the evaluation (default: the 5-point sweep); its ``output_dir`` defaults to
             ``<output_dir>/sweep`` and its label to the method's name.
-        output_dir: where adapters, TRL checkpoints, the reward space and the sweep go.
+        output_dir: where adapters, TRL checkpoints, the reward space and the sweep go (default
+            ``runs/<method>``).
         max_train_prompts: RL prompts, taken from the training split in its order (``null``: all).
     """
 
@@ -48,7 +49,7 @@ class Baseline:
         data: RelabelDataModule,
         grpo: GRPOSettings | None = None,
         sweep: PreferenceSweep | None = None,
-        output_dir: str = "runs/baseline",
+        output_dir: str | None = None,
         max_train_prompts: int | None = 256,
     ) -> None:
         if "model" not in policy:
@@ -61,7 +62,7 @@ class Baseline:
         self.grpo = grpo or GRPOSettings()
         self.sweep = sweep or PreferenceSweep(num_points=5)
         self.sweep.check_rewards(data.reward_names)
-        self.output_dir = Path(output_dir)
+        self.output_dir = Path(output_dir or f"runs/{type(self).__name__.lower()}")
         self.max_train_prompts = max_train_prompts
         self.sweep.output_dir = self.sweep.output_dir or str(self.output_dir / "sweep")
         if self.sweep.label == "RiC":
@@ -127,12 +128,10 @@ class MORLHF(Baseline):
         policy: dict[str, Any],
         data: RelabelDataModule,
         preferences: list[list[float]] | None = None,
-        grpo: GRPOSettings | None = None,
-        sweep: PreferenceSweep | None = None,
-        output_dir: str = "runs/morlhf",
-        max_train_prompts: int | None = 256,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(policy, data, grpo, sweep, output_dir, max_train_prompts)
+        """``preferences``: one RL run for each (default: the sweep's); the rest as :class:`Baseline`."""
+        super().__init__(policy, data, **kwargs)
         n = len(self.data.reward_names)
         if preferences is not None:
             self.preferences = [validate_preference(w, num_rewards=n) for w in preferences]
@@ -151,17 +150,6 @@ class RewardedSoups(Baseline):
     """Rewarded Soups: one GRPO policy per reward (weights ``e_i``), interpolated per preference."""
 
     label = "Rewarded Soups"
-
-    def __init__(
-        self,
-        policy: dict[str, Any],
-        data: RelabelDataModule,
-        grpo: GRPOSettings | None = None,
-        sweep: PreferenceSweep | None = None,
-        output_dir: str = "runs/soups",
-        max_train_prompts: int | None = 256,
-    ) -> None:
-        super().__init__(policy, data, grpo, sweep, output_dir, max_train_prompts)
 
     def training_preferences(self) -> list[np.ndarray]:
         return list(np.eye(len(self.data.reward_names)))
