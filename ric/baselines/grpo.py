@@ -79,7 +79,11 @@ def train_adapter(
     from transformers.trainer_utils import get_last_checkpoint
     from trl import GRPOConfig, GRPOTrainer
 
+    from ric.text.models import drop_gguf_marker
+
     h = policy.hparams
+    # a GGUF-loaded base holds plain float weights, but transformers' Trainer refuses its "quantized" marker
+    drop_gguf_marker(policy.lm.get_base_model())
     target = h.lora_target_modules if isinstance(h.lora_target_modules, str) else list(h.lora_target_modules)
     lm = policy.lm
     lm.add_adapter(name, LoraConfig(

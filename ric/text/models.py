@@ -105,7 +105,7 @@ def load_causal_lm(
 def drop_gguf_marker(lm: torch.nn.Module) -> bool:
     """Make a model loaded from a GGUF file savable with ``save_pretrained``. Its weights were dequantized to
     plain float tensors at load time, but transformers keeps the GGUF quantizer attached and refuses to save
-    a "quantized" model; call this on the copy being saved, never on a model whose weights stay packed.
+    a "quantized" model (and its Trainer refuses to train one). Models whose weights stay packed keep it.
     Returns whether a marker was dropped."""
     quantizer = getattr(lm, "hf_quantizer", None)
     config = getattr(quantizer, "quantization_config", None)
