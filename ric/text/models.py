@@ -114,6 +114,8 @@ def drop_gguf_marker(lm: torch.nn.Module) -> bool:
     if quantizer is None or method != "gguf" or packed:
         return False
     lm.hf_quantizer = None
+    if getattr(lm, "is_quantized", False):
+        lm.is_quantized = False
     if hasattr(lm.config, "quantization_config"):
         del lm.config.quantization_config
     return True
