@@ -282,3 +282,12 @@ def test_a_gguf_loaded_model_exports_and_loads_back(tmp_path):
     prompt = ["Why is the sky blue?"]
     theirs = loaded.steer(prompt, [0.5, 0.5], do_sample=False)[0].sample
     assert theirs == policy.steer(prompt, [0.5, 0.5], do_sample=False)[0].sample
+    # and transformers' Trainer (TRL's GRPO for the baselines) accepts it once the marker is dropped
+    from transformers.trainer_utils import validate_quantization_for_training
+
+    from ric.text.models import drop_gguf_marker
+
+    with pytest.raises(ValueError, match="GGUF"):
+        validate_quantization_for_training(policy.lm)
+    assert drop_gguf_marker(policy.lm.get_base_model())
+    validate_quantization_for_training(policy.lm)
