@@ -425,7 +425,7 @@ class PreferenceSweep(L.Callback):
                 continue
             targets = None if row is None else np.broadcast_to(row, (len(prompts), len(rewards)))
             context = contextlib.nullcontext() if preferences is None else policy.preference_context(preferences[k])
-            with context, policy.generation_session():
+            with context:  # the rollout holds its own generation session (an adapter merged once per row)
                 result = rollout(policy, prompts, targets, indices=share, settings=settings, rewards=rewards,
                                  seed=self.seed)  # fmt: skip
             stored = policy.store_samples(result.samples, out / "samples", [f"pref{k:02d}-{i:04d}" for i in share])

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ric.text.policy import TextPolicy
+from ric.text.policy import TextPolicy, trainable_flags_kept
 
 
 class AdapterPolicy(TextPolicy):
@@ -42,14 +42,12 @@ class AdapterPolicy(TextPolicy):
 
     @contextlib.contextmanager
     def active_adapter(self, name: str) -> Iterator[None]:
-        trainable = {p: p.requires_grad for p in self.lm.parameters()}
-        self.lm.set_adapter(name)
-        try:
-            yield
-        finally:
-            self.lm.set_adapter("default")
-            for param, flag in trainable.items():  # peft's set_adapter marks the active adapter trainable
-                param.requires_grad_(flag)
+        with trainable_flags_kept(self.lm):
+            self.lm.set_adapter(name)
+            try:
+                yield
+            finally:
+                self.lm.set_adapter("default")
 
 
 class MORLHFPolicy(AdapterPolicy):

@@ -394,8 +394,6 @@ class TextPolicy(ConditionalPolicy):
         weights = [layer.get_base_layer().weight for layer in layers]
         keep = backup_device(weights)
         saved: list[tuple[torch.Tensor, torch.Tensor]] = []
-        # peft switches adapters back on with requires_grad=True: an adapter frozen for inference stays frozen
-        trainable = {p: p.requires_grad for p in self.lm.parameters()}
         try:
             with torch.no_grad():
                 for layer, weight in zip(layers, weights):
@@ -403,15 +401,13 @@ class TextPolicy(ConditionalPolicy):
                     names = [name for name in layer.active_adapters if name in layer.lora_A]
                     weight.copy_(weight.float() + sum(layer.get_delta_weight(name).float() for name in names))
             self._merged = True
-            with self.lm.disable_adapter():
+            with trainable_flags_kept(self.lm), self.lm.disable_adapter():  # restored after peft re-enables
                 yield
         finally:
             self._merged = False
             with torch.no_grad():
                 for weight, original in saved:
                     weight.copy_(original)
-            for param, flag in trainable.items():
-                param.requires_grad_(flag)
 
     def _mergeable_lora_layers(self) -> list[Any]:
         """The LoRA layers to merge, or none where merging would be wrong or lossy: quantized base weights,
@@ -595,6 +591,18 @@ def pack(
         last = int(positions[b, start - 1])
         positions[b, start:] = torch.arange(last + 1, last + 1 + width - start)
     return {"input_ids": input_ids, "labels": labels, "position_ids": positions}
+
+
+@contextlib.contextmanager
+def trainable_flags_kept(module: torch.nn.Module) -> Iterator[None]:
+    """Every parameter's ``requires_grad`` as it was on entry, restored on exit: peft marks the adapters it
+    switches on (or back on) trainable, so an adapter frozen for inference would otherwise thaw."""
+    flags = {p: p.requires_grad for p in module.parameters()}
+    try:
+        yield
+    finally:
+        for param, flag in flags.items():
+            param.requires_grad_(flag)
 
 
 def backup_device(weights: Sequence[torch.Tensor]) -> torch.device:
