@@ -124,15 +124,18 @@ def train(folder: Path, s: dict[str, Any], seed: int, save_steps: list[int]) -> 
 
 def data_module(folder: Path) -> Any:
     """The run's data module as its config builds it (no model is loaded)."""
+    return build_data_module(json.loads((folder / "run.json").read_text())["data"])
+
+
+def build_data_module(config: dict[str, Any]) -> Any:
+    """A ``RelabelDataModule`` from the ``data`` section of a ``ric fit`` config."""
     import importlib
 
-    config = json.loads((folder / "run.json").read_text())["data"]
+    from ric.data import RelabelDataModule
 
     def build(spec: dict) -> Any:
         module, _, name = spec["class_path"].rpartition(".")
         return getattr(importlib.import_module(module), name)(**spec.get("init_args", {}))
-
-    from ric.data import RelabelDataModule
 
     settings = {k: v for k, v in config.items() if k not in ("dataset", "rewards")}
     return RelabelDataModule(build(config["dataset"]), [build(r) for r in config["rewards"]], **settings)

@@ -1,0 +1,201 @@
+"""Why readability does not steer on hh-rlhf while verbosity does: what the data gives each reward, and how
+much a trained model reads each reward's marker. No generation, so it takes minutes, not hours.
+
+Data (per reward, normalized units, the training split of each data set):
+- the share of the variance that lies between the responses to one prompt (what a marker can explain: the
+  prompt itself explains the rest);
+- the Pearson correlation of the two rewards, over responses and over the differences within a prompt;
+- for readability, a split-half reliability: Flesch reading ease of the odd and of the even sentences of a
+  response, correlated (Spearman-Brown corrected). A label that is mostly noise cannot be followed.
+
+Model (per checkpoint, held-out responses): the marker effect of reward k is how many nats of the response's
+log-likelihood it loses when only reward k's marker is moved from the value the response earned to the far
+end of the desired range. Zero means the model ignores that marker.
+
+    .venv/bin/python benchmarks/steering_diagnosis.py \\
+        --hh runs/steering/recipe/recipe-seed0/ckpt/step50.ckpt,...step100.ckpt,...step200.ckpt \\
+        --control runs/quickstart_text/lightning_logs/version_0/checkpoints/last.ckpt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from steering import BASE, RESULTS, ROOT, STUDIES, build_data_module, train_config
+
+from ric.data import RelabelDataModule, prompt_key
+
+
+def data_modules() -> dict[str, RelabelDataModule]:
+    """hh-rlhf as the steering recipe reads it, and the quickstart data (the positive control)."""
+    hh = train_config(ROOT / "runs" / "steering", BASE, 0, [1])["data"]
+    control = train_config(ROOT / "runs" / "steering", {**BASE, **STUDIES["control"][0]["quickstart data"]}, 0, [1])
+    return {"hh-rlhf": build_data_module(hh), "quickstart": build_data_module(control["data"])}
+
+
+def grouped(records: list[dict], z: np.ndarray) -> list[np.ndarray]:
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        groups.setdefault(prompt_key(r["prompt"]), []).append(i)
+    return [z[idx] for idx in groups.values() if len(idx) > 1]
+
+
+def split_half_reliability(readability: Any, responses: list[str]) -> dict[str, float]:
+    """Reading ease of the odd vs the even sentences, over responses with at least 2 sentences."""
+    odd, even = [], []
+    for text in responses:
+        sentences = [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s.strip()]
+        if len(sentences) < 2:
+            continue
+        odd.append(readability.one(" ".join(sentences[0::2])))
+        even.append(readability.one(" ".join(sentences[1::2])))
+    r = float(np.corrcoef(odd, even)[0, 1])
+    return {"split_half_r": r, "spearman_brown": 2 * r / (1 + r), "responses_with_2_sentences": len(odd),
+            "share_with_2_sentences": len(odd) / max(1, len(responses))}  # fmt: skip
+
+
+def data_contrast(dm: RelabelDataModule, policy: Any) -> dict[str, Any]:
+    """The training split as ``policy`` accepts it (the examples training sees), scored and normalized."""
+    train, _, _ = dm.split(dm.dataset.load())
+    train = [r for r in train if policy.accepts(r["prompt"], r["response"])]
+    raw = dm.cache.scores(dm.rewards, train, progress=False)
+    z = (raw - raw.mean(axis=0)) / raw.std(axis=0)
+    groups = grouped(train, z)
+    within = np.concatenate([g - g.mean(axis=0) for g in groups])
+    members = np.concatenate(groups)
+    diffs = np.array([g[0] - g[1] for g in groups])
+    names = dm.reward_names
+    out: dict[str, Any] = {"responses": len(train), "prompts_with_2_or_more": len(groups), "rewards": {}}
+    spread = ((members - members.mean(axis=0)) ** 2).sum(axis=0)
+    for k, name in enumerate(names):
+        out["rewards"][name] = {
+            "within_prompt_variance_share": float((within[:, k] ** 2).sum() / spread[k]),
+            "mean_abs_difference_within_prompt": float(np.abs(diffs[:, k]).mean()),
+        }
+    out["pearson"] = float(np.corrcoef(z[:, 0], z[:, 1])[0, 1])
+    out["pearson_within_prompt_differences"] = float(np.corrcoef(diffs[:, 0], diffs[:, 1])[0, 1])
+    readability = next(r for r in dm.rewards if r.name == "readability")
+    out["readability_reliability"] = split_half_reliability(readability, [str(r["response"]) for r in train])
+    return out
+
+
+def held_out_records(dm: RelabelDataModule, n_prompts: int) -> list[dict]:
+    records = dm.dataset.load()
+    _, _, test = dm.split(records)
+    keep = {prompt_key(p) for p in test[:n_prompts]}
+    return [r for r in records if prompt_key(r["prompt"]) in keep]
+
+
+def response_nll(policy: Any, prompts: list[Any], responses: list[str], batch: int = 16) -> np.ndarray:
+    """Summed negative log-likelihood (nats) of each response after its conditioned prompt."""
+    from ric.text.policy import pad
+
+    rows = policy.training_rows([{"prompt": p, "response": r} for p, r in zip(prompts, responses)])
+    out = []
+    for i in range(0, len(rows), batch):
+        b = pad(rows[i : i + batch], policy.tokenizer.pad_token_id)
+        with torch.no_grad():
+            logits = policy.lm(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].transpose(1, 2), b["labels"][:, 1:], ignore_index=-100, reduction="none"
+        )
+        out.extend(nll.sum(dim=1).tolist())
+    return np.array(out)
+
+
+def marker_effects(ckpt: Path, dm: RelabelDataModule, n_prompts: int) -> dict[str, Any]:
+    import ric
+    from ric.interfaces import score_all
+
+    policy = ric.load(ckpt)
+    space = policy.reward_space
+    records = [r for r in held_out_records(dm, n_prompts) if policy.accepts(
+        policy.training_prompt(r["prompt"], np.zeros(len(space.reward_names))), r["response"])]  # fmt: skip
+    raw_prompts, responses = [r["prompt"] for r in records], [str(r["response"]) for r in records]
+    z = space.normalize(score_all(space.build_rewards(), raw_prompts, responses))
+    start = time.perf_counter()
+    own = response_nll(policy, [policy.training_prompt(p, v) for p, v in zip(raw_prompts, z)], responses)
+    mid = (space.r_min + space.r_max) / 2
+    out: dict[str, Any] = {"checkpoint": str(ckpt), "responses": len(records), "rewards": {}}
+    for k, name in enumerate(space.reward_names):
+        moved = z.copy()
+        moved[:, k] = np.where(z[:, k] < mid[k], space.r_max[k], space.r_min[k])
+        nll = response_nll(policy, [policy.training_prompt(p, v) for p, v in zip(raw_prompts, moved)], responses)
+        effect = nll - own
+        out["rewards"][name] = {"marker_effect_nats_mean": float(effect.mean()),
+                                "marker_effect_nats_sem": float(effect.std(ddof=1) / np.sqrt(len(effect))),
+                                "share_of_responses_less_likely": float((effect > 0).mean()),
+                                "moved_by_mean": float(np.abs(moved[:, k] - z[:, k]).mean())}  # fmt: skip
+    out["nll_own_markers_mean"] = float(own.mean())
+    out["seconds"] = time.perf_counter() - start
+    return out
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    sets = list(results["data"])
+    names = list(results["data"][sets[0]]["rewards"])
+    width = 0.35
+    for i, name in enumerate(names):
+        axes[0].bar(np.arange(len(sets)) + i * width, [results["data"][s]["rewards"][name]
+                    ["within_prompt_variance_share"] for s in sets], width, label=name)  # fmt: skip
+    axes[0].set_xticks(np.arange(len(sets)) + width / 2, sets)
+    axes[0].set_title("variance between responses to one prompt (share)")
+    axes[0].legend()
+    rows = results["models"]
+    labels = [m["label"] for m in rows]
+    for i, name in enumerate(names):
+        effect = [m["rewards"][name] for m in rows]
+        axes[1].bar(np.arange(len(rows)) + i * width, [e["marker_effect_nats_mean"] for e in effect], width,
+                    yerr=[e["marker_effect_nats_sem"] for e in effect], capsize=3, label=name)  # fmt: skip
+    axes[1].set_xticks(np.arange(len(rows)) + width / 2, labels, rotation=15, ha="right", fontsize=8)
+    axes[1].set_title("marker effect: nats lost when one marker is moved")
+    axes[1].axhline(0, color="grey", lw=1)
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hh", default="", help="comma-separated checkpoints trained on hh-rlhf")
+    parser.add_argument("--control", default="", help="comma-separated checkpoints trained on the quickstart data")
+    parser.add_argument("--prompts", type=int, default=32, help="held-out prompts per checkpoint (all responses)")
+    args = parser.parse_args()
+    import ric
+
+    dms = data_modules()
+    results: dict[str, Any] = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "data": {}, "models": []}
+    for data, paths in (("hh-rlhf", args.hh), ("quickstart", args.control)):
+        paths = [p for p in paths.split(",") if p]
+        if not paths:
+            continue
+        results["data"][data] = data_contrast(dms[data], ric.load(paths[0]))
+        print(data, json.dumps(results["data"][data], indent=1), flush=True)
+        for path in paths:
+            effect = marker_effects(Path(path), dms[data], args.prompts)
+            effect["data"], effect["label"] = data, f"{data}: {Path(path).stem}"
+            results["models"].append(effect)
+            print(json.dumps(effect, indent=1), flush=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "steering_diagnosis.json").write_text(json.dumps(results, indent=2))
+    plot(results, RESULTS / "steering_diagnosis.png")
+    print(RESULTS / "steering_diagnosis.png")
+
+
+if __name__ == "__main__":
+    main()
