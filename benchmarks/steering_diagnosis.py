@@ -5,8 +5,9 @@ Data (per reward, normalized units, the training split of each data set):
 - the share of the variance that lies between the responses to one prompt (what a marker can explain: the
   prompt itself explains the rest);
 - the Pearson correlation of the two rewards, over responses and over the differences within a prompt;
-- for readability, a split-half reliability: Flesch reading ease of the odd and of the even sentences of a
-  response, correlated (Spearman-Brown corrected). A label that is mostly noise cannot be followed.
+- a split-half reliability of each reward (and of sentiment, a candidate replacement): the reward of the odd
+  and of the even sentences of a response, correlated (Spearman-Brown corrected). A label that is mostly
+  noise cannot be followed.
 
 Model (per checkpoint, held-out responses): the marker effect of reward k is how many nats of the response's
 log-likelihood it loses when only reward k's marker is moved from the value the response earned to the far
@@ -32,6 +33,7 @@ import torch
 from steering import BASE, RESULTS, ROOT, STUDIES, build_data_module, train_config
 
 from ric.data import RelabelDataModule, prompt_key
+from ric.text.rewards import Sentiment
 
 
 def data_modules() -> dict[str, RelabelDataModule]:
@@ -48,16 +50,16 @@ def grouped(records: list[dict], z: np.ndarray) -> list[np.ndarray]:
     return [z[idx] for idx in groups.values() if len(idx) > 1]
 
 
-def split_half_reliability(readability: Any, responses: list[str]) -> dict[str, float]:
-    """Reading ease of the odd vs the even sentences, over responses with at least 2 sentences."""
+def split_half_reliability(reward: Any, responses: list[str]) -> dict[str, float]:
+    """The reward of the odd vs the even sentences, over responses with at least 2 sentences."""
     odd, even = [], []
     for text in responses:
         sentences = [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s.strip()]
-        if len(sentences) < 2:
-            continue
-        odd.append(readability.one(" ".join(sentences[0::2])))
-        even.append(readability.one(" ".join(sentences[1::2])))
-    r = float(np.corrcoef(odd, even)[0, 1])
+        if len(sentences) >= 2:
+            odd.append(" ".join(sentences[0::2]))
+            even.append(" ".join(sentences[1::2]))
+    a, b = (reward.score_batch([""] * len(h), h).numpy() for h in (odd, even))
+    r = float(np.corrcoef(a, b)[0, 1])
     return {"split_half_r": r, "spearman_brown": 2 * r / (1 + r), "responses_with_2_sentences": len(odd),
             "share_with_2_sentences": len(odd) / max(1, len(responses))}  # fmt: skip
 
@@ -82,8 +84,9 @@ def data_contrast(dm: RelabelDataModule, policy: Any) -> dict[str, Any]:
         }
     out["pearson"] = float(np.corrcoef(z[:, 0], z[:, 1])[0, 1])
     out["pearson_within_prompt_differences"] = float(np.corrcoef(diffs[:, 0], diffs[:, 1])[0, 1])
-    readability = next(r for r in dm.rewards if r.name == "readability")
-    out["readability_reliability"] = split_half_reliability(readability, [str(r["response"]) for r in train])
+    # verbosity is a count, exact by definition: its split half says how consistent a response's length is
+    texts = [str(r["response"]) for r in train]
+    out["split_half"] = {r.name: split_half_reliability(r, texts) for r in [*dm.rewards, Sentiment()]}
     return out
 
 
@@ -124,7 +127,7 @@ def marker_effects(ckpt: Path, dm: RelabelDataModule, n_prompts: int) -> dict[st
     start = time.perf_counter()
     own = response_nll(policy, [policy.training_prompt(p, v) for p, v in zip(raw_prompts, z)], responses)
     mid = (space.r_min + space.r_max) / 2
-    out: dict[str, Any] = {"checkpoint": str(ckpt), "responses": len(records), "rewards": {}}
+    out: dict[str, Any] = {"checkpoint": str(ckpt), "prompts": n_prompts, "responses": len(records), "rewards": {}}
     for k, name in enumerate(space.reward_names):
         moved = z.copy()
         moved[:, k] = np.where(z[:, k] < mid[k], space.r_max[k], space.r_min[k])
@@ -178,6 +181,9 @@ def main() -> None:
     args = parser.parse_args()
     import ric
 
+    target = RESULTS / "steering_diagnosis.json"
+    earlier = json.loads(target.read_text())["models"] if target.is_file() else []
+    done = {(m["checkpoint"], m.get("prompts")): m for m in earlier}  # a measured checkpoint is not measured again
     dms = data_modules()
     results: dict[str, Any] = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "data": {}, "models": []}
     for data, paths in (("hh-rlhf", args.hh), ("quickstart", args.control)):
@@ -187,12 +193,13 @@ def main() -> None:
         results["data"][data] = data_contrast(dms[data], ric.load(paths[0]))
         print(data, json.dumps(results["data"][data], indent=1), flush=True)
         for path in paths:
-            effect = marker_effects(Path(path), dms[data], args.prompts)
+            key = (path, args.prompts)
+            effect = done.get(key) or marker_effects(Path(path), dms[data], args.prompts)
             effect["data"], effect["label"] = data, f"{data}: {Path(path).stem}"
             results["models"].append(effect)
             print(json.dumps(effect, indent=1), flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "steering_diagnosis.json").write_text(json.dumps(results, indent=2))
+    target.write_text(json.dumps(results, indent=2))
     plot(results, RESULTS / "steering_diagnosis.png")
     print(RESULTS / "steering_diagnosis.png")
 
