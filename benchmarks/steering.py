@@ -244,16 +244,20 @@ def derived_study(args: argparse.Namespace, results: dict, seeds: list[int]) -> 
                 results["runs"].append({"variant": name, "seed": seed, "train_seconds": seconds, **evaluation})
                 report(name, seed, s["steps"], evaluation)
         else:
-            online = folder.parent / f"recipe+online-seed{seed}"
-            extra = online_round(folder, online, s, seed)
+            # from the offline run as far as it was trained, against the same run's evaluation at that step
+            trained = json.loads((folder / "trained.json").read_text()).get("steps", s["steps"])
+            offline = checkpoint_at(folder, trained, s["steps"])
+            online = folder.parent / f"recipe+online-step{trained}-seed{seed}"
+            extra = online_round(offline, online, s, seed, trained)
             for name, path, secs in (
-                ("offline (recipe)", ckpt, seconds),
+                (f"offline (recipe, step {trained})", offline, seconds),
                 ("+1 online round", online / "ckpt" / "last.ckpt", seconds + extra),
             ):
-                target = path.parent.parent / f"eval-final-p{args.prompts}x{args.samples}.json"
+                name_of = f"eval-step{trained}-p{args.prompts}x{args.samples}.json"
+                target = (folder if path == offline else online) / name_of
                 evaluation = cached(target, evaluate, path, prompts, args.samples, seed)
                 results["runs"].append({"variant": name, "seed": seed, "train_seconds": secs, **evaluation})
-                report(name, seed, s["steps"], evaluation)
+                report(name, seed, trained, evaluation)
     return results
 
 
@@ -264,19 +268,27 @@ def normalized_training_scores(folder: Path, space: Any) -> np.ndarray:
 
 
 def online_round(
-    offline: Path, folder: Path, s: dict[str, Any], seed: int, generations: int = 256, steps: int = 60
+    offline: Path,
+    folder: Path,
+    s: dict[str, Any],
+    seed: int,
+    offline_steps: int,
+    generations: int = 256,
+    steps: int = 60,
 ) -> float:
+    """One online round with MORS continued from the ``offline`` checkpoint (saved at ``offline_steps``)."""
     done = folder / "trained.json"
     if done.is_file():
         return json.loads(done.read_text())["seconds"]
     folder.mkdir(parents=True, exist_ok=True)
-    config = train_config(folder, s, seed, [s["steps"] + steps])
+    config = train_config(folder, {**s, "steps": offline_steps}, seed, [offline_steps + steps])
     config["trainer"]["callbacks"].append({"class_path": "ric.online.OnlineLoop", "init_args": {
-        "iterations": 1, "steps_per_iteration": steps, "prompts_per_iteration": generations, "learning_rate": 2.0e-4,
-        "chunk_size": 32, "buffer_dir": str(folder / "online"), "sampling": {"max_new_tokens": 128}}})  # fmt: skip
+        "iterations": 1, "offline_steps": offline_steps, "steps_per_iteration": steps,
+        "prompts_per_iteration": generations, "learning_rate": 2.0e-4, "chunk_size": 32,
+        "buffer_dir": str(folder / "online"), "sampling": {"max_new_tokens": 128}}})  # fmt: skip
     (folder / "run.json").write_text(json.dumps(config))
     resume = folder / "ckpt" / "last.ckpt"
-    start_from = resume if resume.exists() else offline / "ckpt" / "last.ckpt"
+    start_from = resume if resume.exists() else offline
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "ric.cli", "fit", "--config", str(folder / "run.json"), "--ckpt_path",
                     str(start_from)], check=True, cwd=ROOT)  # fmt: skip

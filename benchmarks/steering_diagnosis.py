@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from steering import BASE, RESULTS, ROOT, STUDIES, build_data_module, train_config
 
 from ric.data import RelabelDataModule, prompt_key
@@ -97,49 +96,19 @@ def held_out_records(dm: RelabelDataModule, n_prompts: int) -> list[dict]:
     return [r for r in records if prompt_key(r["prompt"]) in keep]
 
 
-def response_nll(policy: Any, prompts: list[Any], responses: list[str], batch: int = 16) -> np.ndarray:
-    """Summed negative log-likelihood (nats) of each response after its conditioned prompt."""
-    from ric.text.policy import pad
-
-    rows = policy.training_rows([{"prompt": p, "response": r} for p, r in zip(prompts, responses)])
-    out = []
-    for i in range(0, len(rows), batch):
-        b = pad(rows[i : i + batch], policy.tokenizer.pad_token_id)
-        with torch.no_grad():
-            logits = policy.lm(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].transpose(1, 2), b["labels"][:, 1:], ignore_index=-100, reduction="none"
-        )
-        out.extend(nll.sum(dim=1).tolist())
-    return np.array(out)
-
-
-def marker_effects(ckpt: Path, dm: RelabelDataModule, n_prompts: int) -> dict[str, Any]:
+def marker_effects_of(ckpt: Path, dm: RelabelDataModule, n_prompts: int) -> dict[str, Any]:
+    """:func:`ric.marker_effects.marker_effects` of a checkpoint on the held-out responses it accepts."""
     import ric
-    from ric.interfaces import score_all
+    from ric.marker_effects import marker_effects
 
     policy = ric.load(ckpt)
-    space = policy.reward_space
-    records = [r for r in held_out_records(dm, n_prompts) if policy.accepts(
-        policy.training_prompt(r["prompt"], np.zeros(len(space.reward_names))), r["response"])]  # fmt: skip
-    raw_prompts, responses = [r["prompt"] for r in records], [str(r["response"]) for r in records]
-    z = space.normalize(score_all(space.build_rewards(), raw_prompts, responses))
+    blank = np.zeros(len(policy.reward_space.reward_names))  # responses that fit whole after their markers
+    records = [r for r in held_out_records(dm, n_prompts)
+               if policy.accepts(policy.training_prompt(r["prompt"], blank), r["response"])]  # fmt: skip
     start = time.perf_counter()
-    own = response_nll(policy, [policy.training_prompt(p, v) for p, v in zip(raw_prompts, z)], responses)
-    mid = (space.r_min + space.r_max) / 2
-    out: dict[str, Any] = {"checkpoint": str(ckpt), "prompts": n_prompts, "responses": len(records), "rewards": {}}
-    for k, name in enumerate(space.reward_names):
-        moved = z.copy()
-        moved[:, k] = np.where(z[:, k] < mid[k], space.r_max[k], space.r_min[k])
-        nll = response_nll(policy, [policy.training_prompt(p, v) for p, v in zip(raw_prompts, moved)], responses)
-        effect = nll - own
-        out["rewards"][name] = {"marker_effect_nats_mean": float(effect.mean()),
-                                "marker_effect_nats_sem": float(effect.std(ddof=1) / np.sqrt(len(effect))),
-                                "share_of_responses_less_likely": float((effect > 0).mean()),
-                                "moved_by_mean": float(np.abs(moved[:, k] - z[:, k]).mean())}  # fmt: skip
-    out["nll_own_markers_mean"] = float(own.mean())
-    out["seconds"] = time.perf_counter() - start
-    return out
+    effects = marker_effects(policy, [r["prompt"] for r in records], [str(r["response"]) for r in records])
+    return {"checkpoint": str(ckpt), "prompts": n_prompts, "responses": len(records), "rewards": effects,
+            "seconds": time.perf_counter() - start}  # fmt: skip
 
 
 def plot(results: dict, path: Path) -> None:
@@ -162,8 +131,8 @@ def plot(results: dict, path: Path) -> None:
     labels = [m["label"] for m in rows]
     for i, name in enumerate(names):
         effect = [m["rewards"][name] for m in rows]
-        axes[1].bar(np.arange(len(rows)) + i * width, [e["marker_effect_nats_mean"] for e in effect], width,
-                    yerr=[e["marker_effect_nats_sem"] for e in effect], capsize=3, label=name)  # fmt: skip
+        axes[1].bar(np.arange(len(rows)) + i * width, [e["nats_mean"] for e in effect], width,
+                    yerr=[e["nats_sem"] for e in effect], capsize=3, label=name)  # fmt: skip
     axes[1].set_xticks(np.arange(len(rows)) + width / 2, labels, rotation=15, ha="right", fontsize=8)
     axes[1].set_title("marker effect: nats lost when one marker is moved")
     axes[1].axhline(0, color="grey", lw=1)
@@ -194,7 +163,7 @@ def main() -> None:
         print(data, json.dumps(results["data"][data], indent=1), flush=True)
         for path in paths:
             key = (path, args.prompts)
-            effect = done.get(key) or marker_effects(Path(path), dms[data], args.prompts)
+            effect = done.get(key) or marker_effects_of(Path(path), dms[data], args.prompts)
             effect["data"], effect["label"] = data, f"{data}: {Path(path).stem}"
             results["models"].append(effect)
             print(json.dumps(effect, indent=1), flush=True)

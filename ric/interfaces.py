@@ -401,6 +401,14 @@ class ConditionalPolicy(L.LightningModule, ABC):
     ) -> list[Any]:
         """One sample per prompt; ``desired_rewards`` is ``[len(prompts), N]`` (or ``[N]`` for all)."""
 
+    def log_likelihood(
+        self, prompts: Sequence[Any], responses: Sequence[Any], desired_rewards: np.ndarray | None
+    ) -> np.ndarray:
+        """Log-likelihood (nats) of each response after its prompt conditioned on ``desired_rewards``; what
+        :func:`ric.marker_effects.marker_effects` measures with. Policies without a tractable likelihood
+        (diffusion) do not give one."""
+        raise NotImplementedError(f"{type(self).__name__} does not give response log-likelihoods")
+
     def condition(self, prompts: Sequence[Any], desired_rewards: np.ndarray | None) -> list[Any]:
         """Raw prompts -> conditioned prompts, through the one conditioning format; without markers for an
         unconditioned policy (plain SFT, the base model) or ``desired_rewards=None``."""

@@ -249,6 +249,32 @@ class TextPolicy(ConditionalPolicy):
             return pad(rows, pad_id)
         return pack(rows, pad_id, self.hparams.get("packing_width"))
 
+    def log_likelihood(
+        self, prompts: Sequence[str], responses: Sequence[str], desired_rewards: np.ndarray | None, batch_size: int = 16
+    ) -> np.ndarray:
+        """Summed log-probability of each response's tokens (with EOS, cut at ``max_length`` as in training)
+        after its conditioned prompt, in eval mode."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        conditioned = self.condition(prompts, desired_rewards)
+        rows = self.training_rows([{"prompt": p, "response": r} for p, r in zip(conditioned, responses)])
+        was_training, out = self.training, []
+        self.eval()
+        try:
+            for i in range(0, len(rows), batch_size):
+                padded = pad(rows[i : i + batch_size], self.tokenizer.pad_token_id)
+                batch = {k: v.to(self.device) for k, v in padded.items()}
+                with torch.no_grad():
+                    logits = self.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                     use_cache=False).logits.float()  # fmt: skip
+                nll = torch.nn.functional.cross_entropy(
+                    logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], ignore_index=-100, reduction="none"
+                )
+                out.append(-nll.sum(dim=1).cpu())
+        finally:
+            self.train(was_training)
+        return torch.cat(out).numpy() if out else np.zeros(0)
+
     # ---- training -----------------------------------------------------------------------------
     def forward(self, **batch: torch.Tensor) -> torch.Tensor:
         # no KV cache in training; transformers also only detects packed rows when there is none
