@@ -37,7 +37,7 @@ VAE = {
 TEXT = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
         "max_position_embeddings": 77, "projection_dim": 768, "hidden_act": "quick_gelu"}  # fmt: skip
 SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-             "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1, "skip_prk_steps": True}  # fmt: skip
+             "clip_sample": False, "steps_offset": 1}  # fmt: skip
 
 
 def write_random_sd15(folder: Path) -> dict[str, int]:
@@ -79,6 +79,7 @@ def run_config(folder: Path, work: Path, train_text_encoder: bool) -> Path:
         batch_size=2, val_fraction=0.0, test_fraction=0.0, max_test_prompts=None, cache_dir=str(work / "cache"),
         output_dir=str(work),
     )  # fmt: skip
+    work.mkdir(parents=True, exist_ok=True)
     path = work / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -94,7 +95,7 @@ def check(folder: Path, work: Path, train_text_encoder: bool) -> dict:
     from ric.cli import RiCCLI
 
     start = time.perf_counter()
-    cli = RiCCLI(args=["fit", "--config", str(run_config(folder, work, train_text_encoder))], run=False)
+    cli = RiCCLI(args=["--config", str(run_config(folder, work, train_text_encoder))], run=False)
     policy = cli.model
     before = fingerprints(policy)
     cli.trainer.fit(policy, datamodule=cli.datamodule)

@@ -54,6 +54,17 @@ def tiny_policy():
                            resolution=16, num_inference_steps=2, generation_batch_size=4)  # fmt: skip
 
 
+def test_bfloat16_frozen_parts_generate_on_cpu():
+    """The paper config's ``frozen_dtype: bfloat16`` with an fp32 UNet samples on a CPU too."""
+    from ric.diffusion.policy import DiffusionPolicy
+
+    policy = DiffusionPolicy(model="tiny", tiny_config=TINY, reward_names=["compressibility", "colourfulness"],
+                             resolution=16, num_inference_steps=2, frozen_dtype="bfloat16")  # fmt: skip
+    assert policy.text_encoder.dtype == torch.bfloat16 and policy.unet.dtype == torch.float32
+    images = policy.generate(["a red circle"] * 2, np.array([1.0, -1.0]), seed=0)
+    assert [im.size for im in images] == [(16, 16)] * 2
+
+
 def test_markers_survive_long_captions(tiny_policy):
     values = np.array([-1.23, 2.5])
     long = " ".join(f"shape{i} in colour{i}" for i in range(60))

@@ -329,7 +329,9 @@ class DiffusionPolicy(ConditionalPolicy):
         # ranks start with the same generators: each samples its own noise
         generator = torch.Generator(device).manual_seed(seed_for_rank(seed))
         pipe = self.pipeline()
-        autocast = device.type == "cuda" and h.frozen_dtype != "float32"
+        # frozen parts in half precision hand the pipeline half-precision embeddings: autocast keeps the UNet's
+        # matmuls in step (CPU autocast takes bfloat16 only)
+        autocast = h.frozen_dtype != "float32" and (device.type == "cuda" or h.frozen_dtype == "bfloat16")
         was_training = self.unet.training
         self.unet.eval()
         if self.ema is not None:
