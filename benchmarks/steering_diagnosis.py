@@ -164,7 +164,7 @@ def main() -> None:
         for path in paths:
             key = (path, args.prompts)
             effect = done.get(key) or marker_effects_of(Path(path), dms[data], args.prompts)
-            effect["data"], effect["label"] = data, f"{data}: {Path(path).stem}"
+            effect["data"], effect["label"] = data, f"{data}: {Path(path).parent.parent.name}/{Path(path).stem}"
             results["models"].append(effect)
             print(json.dumps(effect, indent=1), flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
