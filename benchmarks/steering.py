@@ -40,8 +40,10 @@ EVAL: dict[str, Any] = {"temperature": 0.7, "top_p": 0.9, "max_new_tokens": 128}
 BASE: dict[str, Any] = {
     "steps": 400, "lr": 2.0e-3, "warmup": 20, "lora_r": 16, "lora_layers": None, "decimals": 1, "batch": 8,
     "max_tokens": 192, "responses": "both", "reward_range": "data", "quantiles": [0.05, 0.95], "method": "linear",
-    "template": "{prompt} {rewards}\n\nAssistant:", "data": "hh",
+    "template": "{prompt} {rewards}\n\nAssistant:", "data": "hh", "rewards": ["verbosity", "readability"],
 }  # fmt: skip
+#: reward name -> its class in ``ric.text.rewards``
+REWARDS = {"verbosity": "Verbosity", "readability": "Readability", "sentiment": "Sentiment", "relevance": "Relevance"}
 
 #: study -> (variants: name -> overrides of BASE, steps at which each variant is evaluated)
 SHORT = {"steps": 200}
@@ -57,6 +59,8 @@ STUDIES: dict[str, tuple[dict[str, dict[str, Any]], list[int] | None]] = {
     "layers": ({"all 30 layers": SHORT, "top 10 layers": {**SHORT, "lora_layers": list(range(20, 30))}}, None),
     "control": ({"quickstart data": {**SHORT, "data": "quickstart", "max_tokens": 256}}, None),
     "recipe": ({"recipe": {}}, None),
+    # is readability's marker ignored because verbosity's is easier to read, or on its own as well?
+    "alone": ({"readability alone": {**SHORT, "rewards": ["readability"]}}, None),
 }  # fmt: skip
 
 
@@ -85,14 +89,13 @@ def train_config(folder: Path, s: dict[str, Any], seed: int, save_steps: list[in
                     "limit_val_batches": 0, "num_sanity_val_steps": 0, "default_root_dir": str(folder),
                     "enable_progress_bar": False, "callbacks": callbacks},
         "model": {"class_path": "ric.text.policy.TextPolicy", "init_args": {
-            "model": "smollm2", "reward_names": ["verbosity", "readability"], "template": s["template"],
+            "model": "smollm2", "reward_names": list(s["rewards"]), "template": s["template"],
             "decimals": s["decimals"], "lora_r": s["lora_r"], "lora_alpha": s["lora_r"], "lora_dropout": 0.0,
             "learning_rate": s["lr"], "warmup_steps": s["warmup"], "max_length": s["max_tokens"],
             "max_tokens": s["max_tokens"], "max_new_tokens": 128, "generation_batch_size": 32, "packing": True,
             **lora}},
         "data": {"dataset": dataset,
-                 "rewards": [{"class_path": "ric.text.rewards.Verbosity"},
-                             {"class_path": "ric.text.rewards.Readability"}],
+                 "rewards": [{"class_path": f"ric.text.rewards.{REWARDS[r]}"} for r in s["rewards"]],
                  "batch_size": s["batch"], "val_fraction": 0.0, "test_fraction": 0.04 if s["data"] == "hh" else 0.15,
                  "max_test_prompts": 64, "seed": 0, "cache_dir": str(ROOT / ".ric_cache"), "output_dir": str(folder),
                  "reward_range": s["reward_range"], "range_quantiles": s["quantiles"], "method": s["method"],
@@ -160,15 +163,21 @@ def evaluate(ckpt: Path, prompts: list[str], samples: int, seed: int, space_over
     space = policy.reward_space
     rewards = space.build_rewards()
     desired, means, sems = [], [], []
+    # one reward has no trade-off to prefer: its desired value is swept across the range instead
+    alone = len(space.reward_names) == 1
+    points = [[t] for t in np.linspace(0.0, 1.0, len(PREFERENCES))] if alone else PREFERENCES
     start = time.perf_counter()
-    for w in PREFERENCES:
-        steered = policy.steer(prompts, w, num_samples=samples, seed=seed, **EVAL)
+    for w in points:
+        target = (
+            {"desired_rewards": space.r_min + np.array(w) * (space.r_max - space.r_min)} if alone else {"preference": w}
+        )
+        steered = policy.steer(prompts, **target, num_samples=samples, seed=seed, **EVAL)
         z = space.normalize(score_all(rewards, [s.prompt for s in steered], [s.sample for s in steered]))
         desired.append(steered[0].desired_rewards)
         means.append(z.mean(axis=0))
         sems.append(z.std(axis=0, ddof=1) / np.sqrt(len(z)))
     seconds = time.perf_counter() - start
-    prefs, desired, means = np.array(PREFERENCES), np.array(desired), np.array(means)
+    prefs, desired, means = np.array(points), np.array(desired), np.array(means)
     measures = steering_measures(space.reward_names, prefs, desired, means)
     return {
         "steering": measures,
@@ -179,7 +188,7 @@ def evaluate(ckpt: Path, prompts: list[str], samples: int, seed: int, space_over
         "r_min": space.r_min.tolist(),
         "r_max": space.r_max.tolist(),
         "seconds_generating": seconds,
-        "generations": len(PREFERENCES) * len(prompts) * samples,
+        "generations": len(points) * len(prompts) * samples,
     }
 
 

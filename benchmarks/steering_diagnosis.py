@@ -23,13 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from steering import BASE, RESULTS, ROOT, STUDIES, build_data_module, train_config
+from steering import BASE, RESULTS, REWARDS, ROOT, STUDIES, build_data_module, train_config
 
 from ric.data import RelabelDataModule, prompt_key
 from ric.text.rewards import Sentiment
@@ -111,6 +112,34 @@ def marker_effects_of(ckpt: Path, dm: RelabelDataModule, n_prompts: int) -> dict
             "seconds": time.perf_counter() - start}  # fmt: skip
 
 
+def quickstart_alone(reward: str) -> Path:
+    """The README's text quickstart trained with ``reward`` alone (no sweep), once: its marker effect beside
+    the two-reward quickstart's says whether a marker is ignored on its own or crowded out by the other."""
+    import yaml
+
+    folder = ROOT / "runs" / "steering" / "alone" / f"quickstart-{reward}"
+    ckpt = folder / "checkpoints" / "last.ckpt"
+    if (folder / "trained.json").is_file():
+        return ckpt
+    config = yaml.safe_load((ROOT / "configs" / "quickstart_text.yaml").read_text())
+    trainer = config["trainer"]
+    trainer.update(default_root_dir=str(folder), logger=False)
+    trainer["callbacks"] = [c for c in trainer["callbacks"] if not c["class_path"].endswith("PreferenceSweep")]
+    for c in trainer["callbacks"]:
+        if c["class_path"].endswith("ModelCheckpoint"):
+            c["init_args"]["dirpath"] = str(folder / "checkpoints")
+    config["model"]["init_args"]["reward_names"] = [reward]
+    config["data"]["rewards"] = [{"class_path": f"ric.text.rewards.{REWARDS[reward]}"}]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    start = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "ric.cli", "fit", "--config", str(folder / "config.yaml")], check=True, cwd=ROOT
+    )
+    (folder / "trained.json").write_text(json.dumps({"seconds": time.perf_counter() - start}))
+    return ckpt
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -130,7 +159,7 @@ def plot(results: dict, path: Path) -> None:
     rows = results["models"]
     labels = [m["label"] for m in rows]
     for i, name in enumerate(names):
-        effect = [m["rewards"][name] for m in rows]
+        effect = [m["rewards"].get(name, {"nats_mean": np.nan, "nats_sem": 0.0}) for m in rows]  # (one-reward models)
         axes[1].bar(np.arange(len(rows)) + i * width, [e["nats_mean"] for e in effect], width,
                     yerr=[e["nats_sem"] for e in effect], capsize=3, label=name)  # fmt: skip
     axes[1].set_xticks(np.arange(len(rows)) + width / 2, labels, rotation=15, ha="right", fontsize=8)
@@ -147,14 +176,26 @@ def main() -> None:
     parser.add_argument("--hh", default="", help="comma-separated checkpoints trained on hh-rlhf")
     parser.add_argument("--control", default="", help="comma-separated checkpoints trained on the quickstart data")
     parser.add_argument("--prompts", type=int, default=32, help="held-out prompts per checkpoint (all responses)")
+    parser.add_argument("--alone", default="", help="also train the quickstart with this reward alone, and measure it")
     args = parser.parse_args()
     import ric
 
+    if args.alone:
+        args.control = ",".join(p for p in (args.control, str(quickstart_alone(args.alone))) if p)
+
     target = RESULTS / "steering_diagnosis.json"
-    earlier = json.loads(target.read_text())["models"] if target.is_file() else []
+    before = json.loads(target.read_text()) if target.is_file() else {}
+    earlier = before.get("models", [])
     done = {(m["checkpoint"], m.get("prompts")): m for m in earlier}  # a measured checkpoint is not measured again
     dms = data_modules()
-    results: dict[str, Any] = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "data": {}, "models": []}
+    # earlier measurements stay in the results (their checkpoints may be gone); this run's replace their twins
+    command = " ".join([Path(sys.executable).name, *sys.argv])
+    commands = before.get("commands", [before["command"]] if "command" in before else [])
+    results: dict[str, Any] = {
+        "commands": [*commands, command],
+        "data": before.get("data", {}),
+        "models": list(earlier),
+    }
     for data, paths in (("hh-rlhf", args.hh), ("quickstart", args.control)):
         paths = [p for p in paths.split(",") if p]
         if not paths:
@@ -165,6 +206,7 @@ def main() -> None:
             key = (path, args.prompts)
             effect = done.get(key) or marker_effects_of(Path(path), dms[data], args.prompts)
             effect["data"], effect["label"] = data, f"{data}: {Path(path).parent.parent.name}/{Path(path).stem}"
+            results["models"] = [m for m in results["models"] if (m["checkpoint"], m.get("prompts")) != key]
             results["models"].append(effect)
             print(json.dumps(effect, indent=1), flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
