@@ -2,8 +2,8 @@
 gives each candidate reward: how reliable a response's label is, how much of it differs between the
 responses to one prompt (the part a marker can explain), and which pairs conflict. No model is trained.
 
-Per candidate (the offline rewards: verbosity, readability, sentiment, relevance), on the training split
-the steering recipe sees (the examples that fit its token budget):
+Per candidate (the offline rewards: verbosity, readability and each of its two Flesch terms alone, sentiment,
+relevance), on the training split the steering recipe sees (the examples that fit its token budget):
 - split-half reliability: the reward of a response's odd sentences against that of its even sentences,
   Spearman-Brown corrected, over responses with at least 2 sentences;
 - the share of the variance between the responses to one prompt;
@@ -29,7 +29,27 @@ from steering import BASE, RESULTS, ROOT, STUDIES, build_data_module, train_conf
 from ric.data import prompt_key
 from ric.text.rewards import Readability, Relevance, Sentiment, Verbosity
 
-CANDIDATES = (Verbosity, Readability, Sentiment, Relevance)
+
+class FleschPart(Readability):
+    """One of Flesch's two terms alone (higher = easier, as Flesch): is either a steadier label than the sum?"""
+
+    def __init__(self, part: str) -> None:
+        super().__init__(name=part)
+        self.part = part
+
+    def one(self, text: str) -> float:
+        terms = self.terms(text)
+        return 0.0 if terms is None else -terms[self.part == "short words"]
+
+
+CANDIDATES = (
+    Verbosity,
+    Readability,
+    lambda: FleschPart("short sentences"),
+    lambda: FleschPart("short words"),
+    Sentiment,
+    Relevance,
+)
 
 
 def sentence_halves(text: str) -> tuple[str, str] | None:
@@ -58,8 +78,8 @@ def candidates(records: list[dict]) -> dict[str, Any]:
         groups.setdefault(prompt_key(p), []).append(i)
     pairs = [idx[:2] for idx in groups.values() if len(idx) > 1]
     scores, out = {}, {"responses": len(records), "prompts_with_2_or_more": len(pairs), "rewards": {}}
-    for cls in CANDIDATES:
-        reward = cls()
+    for make in CANDIDATES:
+        reward = make()
         start = time.perf_counter()
         raw = reward.score(prompts, texts).numpy().astype(float)
         seconds = time.perf_counter() - start

@@ -112,32 +112,35 @@ def marker_effects_of(ckpt: Path, dm: RelabelDataModule, n_prompts: int) -> dict
             "seconds": time.perf_counter() - start}  # fmt: skip
 
 
-def quickstart_alone(reward: str) -> Path:
+def quickstart_alone(reward: str, steps: int | None = None) -> list[Path]:
     """The README's text quickstart trained with ``reward`` alone (no sweep), once: its marker effect beside
-    the two-reward quickstart's says whether a marker is ignored on its own or crowded out by the other."""
+    the two-reward quickstart's says whether a marker is ignored on its own or crowded out by the other.
+    ``steps`` trains longer than the quickstart's 120, with a checkpoint every 120 steps (a curve)."""
     import yaml
 
-    folder = ROOT / "runs" / "steering" / "alone" / f"quickstart-{reward}"
-    ckpt = folder / "checkpoints" / "last.ckpt"
-    if (folder / "trained.json").is_file():
-        return ckpt
-    config = yaml.safe_load((ROOT / "configs" / "quickstart_text.yaml").read_text())
-    trainer = config["trainer"]
-    trainer.update(default_root_dir=str(folder), logger=False)
-    trainer["callbacks"] = [c for c in trainer["callbacks"] if not c["class_path"].endswith("PreferenceSweep")]
-    for c in trainer["callbacks"]:
-        if c["class_path"].endswith("ModelCheckpoint"):
-            c["init_args"]["dirpath"] = str(folder / "checkpoints")
-    config["model"]["init_args"]["reward_names"] = [reward]
-    config["data"]["rewards"] = [{"class_path": f"ric.text.rewards.{REWARDS[reward]}"}]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.yaml").write_text(yaml.safe_dump(config))
-    start = time.perf_counter()
-    subprocess.run(
-        [sys.executable, "-m", "ric.cli", "fit", "--config", str(folder / "config.yaml")], check=True, cwd=ROOT
-    )
-    (folder / "trained.json").write_text(json.dumps({"seconds": time.perf_counter() - start}))
-    return ckpt
+    folder = ROOT / "runs" / "steering" / "alone" / (f"quickstart-{reward}" + (f"-{steps}steps" if steps else ""))
+    saved = [folder / "checkpoints" / f"step{n}.ckpt" for n in range(120, steps + 1, 120)] if steps else []
+    if not (folder / "trained.json").is_file():
+        config = yaml.safe_load((ROOT / "configs" / "quickstart_text.yaml").read_text())
+        trainer = config["trainer"]
+        trainer.update(default_root_dir=str(folder), logger=False, max_steps=steps or trainer["max_steps"])
+        trainer["callbacks"] = [c for c in trainer["callbacks"] if not c["class_path"].endswith("PreferenceSweep")]
+        for c in trainer["callbacks"]:
+            if c["class_path"].endswith("ModelCheckpoint"):
+                c["init_args"]["dirpath"] = str(folder / "checkpoints")
+                if steps:
+                    c["init_args"].update(filename="step{step}", every_n_train_steps=120, save_top_k=-1,
+                                          auto_insert_metric_name=False)  # fmt: skip
+        config["model"]["init_args"]["reward_names"] = [reward]
+        config["data"]["rewards"] = [{"class_path": f"ric.text.rewards.{REWARDS[reward]}"}]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.yaml").write_text(yaml.safe_dump(config))
+        start = time.perf_counter()
+        subprocess.run(
+            [sys.executable, "-m", "ric.cli", "fit", "--config", str(folder / "config.yaml")], check=True, cwd=ROOT
+        )
+        (folder / "trained.json").write_text(json.dumps({"seconds": time.perf_counter() - start, "steps": steps}))
+    return saved or [folder / "checkpoints" / "last.ckpt"]
 
 
 def plot(results: dict, path: Path) -> None:
@@ -177,11 +180,13 @@ def main() -> None:
     parser.add_argument("--control", default="", help="comma-separated checkpoints trained on the quickstart data")
     parser.add_argument("--prompts", type=int, default=32, help="held-out prompts per checkpoint (all responses)")
     parser.add_argument("--alone", default="", help="also train the quickstart with this reward alone, and measure it")
+    parser.add_argument("--alone-steps", type=int, default=None, help="train it this long (a checkpoint every 120)")
     args = parser.parse_args()
     import ric
 
     if args.alone:
-        args.control = ",".join(p for p in (args.control, str(quickstart_alone(args.alone))) if p)
+        alone = [str(p) for p in quickstart_alone(args.alone, args.alone_steps)]
+        args.control = ",".join(p for p in (args.control, *alone) if p)
 
     target = RESULTS / "steering_diagnosis.json"
     before = json.loads(target.read_text()) if target.is_file() else {}

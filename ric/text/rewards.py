@@ -180,16 +180,21 @@ class Readability(RewardModel):
     def syllables(self, word: str) -> int:
         return len(self._dic.positions(word.lower())) + 1
 
-    def one(self, text: str) -> float:
+    def terms(self, text: str) -> tuple[float, float] | None:
+        """Flesch's two terms, ``(words per sentence, syllables per word)``; ``None`` for a text without words."""
         import textstat
 
         words = [w.strip(".,;:!?\"'()[]") for w in text.split()]
         words = [w for w in words if any(c.isalpha() for c in w)]
         if not words:
+            return None
+        return len(words) / max(1, textstat.sentence_count(text)), sum(self.syllables(w) for w in words) / len(words)
+
+    def one(self, text: str) -> float:
+        terms = self.terms(text)
+        if terms is None:
             return 0.0 if self.metric == "grade" else 100.0
-        sentences = max(1, textstat.sentence_count(text))
-        wps = len(words) / sentences
-        spw = sum(self.syllables(w) for w in words) / len(words)
+        wps, spw = terms
         if self.metric == "grade":
             return 0.39 * wps + 11.8 * spw - 15.59
         return 206.835 - 1.015 * wps - 84.6 * spw
