@@ -16,6 +16,7 @@ end of the desired range. Zero means the model ignores that marker.
     .venv/bin/python benchmarks/steering_diagnosis.py \\
         --hh runs/steering/recipe/recipe-seed0/ckpt/step50.ckpt,...step100.ckpt,...step200.ckpt \\
         --control runs/quickstart_text/lightning_logs/version_0/checkpoints/last.ckpt
+    .venv/bin/python benchmarks/steering_diagnosis.py --alone readability [--alone-steps 480] [--alone-set decimals=0]
 """
 
 from __future__ import annotations
@@ -112,13 +113,15 @@ def marker_effects_of(ckpt: Path, dm: RelabelDataModule, n_prompts: int) -> dict
             "seconds": time.perf_counter() - start}  # fmt: skip
 
 
-def quickstart_alone(reward: str, steps: int | None = None) -> list[Path]:
+def quickstart_alone(reward: str, steps: int | None = None, model: dict[str, Any] | None = None) -> list[Path]:
     """The README's text quickstart trained with ``reward`` alone (no sweep), once: its marker effect beside
     the two-reward quickstart's says whether a marker is ignored on its own or crowded out by the other.
-    ``steps`` trains longer than the quickstart's 120, with a checkpoint every 120 steps (a curve)."""
+    ``steps`` trains longer than the quickstart's 120, with a checkpoint every 120 steps (a curve); ``model``
+    overrides the policy's settings (e.g. ``decimals``: how the value is written)."""
     import yaml
 
-    folder = ROOT / "runs" / "steering" / "alone" / (f"quickstart-{reward}" + (f"-{steps}steps" if steps else ""))
+    tag = "".join(f"-{k}={v}" for k, v in (model or {}).items()) + (f"-{steps}steps" if steps else "")
+    folder = ROOT / "runs" / "steering" / "alone" / f"quickstart-{reward}{tag}"
     saved = [folder / "checkpoints" / f"step{n}.ckpt" for n in range(120, steps + 1, 120)] if steps else []
     if not (folder / "trained.json").is_file():
         config = yaml.safe_load((ROOT / "configs" / "quickstart_text.yaml").read_text())
@@ -131,7 +134,7 @@ def quickstart_alone(reward: str, steps: int | None = None) -> list[Path]:
                 if steps:
                     c["init_args"].update(filename="step{step}", every_n_train_steps=120, save_top_k=-1,
                                           auto_insert_metric_name=False)  # fmt: skip
-        config["model"]["init_args"]["reward_names"] = [reward]
+        config["model"]["init_args"].update(reward_names=[reward], **(model or {}))
         config["data"]["rewards"] = [{"class_path": f"ric.text.rewards.{REWARDS[reward]}"}]
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.yaml").write_text(yaml.safe_dump(config))
@@ -181,11 +184,15 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=32, help="held-out prompts per checkpoint (all responses)")
     parser.add_argument("--alone", default="", help="also train the quickstart with this reward alone, and measure it")
     parser.add_argument("--alone-steps", type=int, default=None, help="train it this long (a checkpoint every 120)")
+    parser.add_argument("--alone-set", action="append", default=[], metavar="KEY=VALUE", help="a policy setting")
     args = parser.parse_args()
+    import yaml
+
     import ric
 
     if args.alone:
-        alone = [str(p) for p in quickstart_alone(args.alone, args.alone_steps)]
+        settings = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.alone_set)}
+        alone = [str(p) for p in quickstart_alone(args.alone, args.alone_steps, settings)]
         args.control = ",".join(p for p in (args.control, *alone) if p)
 
     target = RESULTS / "steering_diagnosis.json"

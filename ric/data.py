@@ -260,6 +260,7 @@ class RelabelDataModule(L.LightningDataModule):
         self.train_records: list[dict[str, Any]] = []
         self.val_records: list[dict[str, Any]] = []
         self.test_prompts: list[Any] = []
+        self.test_records: list[dict[str, Any]] = []
         self.train_scores = np.zeros((0, len(rewards)))
         self.val_scores = np.zeros((0, len(rewards)))
         self.pool_version = 0
@@ -328,9 +329,14 @@ class RelabelDataModule(L.LightningDataModule):
             if "prompt" not in r or "response" not in r:
                 raise ValueError(f"record {i} of {self.dataset.identity()} lacks 'prompt' or 'response': {r}")
         train, val, test_prompts = self.split(records)
+        held_out = records
         if self.test_dataset is not None:
-            test_prompts = list(dict.fromkeys(r["prompt"] for r in self.test_dataset.load()))
+            held_out = self.test_dataset.load()
+            test_prompts = list(dict.fromkeys(r["prompt"] for r in held_out))
         self.test_prompts = test_prompts[: self.max_test_prompts] if self.max_test_prompts else test_prompts
+        # the held-out responses (where the source has them): the sweep checks on them that each marker is read
+        keep = {prompt_key(p) for p in self.test_prompts}
+        self.test_records = [r for r in held_out if "response" in r and prompt_key(r["prompt"]) in keep]
         n_before = len(train) + len(val)
         train = [r for r in train if policy.accepts(r["prompt"], r["response"])]
         val = [r for r in val if policy.accepts(r["prompt"], r["response"])]

@@ -24,7 +24,7 @@ from typing import Any, Literal
 import lightning as L
 import numpy as np
 
-from ric.distributed import contiguous_share, gather_to_first, rank_and_world
+from ric.distributed import contiguous_share, gather_to_first, rank_and_world, sharded_weights
 from ric.interfaces import ConditionalPolicy, RewardModel
 from ric.mapping import check_mapping, default_reward_range, validate_preference
 from ric.pareto import hypervolume, plot_fronts
@@ -261,6 +261,9 @@ class PreferenceSweep(L.Callback):
         samples_per_prompt: responses generated per prompt and preference (more = less noisy means).
         seed: every preference samples from this seed's stream, so the columns differ by the conditioning
             alone, and ``policy.steer(..., seed=seed)`` gives the same samples.
+        marker_responses: held-out responses on which each reward's marker effect is measured
+            (:mod:`ric.marker_effects`; 0 = not measured). A reward whose Spearman is borrowed from a correlated
+            reward shows there as a marker the model does not read.
     """
 
     def __init__(
@@ -277,6 +280,7 @@ class PreferenceSweep(L.Callback):
         label: str = "RiC",
         samples_per_prompt: int = 1,
         seed: int = 0,
+        marker_responses: int = 128,
         reward_range: str | None = None,
         range_quantiles: tuple[float, float] | None = None,
         r_min: float | list[float] | None = None,
@@ -286,6 +290,8 @@ class PreferenceSweep(L.Callback):
                        r_min=r_min, r_max=r_max)  # fmt: skip
         if samples_per_prompt < 1:
             raise ValueError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
+        if marker_responses < 0:
+            raise ValueError(f"marker_responses must be >= 0 (0 = not measured), got {marker_responses}")
         if num_points is not None and num_points < 2:
             raise ValueError(f"num_points must be >= 2, got {num_points}")
         if method is not None:
@@ -312,6 +318,7 @@ class PreferenceSweep(L.Callback):
         self.after_fit = after_fit
         self.label = label
         self.seed = seed
+        self.marker_responses = marker_responses
         self.last_metrics: dict[str, Any] | None = None
         self.front_csv: Path | None = None
         self._swept = False
@@ -507,6 +514,11 @@ class PreferenceSweep(L.Callback):
                 "reward_calls_sweep": len(prompts) * len(results) * len(rewards),
             },
         }
+        # (rank 0 alone: not where a forward pass gathers weight shards from every rank)
+        if not unconditioned and policy.conditioned and not sharded_weights(trainer):
+            effects = self.read_markers(policy, dm)
+            if effects is not None:
+                meta["marker_effects"] = effects
         train_scores = getattr(dm, "train_scores", np.zeros((0, len(names))))
         if len(train_scores) > 2 and len(names) > 1:
             meta["train_reward_correlation"] = np.corrcoef(train_scores, rowvar=False).tolist()
@@ -523,6 +535,11 @@ class PreferenceSweep(L.Callback):
                 f"steering {key}: Spearman(w_{key}, obtained {key}) = {value['spearman']:+.2f}, spread ratio "
                 f"{value['spread_ratio']:.2f} (obtained range / desired range)"
             )
+        for key, value in self.last_metrics.get("marker_effects", {}).get("rewards", {}).items():
+            print(
+                f"marker effect {key}: {value['nats_mean']:+.2f} +- {value['nats_sem']:.2f} nats lost by a held-out "
+                f"response when only this marker moves (0 = the model ignores it)"
+            )
         if "train_reward_correlation" in self.last_metrics:
             corr = np.asarray(self.last_metrics["train_reward_correlation"])
             pairs = [
@@ -536,6 +553,24 @@ class PreferenceSweep(L.Callback):
         if not unconditioned:
             self.print_next_step(trainer)
         return self.front_csv
+
+    def read_markers(self, policy: ConditionalPolicy, dm: Any) -> dict[str, Any] | None:
+        """:func:`ric.marker_effects.marker_effects` on up to ``marker_responses`` held-out responses that fit the
+        policy; ``None`` where there are none or the policy gives no likelihood (diffusion)."""
+        from ric.marker_effects import marker_effects
+
+        blank = np.zeros(len(dm.rewards))
+        records = [r for r in getattr(dm, "test_records", [])
+                   if policy.accepts(policy.training_prompt(r["prompt"], blank), r["response"])]  # fmt: skip
+        records = records[: self.marker_responses]
+        if len(records) < 2:
+            return None
+        z = policy.reward_space.normalize(dm.cache.scores(dm.rewards, records, progress=False))
+        try:
+            effects = marker_effects(policy, [r["prompt"] for r in records], [r["response"] for r in records], z)
+        except NotImplementedError:
+            return None
+        return {"responses": len(records), "rewards": effects}
 
     def print_next_step(self, trainer: L.Trainer) -> None:
         """After a fit, the command that steers the model just trained."""

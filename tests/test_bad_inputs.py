@@ -71,6 +71,7 @@ SWEEP_CASES = [
     ({"num_points": 1}, "num_points must be >= 2, got 1"),
     ({"reference": [0.0]}, "reference [0.0] has 1 values for 2 rewards"),
     ({"samples_per_prompt": 0}, "samples_per_prompt must be >= 1, got 0"),
+    ({"marker_responses": -1}, "marker_responses must be >= 0 (0 = not measured), got -1"),
     ({"reward_range": "data"}, "PreferenceSweep.reward_range moved to the reward space"),
 ]
 

@@ -271,6 +271,12 @@ def test_fit_resume_and_sweep(tmp_path, tiny_llama, text_data):
     }
     metrics = json.loads((sweep / "metrics.json").read_text())
     assert metrics["mapping_method"] == "p_inf" and len(metrics["reference_point"]) == 2
+    # every held-out response fits the tiny model: each reward's marker effect is measured on all of them
+    held_out = resumed.datamodule.test_records
+    assert held_out and {r["prompt"] for r in held_out} == set(resumed.datamodule.test_prompts)
+    effects = metrics["marker_effects"]
+    assert effects["responses"] == len(held_out) and set(effects["rewards"]) == {"verbosity", "sentiment"}
+    assert all(np.isfinite(e["nats_mean"]) and e["moved_by_mean"] > 0 for e in effects["rewards"].values())
     assert metrics["hypervolume"] >= 0 and (sweep / "front.png").stat().st_size > 1000
 
 
