@@ -9,7 +9,7 @@ every preference. Per reward: Spearman of the obtained mean against the reward's
 ratio (range of the obtained means over the range of the desired ones).
 
     .venv/bin/python benchmarks/steering.py --study length            # steering along training (one run)
-    .venv/bin/python benchmarks/steering.py --study lr|format|responses|layers|range|online|control
+    .venv/bin/python benchmarks/steering.py --study lr|format|responses|layers|range|online|control|alone|alone-long
     .venv/bin/python benchmarks/steering.py --study recipe --seeds 0,1,2 --prompts 64 --samples 2
 
 Every finished training run and evaluation is kept under ``--out`` (default ``runs/steering``) and skipped
@@ -61,6 +61,8 @@ STUDIES: dict[str, tuple[dict[str, dict[str, Any]], list[int] | None]] = {
     "recipe": ({"recipe": {}}, None),
     # is readability's marker ignored because verbosity's is easier to read, or on its own as well?
     "alone": ({"readability alone": {**SHORT, "rewards": ["readability"]}}, None),
+    # trained twice as long (the quickstart's data needs ~4x its 120 steps before the marker is read)
+    "alone-long": ({"readability alone": {"rewards": ["readability"]}}, [200, 400]),
 }  # fmt: skip
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from steering import BASE, RESULTS, REWARDS, ROOT, STUDIES, build_data_module, train_config
+from steering import BASE, RESULTS, REWARDS, ROOT, STUDIES, build_data_module, cached, evaluate, train_config
 
 from ric.data import RelabelDataModule, prompt_key
 from ric.text.rewards import Sentiment
@@ -185,6 +185,8 @@ def main() -> None:
     parser.add_argument("--alone", default="", help="also train the quickstart with this reward alone, and measure it")
     parser.add_argument("--alone-steps", type=int, default=None, help="train it this long (a checkpoint every 120)")
     parser.add_argument("--alone-set", action="append", default=[], metavar="KEY=VALUE", help="a policy setting")
+    parser.add_argument("--steer", default="", help="DATA:CKPT,...: also steer these across the desired range")
+    parser.add_argument("--samples", type=int, default=2, help="answers per held-out prompt when steering")
     args = parser.parse_args()
     import yaml
 
@@ -221,6 +223,16 @@ def main() -> None:
             results["models"] = [m for m in results["models"] if (m["checkpoint"], m.get("prompts")) != key]
             results["models"].append(effect)
             print(json.dumps(effect, indent=1), flush=True)
+    # steering by generation (the benchmark's evaluation: 5 points, its sampling, one seed) where a marker is read
+    results.setdefault("steered", before.get("steered", {}))
+    for item in [i for i in args.steer.split(",") if i]:
+        data, path = item.split(":", 1)
+        dm = dms[data]
+        prompts = dm.split(dm.dataset.load())[2][: args.prompts]
+        tag = f"steer-p{len(prompts)}x{args.samples}.json"
+        evaluation = cached(Path(path).with_suffix("." + tag), evaluate, Path(path), prompts, args.samples, 0)
+        results["steered"][f"{data}: {Path(path).parent.parent.name}/{Path(path).stem}"] = evaluation
+        print(path, json.dumps(evaluation["steering"]), evaluation["obtained"], flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(results, indent=2))
     plot(results, RESULTS / "steering_diagnosis.png")
