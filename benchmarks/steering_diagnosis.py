@@ -152,7 +152,7 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5.5), gridspec_kw={"width_ratios": [1, 2.6]})
     sets = list(results["data"])
     names = list(results["data"][sets[0]]["rewards"])
     width = 0.35
@@ -168,7 +168,7 @@ def plot(results: dict, path: Path) -> None:
         effect = [m["rewards"].get(name, {"nats_mean": np.nan, "nats_sem": 0.0}) for m in rows]  # (one-reward models)
         axes[1].bar(np.arange(len(rows)) + i * width, [e["nats_mean"] for e in effect], width,
                     yerr=[e["nats_sem"] for e in effect], capsize=3, label=name)  # fmt: skip
-    axes[1].set_xticks(np.arange(len(rows)) + width / 2, labels, rotation=15, ha="right", fontsize=8)
+    axes[1].set_xticks(np.arange(len(rows)) + width / 2, labels, rotation=35, ha="right", fontsize=8)
     axes[1].set_title("marker effect: nats lost when one marker is moved")
     axes[1].axhline(0, color="grey", lw=1)
     axes[1].legend()
@@ -185,7 +185,8 @@ def main() -> None:
     parser.add_argument("--alone", default="", help="also train the quickstart with this reward alone, and measure it")
     parser.add_argument("--alone-steps", type=int, default=None, help="train it this long (a checkpoint every 120)")
     parser.add_argument("--alone-set", action="append", default=[], metavar="KEY=VALUE", help="a policy setting")
-    parser.add_argument("--steer", default="", help="DATA:CKPT,...: also steer these across the desired range")
+    parser.add_argument("--steer", default="", help="DATA:CKPT,... (DATA: hh-rlhf or quickstart): also steer these "
+                        "at the benchmark's 5 points (one reward: its desired value swept over the range)")  # fmt: skip
     parser.add_argument("--samples", type=int, default=2, help="answers per held-out prompt when steering")
     args = parser.parse_args()
     import yaml
@@ -235,8 +236,9 @@ def main() -> None:
         print(path, json.dumps(evaluation["steering"]), evaluation["obtained"], flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(results, indent=2))
-    plot(results, RESULTS / "steering_diagnosis.png")
-    print(RESULTS / "steering_diagnosis.png")
+    if results["data"]:
+        plot(results, RESULTS / "steering_diagnosis.png")
+        print(RESULTS / "steering_diagnosis.png")
 
 
 if __name__ == "__main__":

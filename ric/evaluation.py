@@ -516,7 +516,11 @@ class PreferenceSweep(L.Callback):
         }
         # (rank 0 alone: not where a forward pass gathers weight shards from every rank)
         if not unconditioned and policy.conditioned and not sharded_weights(trainer):
-            effects = self.read_markers(policy, dm)
+            try:
+                effects = self.read_markers(policy, dm)
+            except Exception as error:  # a check added to the sweep must not lose the sweep's results
+                log.warning("marker effects not measured: %s: %s", type(error).__name__, error)
+                effects = None
             if effects is not None:
                 meta["marker_effects"] = effects
         train_scores = getattr(dm, "train_scores", np.zeros((0, len(names))))
@@ -559,6 +563,8 @@ class PreferenceSweep(L.Callback):
         policy; ``None`` where there are none or the policy gives no likelihood (diffusion)."""
         from ric.marker_effects import marker_effects
 
+        if type(policy).log_likelihood is ConditionalPolicy.log_likelihood:  # (diffusion: no likelihood)
+            return None
         blank = np.zeros(len(dm.rewards))
         records = [r for r in getattr(dm, "test_records", [])
                    if policy.accepts(policy.training_prompt(r["prompt"], blank), r["response"])]  # fmt: skip
@@ -566,10 +572,7 @@ class PreferenceSweep(L.Callback):
         if len(records) < 2:
             return None
         z = policy.reward_space.normalize(dm.cache.scores(dm.rewards, records, progress=False))
-        try:
-            effects = marker_effects(policy, [r["prompt"] for r in records], [r["response"] for r in records], z)
-        except NotImplementedError:
-            return None
+        effects = marker_effects(policy, [r["prompt"] for r in records], [r["response"] for r in records], z)
         return {"responses": len(records), "rewards": effects}
 
     def print_next_step(self, trainer: L.Trainer) -> None:

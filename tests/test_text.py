@@ -280,6 +280,18 @@ def test_fit_resume_and_sweep(tmp_path, tiny_llama, text_data):
     assert metrics["hypervolume"] >= 0 and (sweep / "front.png").stat().st_size > 1000
 
 
+def test_a_failed_marker_check_keeps_the_sweep(tmp_path, tiny_llama, text_data, monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr("ric.marker_effects.marker_effects", broken)
+    RiCCLI(args=["fit", "--config", str(_config(tmp_path, tiny_llama, text_data)), "--trainer.max_steps", "1",
+                 "--trainer.callbacks.after_fit", "true"])  # fmt: skip
+    metrics = json.loads((tmp_path / "sweep" / "metrics.json").read_text())
+    assert "marker_effects" not in metrics and metrics["steering"]
+    assert "marker effects not measured: RuntimeError: out of memory" in caplog.text
+
+
 def test_unconditioned_base_model_sweep(tmp_path, tiny_llama, text_data):
     config = _config(tmp_path, tiny_llama, text_data)
     cli = RiCCLI(
