@@ -5,7 +5,8 @@ checkpoint (default: the quickstart's last one).
    apart, relative to two different captions with the same markers (random initial encoder vs the trained one).
 2. The data: the share of each reward's variance the caption explains (what the markers can still steer).
 3. The VAE: rewards of the pictures against rewards of their VAE reconstructions (a decoder that loses colour
-   caps colourfulness whatever the UNet learns).
+   caps colourfulness whatever the UNet learns; ``spread_kept`` is the sd of the reconstructions' reward over the
+   pictures'). ``benchmarks/sd_vae_fidelity.py`` compares VAE shapes without training a UNet.
 
     .venv/bin/python benchmarks/sd_diagnosis.py [runs/quickstart_sd/lightning_logs/version_0/checkpoints/last.ckpt]
 """
@@ -90,7 +91,8 @@ def main() -> None:
     b = space.normalize(np.stack([r.score(sub_prompts, images).numpy() for r in rewards], axis=1))
     for i, n in enumerate(space.reward_names):
         fidelity[n] = {"pictures": float(a[:, i].mean()), "reconstructions": float(b[:, i].mean()),
-                       "correlation": float(np.corrcoef(a[:, i], b[:, i])[0, 1])}  # fmt: skip
+                       "correlation": float(np.corrcoef(a[:, i], b[:, i])[0, 1]),
+                       "spread_kept": float(b[:, i].std() / a[:, i].std())}  # fmt: skip
     report["vae_fidelity_normalized"] = fidelity
     out = ROOT / "benchmarks" / "results" / "sd_diagnosis.json"
     out.write_text(json.dumps(report, indent=2))

@@ -93,6 +93,27 @@ def test_caption_dropout_uses_the_empty_prompt(tiny_policy):
     assert batch["pixels"].shape == (3, 3, 16, 16) and batch["pixels"].min() >= -1
 
 
+def test_min_snr_weighting_discounts_the_clean_timesteps(tiny_policy):
+    """Min-SNR's weights are min(SNR, gamma) / SNR: 1 everywhere for a huge gamma (the plain loss), below 1
+    where SNR > gamma (about a third of SD's timesteps for gamma = 1)."""
+    batch = tiny_policy.collate([{"prompt": "one red circle <R1> 0.1 <R2> 0.2", "response": _noise(20)}] * 32)
+
+    def loss(gamma):
+        tiny_policy.hparams.snr_gamma = gamma
+        torch.manual_seed(3)
+        with torch.no_grad():
+            return float(tiny_policy.loss(batch, dropout=0.0))
+
+    try:
+        plain, huge, one = loss(None), loss(1e12), loss(1.0)
+    finally:
+        tiny_policy.hparams.snr_gamma = None
+    assert huge == pytest.approx(plain, rel=1e-5)
+    assert 0 < one < 0.9 * plain
+    with pytest.raises(ValueError, match="snr_gamma must be > 0.*got 0"):
+        type(tiny_policy)(model="tiny", tiny_config=TINY, reward_names=["a", "b"], resolution=16, snr_gamma=0)
+
+
 def test_aesthetic_head_loads_laion_weights():
     aesthetic = shared_file("aesthetic", "sac+logos+ava1-l14-linearMSE.pth")
     reward = AestheticReward(str(aesthetic), pretrained=None, clip_config=SMALL_CLIP)
@@ -175,6 +196,19 @@ def test_shapes_are_deterministic_and_rewards_conflict(tmp_path):
     jpeg = JpegCompressibility(size=64).score([""] * 80, samples).numpy()
     colour = Colourfulness().score([""] * 80, samples).numpy()
     assert np.corrcoef(jpeg, colour)[0, 1] < 0
+
+
+def test_shapes_leave_the_rewards_to_the_markers(tmp_path):
+    """The caption (main shape and colour) explains little of either reward: pictures with one caption range
+    from plain to busy and vivid, which only the markers can ask for."""
+    records = Shapes(240, 16, folder=str(tmp_path / "s")).load()
+    prompts = [r["prompt"] for r in records]
+    samples = [r["response"] for r in records]
+    for reward in (JpegCompressibility(size=64), Colourfulness()):
+        values = reward.score(prompts, samples).numpy()
+        means = {p: values[[q == p for q in prompts]].mean() for p in set(prompts)}
+        residual = values - np.array([means[p] for p in prompts])
+        assert 1 - residual.var() / values.var() < 0.4, reward.name
 
 
 def _sd_config(tmp_path, callbacks, max_steps=3, online=False):

@@ -268,40 +268,50 @@ COLOURS = {
     "pink": (240, 120, 180),
 }
 GREYS = {"white": (235, 235, 235), "grey": (128, 128, 128), "black": (25, 25, 25)}
-BACKGROUNDS = {**GREYS, "beige": (225, 210, 180), "navy": (20, 30, 80)}
+SHAPE_KINDS = ("circle", "square", "triangle")
+
+
+def _draw(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: float, fill: tuple[int, ...]) -> None:
+    box = [cx - r, cy - r, cx + r, cy + r]
+    if kind == "circle":
+        draw.ellipse(box, fill=fill)
+    elif kind == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
 
 
 def draw_shapes(rng: np.random.Generator, size: int) -> tuple[Image.Image, str]:
-    """One procedurally drawn picture and a caption naming its main shape and background.
+    """One procedurally drawn picture and a caption naming only its main shape and colour ("a red circle").
 
-    The caption leaves out what the rewards measure: clutter (0 to 11 smaller shapes, in colour or grey),
-    background texture and blur. So for one caption, pictures range from plain (compressible) to busy and
-    colourful (costly to JPEG-encode), and only the reward markers can tell the model which one to draw."""
-    bg_name = str(rng.choice(list(BACKGROUNDS)))
-    img = Image.new("RGB", (size * 2, size * 2), BACKGROUNDS[bg_name])
-    if rng.random() < 0.35:
-        noise = rng.normal(0, 40, (size * 2, size * 2, 1))
-        img = Image.fromarray(np.clip(np.asarray(img, dtype=np.float64) + noise, 0, 255).astype(np.uint8))
+    Two hidden factors, drawn per picture, set both rewards and are left to the reward markers: how vivid
+    the scene is (a two-colour background and small shapes, from grey to saturated) and how busy it is (up to
+    12 small shapes, noise, never blurred). Busy scenes tend to be vivid, so colourfulness conflicts with
+    JPEG compressibility; and since both factors change the whole picture, a column of the sweep's grid
+    shows them at a glance."""
+    s2 = size * 2  # drawn at twice the size, then downsampled: smooth edges
+    vivid = rng.uniform()
+    busy = 0.5 * vivid + 0.5 * rng.uniform()
+    grey = np.array(GREYS[str(rng.choice(list(GREYS)))], dtype=np.float64)
+    first, second = (np.array(COLOURS[str(c)], dtype=np.float64) for c in rng.choice(list(COLOURS), 2, replace=False))
+    yy, xx = np.mgrid[0:s2, 0:s2]
+    split = [xx < s2 / 2, yy < s2 / 2, xx + yy < s2][int(rng.integers(3))]
+    pixels = np.where(split[..., None], first, second) * vivid + grey * (1 - vivid)
+    if rng.random() < busy:
+        pixels = pixels + rng.normal(0, 40 * busy, (s2, s2, 1))
+    img = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(img)
-    clutter = int(rng.choice([0, 0, 1, 2, 4, 6, 8, 11]))
-    palette = COLOURS if rng.random() < 0.25 + 0.065 * clutter else GREYS  # busy scenes tend to be colourful
-    shapes = [(str(rng.choice(list(palette))), palette, size * 2 * rng.uniform(0.08, 0.16)) for _ in range(clutter)]
-    colour = str(rng.choice(list(COLOURS)))
-    shapes.append((colour, COLOURS, size * 2 * rng.uniform(0.25, 0.35)))  # the main shape, drawn last
-    kind = "circle"
-    for name, table, r in shapes:
-        kind = str(rng.choice(["circle", "square", "triangle"]))
-        cx, cy = rng.uniform(r, size * 2 - r, 2)
-        box = [cx - r, cy - r, cx + r, cy + r]
-        if kind == "circle":
-            draw.ellipse(box, fill=table[name])
-        elif kind == "square":
-            draw.rectangle(box, fill=table[name])
-        else:
-            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=table[name])
-    if rng.random() < 0.25:
+    for _ in range(rng.binomial(12, busy)):
+        r = s2 * rng.uniform(0.06, 0.12)
+        fill = np.array(COLOURS[str(rng.choice(list(COLOURS)))]) * vivid + 128 * (1 - vivid)
+        kind = str(rng.choice(SHAPE_KINDS))
+        _draw(draw, kind, *rng.uniform(r, s2 - r, 2), r, tuple(int(v) for v in fill))
+    colour, kind = str(rng.choice(list(COLOURS))), str(rng.choice(SHAPE_KINDS))
+    r = s2 * rng.uniform(0.25, 0.35)
+    _draw(draw, kind, *rng.uniform(r, s2 - r, 2), r, COLOURS[colour])  # the main shape, drawn last
+    if rng.random() < 0.2 * (1 - busy):
         img = img.filter(ImageFilter.GaussianBlur(radius=size / 16))
-    return img.resize((size, size), Image.LANCZOS), f"a {colour} {kind} on a {bg_name} background"
+    return img.resize((size, size), Image.LANCZOS), f"a {colour} {kind}"
 
 
 class Shapes(ExampleSource):
@@ -316,7 +326,7 @@ class Shapes(ExampleSource):
     """
 
     #: bumped whenever the drawing changes, so cached pictures of an older drawing are never reused
-    version = 2
+    version = 3
 
     def __init__(self, count: int = 1200, size: int = 32, folder: str | None = None, seed: int = 0) -> None:
         if count < 1 or size < 8:
