@@ -225,7 +225,7 @@ def _sd_config(tmp_path, callbacks, max_steps=3, online=False):
                              "init_args": {"count": 40, "size": 16, "folder": str(tmp_path / "shapes")}},
                  "rewards": [{"class_path": "ric.diffusion.rewards.JpegCompressibility", "init_args": {"size": 64}},
                              {"class_path": "ric.diffusion.rewards.Colourfulness"}],
-                 "batch_size": 4, "val_fraction": 0.0, "test_fraction": 0.1, "max_test_prompts": 3,
+                 "batch_size": 4, "val_fraction": 0.0, "test_fraction": 0.2, "max_test_prompts": 3,
                  "cache_dir": str(tmp_path / "cache"), "output_dir": str(tmp_path / "run"), "progress": False},
     }  # fmt: skip
     path = tmp_path / "config.yaml"
