@@ -50,10 +50,19 @@ def caption_share(prompts: list[str], values: np.ndarray) -> float:
     return float(1 - (values - np.array([means[p] for p in prompts])).var() / values.var())
 
 
+def reconstruct(policy, pictures: list) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """The pictures through the policy's VAE and back (posterior mean): pixels in, pixels out, output images."""
+    from ric.diffusion.images import as_image
+
+    x = torch.stack([policy.load_pixels(p) for p in pictures]).to(policy.device, policy.vae.dtype)
+    with torch.no_grad():
+        recon = policy.vae.decode(policy.vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1)
+    return x.float(), recon, [as_image(((t + 1) / 2).clamp(0, 1)) for t in recon.cpu()]
+
+
 def main() -> None:
     import ric
     from ric.diffusion.datasets import Shapes
-    from ric.diffusion.images import as_image
     from ric.diffusion.policy import DiffusionPolicy
 
     ckpt = (
@@ -80,11 +89,8 @@ def main() -> None:
     }
     report["pearson_on_data"] = float(np.corrcoef(raw, rowvar=False)[0, 1])
     sub = records[:256]
-    x = torch.stack([policy.load_pixels(r["response"]) for r in sub]).to(policy.device, policy.vae.dtype)
-    with torch.no_grad():
-        recon = policy.vae.decode(policy.vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1)
-    images = [as_image(((t + 1) / 2).clamp(0, 1)) for t in recon.cpu()]
     originals = [r["response"] for r in sub]
+    _, _, images = reconstruct(policy, originals)
     fidelity = {}
     sub_prompts = [s["prompt"] for s in sub]
     a = space.normalize(np.stack([r.score(sub_prompts, originals).numpy() for r in rewards], axis=1))

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 FLAT = {"block_out_channels": [32], "down_block_types": ["DownEncoderBlock2D"], "up_block_types": ["UpDecoderBlock2D"]}
@@ -31,8 +30,9 @@ VARIANTS = {
 
 
 def main() -> None:
+    from sd_diagnosis import reconstruct
+
     from ric.diffusion.datasets import Shapes
-    from ric.diffusion.images import as_image
     from ric.diffusion.policy import DiffusionPolicy
     from ric.diffusion.rewards import Colourfulness, JpegCompressibility
 
@@ -61,10 +61,7 @@ def main() -> None:
                                  vae_fit_lr=lr, tiny_config={"vae": vae} if vae else None)  # fmt: skip
         policy.fit_vae(fit)
         seconds = time.perf_counter() - start
-        x = torch.stack([policy.load_pixels(r["response"]) for r in held])
-        with torch.no_grad():
-            recon = policy.vae.decode(policy.vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1)
-        images = [as_image(((t + 1) / 2).clamp(0, 1)) for t in recon]
+        x, recon, images = reconstruct(policy, [r["response"] for r in held])
         got = np.stack([r.score(prompts[1000:], images).numpy() for r in rewards.values()], axis=1)
         got = (got - mean) / sd
         row = {"fit_steps": steps, "lr": lr, "vae": vae, "fit_seconds": seconds,
