@@ -4,7 +4,7 @@ reconstructions, for VAE shapes and fitting lengths (no UNet is trained).
 A reward the decoder cannot reproduce cannot be steered, however well the UNet reads its marker: the spread
 kept (sd of the reconstructions' normalized reward over the pictures') caps the sweep's spread ratio.
 
-    .venv/bin/python benchmarks/sd_vae_fidelity.py [--variants default flat "flat, 600 steps"]
+    .venv/bin/python benchmarks/sd_vae_fidelity.py [--variants default "flat, 600 steps" ...]
 """
 
 from __future__ import annotations
@@ -39,7 +39,9 @@ def main() -> None:
     from ric.diffusion.rewards import Colourfulness, JpegCompressibility
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", nargs="+", default=["default", "flat"], help=f"any of {list(VARIANTS)}")
+    parser.add_argument(
+        "--variants", nargs="+", default=["default", "flat", "flat, no attention"], help=f"any of {list(VARIANTS)}"
+    )
     args = parser.parse_args()
     names = args.variants
     unknown = [n for n in names if n not in VARIANTS]
