@@ -1,128 +1,204 @@
-"""Front quality on hh-rlhf (harmless-base): base model vs plain SFT vs RiC offline vs RiC + 1 online
-round vs the RL baselines (MORLHF at 3 preferences, Rewarded Soups with 2 experts, both GRPO on TRL), with
-the cost of each, and the mapping ablation (linear vs p = 2 vs p = inf) on the RiC model.
+"""The paper's comparison at small scale: base model, plain SFT, RiC offline (three mappings), RiC + one online
+round, MORLHF (one GRPO policy per preference) and Rewarded Soups (one GRPO expert per reward), over seeds, on
+the same held-out prompts, with the cost of each arm.
 
-SmolLM2-135M-Instruct with the quickstart's offline rewards (verbosity, readability), data from
-``../shared/data/hh-rlhf``. Every arm is evaluated on the same held-out prompts; hypervolumes share one
-reference point. Expected from the paper: online > offline > SFT / base, and p = 2 ~ p = inf > linear.
+hh-rlhf harmless-base from ``../shared/data``, SmolLM2-135M-Instruct, the offline rewards verbosity and
+readability. RiC is the steering recipe of ``benchmarks/steering.py`` (its ``BASE`` settings and config
+builder, so both benchmarks train the same model); SFT is the same fine-tuning without reward markers; the
+baselines take the RiC arm's policy settings, data split and reward space. Every arm is swept at the same 5
+preferences with the same sampling and seed; hypervolumes of every arm and seed share one reference point.
 
-    .venv/bin/python benchmarks/front_quality.py --scale cpu --out runs/front_quality   # about 35 min on 2 cores
-    .venv/bin/python benchmarks/front_quality.py --scale gpu --out runs/front_quality   # minutes on one GPU
-    .venv/bin/python benchmarks/front_quality.py --scale smoke                          # wiring check
+    .venv/bin/python benchmarks/front_quality.py --scale cpu      # 3 seeds; resumable, so it can run in parts
+    .venv/bin/python benchmarks/front_quality.py --scale cpu --seeds 0   # one seed (then the others)
+    .venv/bin/python benchmarks/front_quality.py --scale smoke    # wiring check, minutes
+    .venv/bin/python benchmarks/front_quality.py --scale gpu      # one GPU machine
+
+Everything finished (a trained arm, a sweep) is kept under ``--out`` and not rerun. Results:
+``benchmarks/results/front_quality_<scale>.json`` with ``.png`` (seed-averaged fronts), ``_mappings.png`` and
+``_cost.png`` (hypervolume against wall seconds).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from ric.cli import RiCCLI
-from ric.compare import compare
+import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-HH = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import steering as recipe  # noqa: E402  (the recipe's settings and config builder)
+
+ROOT = recipe.ROOT
+RESULTS = recipe.RESULTS
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+    """How much of everything one run of the benchmark does.
+
+    Args:
+        steps: offline steps of SFT and RiC (the recipe's own where the budget allows).
+        online_steps, online_generations: the online round: training steps on the MORS-kept samples, and
+            samples generated for it.
+        rl_steps, rl_learning_rate: GRPO steps per baseline policy and their learning rate.
+        prompts, samples: held-out prompts and answers per prompt and preference of every sweep.
+        new_tokens: the longest answer, in training-time generation and in the sweeps.
+        seeds: the default seeds (``--seeds`` overrides).
+        accelerator: Lightning's accelerator for every arm.
+    """
+
+    steps: int
+    online_steps: int
+    online_generations: int
+    rl_steps: int
+    prompts: int
+    samples: int
+    new_tokens: int
+    seeds: tuple[int, ...] = (0, 1, 2)
+    rl_learning_rate: float = 2.0e-4
+    accelerator: str = "cpu"
+
+
 SCALES = {
-    # dialogues, offline steps, online steps, online generations, held-out prompts, new tokens
-    # (and GRPO steps per baseline policy)
-    "smoke": dict(
-        limit=200, offline=4, online=2, generations=16, test_prompts=6, new_tokens=16, accelerator="cpu", rl_steps=2
-    ),
-    "cpu": dict(
-        limit=1000,
-        offline=100,
-        online=40,
-        generations=192,
-        test_prompts=24,
-        new_tokens=48,
-        accelerator="cpu",
-        rl_steps=40,
-    ),
-    "gpu": dict(
-        limit=2312,
-        offline=2000,
-        online=500,
-        generations=4096,
-        test_prompts=200,
-        new_tokens=128,
-        accelerator="gpu",
-        rl_steps=500,
-    ),
-}
+    "smoke": Scale(steps=4, online_steps=2, online_generations=8, rl_steps=2, prompts=4, samples=1, new_tokens=16,
+                   seeds=(0,)),
+    "cpu": Scale(steps=200, online_steps=60, online_generations=256, rl_steps=30, prompts=64, samples=2,
+                 new_tokens=128),
+    "gpu": Scale(steps=2000, online_steps=500, online_generations=4096, rl_steps=500, prompts=200, samples=2,
+                 new_tokens=128, accelerator="gpu"),
+}  # fmt: skip
+
+PREFERENCES = recipe.PREFERENCES
+#: arm -> its label in tables and plots (the main comparison; the mappings are compared on their own)
+ARMS = {"base": "base", "sft": "plain SFT", "ric_linear": "RiC offline", "online": "RiC + 1 online",
+        "morlhf": "MORLHF (5 policies)", "soups": "Rewarded Soups (2 experts)"}  # fmt: skip
+MAPPINGS = {"ric_linear": "linear", "ric_p_norm": "p = 2", "ric_p_inf": "p = inf"}
 
 
-def config(out: Path, s: dict, *, conditioned: bool = True, online: bool = False, steps: int | None = None) -> dict:
-    callbacks = [
-        {
-            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-            "init_args": {"dirpath": str(out / "ckpt"), "save_last": True},
-        }
-    ]
-    if online:
-        callbacks.append(
-            {
-                "class_path": "ric.online.OnlineLoop",
-                "init_args": {
-                    "iterations": 1,
-                    "steps_per_iteration": s["online"],
-                    "prompts_per_iteration": s["generations"],
-                    "learning_rate": 1e-4,
-                    "buffer_dir": str(out / "online"),
-                    "chunk_size": 64,
-                    "sampling": {"max_new_tokens": s["new_tokens"]},
-                },
-            }
-        )
-    return {
-        "seed_everything": 0,
-        "trainer": {"accelerator": s["accelerator"], "devices": 1, "max_steps": steps or s["offline"], "logger": False,
-                    "limit_val_batches": 0, "num_sanity_val_steps": 0, "default_root_dir": str(out),
-                    "callbacks": callbacks},
-        "model": {"class_path": "ric.text.policy.TextPolicy", "init_args": {
-            "model": "smollm2", "reward_names": ["verbosity", "readability"],
-            "template": "{prompt} {rewards}\n\nAssistant:", "conditioned": conditioned,
-            "lora_r": 16, "lora_alpha": 16, "lora_dropout": 0.0, "learning_rate": 1e-3, "warmup_steps": 10,
-            "max_length": 256, "max_tokens": 256, "max_new_tokens": s["new_tokens"],
-            "dtype": "bfloat16" if s["accelerator"] == "gpu" else "float32", "generation_batch_size": 64}},
-        "data": {"dataset": {"class_path": "ric.text.datasets.HHRLHF",
-                             "init_args": {"path": str(HH), "limit": s["limit"]}},
-                 "rewards": [{"class_path": "ric.text.rewards.Verbosity"},
-                             {"class_path": "ric.text.rewards.Readability"}],
-                 "batch_size": 8, "val_fraction": 0.0, "test_fraction": 0.1, "max_test_prompts": s["test_prompts"],
-                 "cache_dir": str(ROOT / ".ric_cache"), "output_dir": str(out), "reward_range": "data",
-                 "range_quantiles": [0.05, 0.95]},
-    }  # fmt: skip
+def settings(scale: Scale) -> dict[str, Any]:
+    """The recipe's settings at this scale."""
+    return {**recipe.BASE, "steps": scale.steps, "warmup": min(recipe.BASE["warmup"], max(1, scale.steps // 4))}
 
 
-def sweep_callback(out: Path, s: dict, method: str, unconditioned: bool = False, **extra: object) -> dict:
+def sweep(dest: Path, scale: Scale, seed: int, **extra: Any) -> dict:
+    """The sweep every arm gets: 5 preferences, the recipe's sampling, ``samples`` answers per prompt."""
+    sampling = {**recipe.EVAL, "max_new_tokens": scale.new_tokens, "batch_size": 64}
     return {"class_path": "ric.evaluation.PreferenceSweep", "init_args": {
-        "num_points": 5, "method": method, "unconditioned": unconditioned, "output_dir": str(out),
-        "label": out.name, "sampling": {"temperature": 0.7, "max_new_tokens": s["new_tokens"]}, **extra}}  # fmt: skip
+        "preferences": PREFERENCES, "samples_per_prompt": scale.samples, "seed": seed, "sampling": sampling,
+        "output_dir": str(dest), "label": dest.name, "marker_responses": 64, **extra}}  # fmt: skip
 
 
-def sweep_args(out: Path, s: dict, method: str, unconditioned: bool = False) -> list[str]:
-    return ["--trainer.callbacks+=" + json.dumps(sweep_callback(out, s, method, unconditioned))]
+def scaled(scale: Scale) -> Callable[[dict], None]:
+    """Edits a recipe config for this scale: its accelerator, held-out prompts and answer length."""
+
+    def adjust(config: dict) -> None:
+        config["trainer"]["accelerator"] = scale.accelerator
+        config["data"]["max_test_prompts"] = scale.prompts
+        config["model"]["init_args"]["max_new_tokens"] = scale.new_tokens
+        if scale.accelerator == "gpu":
+            config["model"]["init_args"]["dtype"] = "bfloat16"
+
+    return adjust
 
 
-def baseline(name: str, out: Path, s: dict) -> Path:
-    """MORLHF or Rewarded Soups with the RiC arm's policy settings, data and sampling; returns its sweep."""
+def fit_config(folder: Path, s: dict, scale: Scale, seed: int) -> dict:
+    config = recipe.train_config(folder, s, seed, [s["steps"]])
+    scaled(scale)(config)
+    return config
+
+
+def run_cli(args: list[str]) -> None:
+    from ric.cli import RiCCLI
+
+    RiCCLI(args=args)
+
+
+def test_sweep(folder: Path, config: dict, ckpt: Path | None, callback: dict) -> Path:
+    """``ric test`` of a config (no online loop, no checkpointing) with one sweep; skipped once written."""
+    dest = Path(callback["init_args"]["output_dir"])
+    if not (dest / "metrics.json").is_file():
+        config = json.loads(json.dumps(config))
+        config["trainer"]["callbacks"] = [callback]
+        path = folder / f"test-{dest.name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(config))
+        run_cli(["test", "--config", str(path), *(["--ckpt_path", str(ckpt)] if ckpt else [])])
+    return dest
+
+
+#: what ``--arms`` selects: a group -> the arms (sweep folders) it produces
+GROUPS = {"base": ("base",), "sft": ("sft",), "ric": ("ric_linear",), "mappings": ("ric_p_norm", "ric_p_inf"),
+          "online": ("online",), "morlhf": ("morlhf",), "soups": ("soups",)}  # fmt: skip
+
+
+def run_seed(out: Path, scale: Scale, seed: int, groups: tuple[str, ...] = tuple(GROUPS)) -> dict[str, Path]:
+    """The arms of ``groups`` for one seed, as far as not done before; returns arm -> sweep folder."""
+    sweeps = out / "sweeps"
+    s = settings(scale)
+    arms: dict[str, Path] = {}
+    plain = {**s, "conditioned": False}
+
+    # plain SFT: the same fine-tuning without markers; the base model is its config before any step
+    if "sft" in groups:
+        recipe.train(out / "sft", plain, seed, [s["steps"]], [sweep(sweeps / "sft", scale, seed, after_fit=True)],
+                     scaled(scale))  # fmt: skip
+        arms["sft"] = sweeps / "sft"
+    if "base" in groups:
+        arms["base"] = test_sweep(out / "base", fit_config(out / "base", plain, scale, seed), None,
+                                  sweep(sweeps / "base", scale, seed, unconditioned=True))  # fmt: skip
+
+    # RiC offline, swept after training with the recipe's mapping, then with the other two
+    ric = out / "ric"
+    ckpt = recipe.checkpoint_at(ric, s["steps"], s["steps"])
+    if {"ric", "mappings", "online"} & set(groups):
+        recipe.train(ric, s, seed, [s["steps"]], [sweep(sweeps / "ric_linear", scale, seed, after_fit=True)],
+                     scaled(scale))  # fmt: skip
+        arms["ric_linear"] = sweeps / "ric_linear"
+    if "mappings" in groups:
+        for name, method in (("ric_p_norm", "p_norm"), ("ric_p_inf", "p_inf")):
+            arms[name] = test_sweep(ric, fit_config(ric, s, scale, seed), ckpt,
+                                    sweep(sweeps / name, scale, seed, method=method))  # fmt: skip
+
+    # one online round with MORS from the offline checkpoint, swept after it
+    if "online" in groups:
+        recipe.online_round(ckpt, out / "online", s, seed, s["steps"], scale.online_generations,
+                            scale.online_steps, [sweep(sweeps / "online", scale, seed, after_fit=True)],
+                            scaled(scale))  # fmt: skip
+        arms["online"] = sweeps / "online"
+
+    for name in ("morlhf", "soups"):
+        if name in groups:
+            arms[name] = baseline(name, out, s, scale, seed)
+    return arms
+
+
+def baseline(name: str, out: Path, s: dict, scale: Scale, seed: int) -> Path:
+    """MORLHF or Rewarded Soups with the RiC arm's policy settings, data split, reward space and sampling."""
     from ric.baselines.methods import main as run_baseline
 
     dest = out / "sweeps" / name
-    if (dest / "metrics.json").exists():
-        print(f"skipping: {dest / 'metrics.json'} exists")
+    if (dest / "metrics.json").is_file():
         return dest
-    ric = config(out / name, s)
+    ric = fit_config(out / name, s, scale, seed)
     policy = {k: v for k, v in ric["model"]["init_args"].items() if k not in ("reward_names", "conditioned")}
-    three = [[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]]
+    grpo = {"steps": scale.rl_steps, "learning_rate": scale.rl_learning_rate, "max_new_tokens": scale.new_tokens,
+            "temperature": recipe.EVAL["temperature"], "top_p": recipe.EVAL["top_p"],
+            "save_steps": max(1, scale.rl_steps // 4), "seed": seed}  # fmt: skip
     cfg = {
         "policy": policy,
         "data": {"class_path": "ric.data.RelabelDataModule", "init_args": ric["data"]},
-        "grpo": {"steps": s["rl_steps"], "max_new_tokens": s["new_tokens"], "save_steps": max(1, s["rl_steps"] // 4)},
-        "sweep": sweep_callback(dest, s, "p_inf", **({"preferences": three} if name == "morlhf" else {})),
+        "grpo": grpo,
+        "sweep": sweep(dest, scale, seed),
         "output_dir": str(out / name),
+        **({"preferences": PREFERENCES} if name == "morlhf" else {}),
     }
-    path = out / name / "baseline.yaml"
+    path = out / name / "baseline.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(cfg))
     if run_baseline([name, "--config", str(path)]) != 0:
@@ -130,98 +206,225 @@ def baseline(name: str, out: Path, s: dict) -> Path:
     return dest
 
 
-def run(args: list[str], done: Path | None = None) -> None:
-    """Run one CLI step unless ``done`` exists (a re-run of the benchmark continues where it stopped)."""
-    if done is not None and done.exists():
-        print(f"skipping: {done} exists")
-        return
-    RiCCLI(args=args)
+def arm_cost(arm: str, seed_out: Path, arms: dict[str, Path]) -> dict[str, float]:
+    """Wall seconds (training, generating in the sweep), generated samples, reward calls and training tokens
+    of one arm of one seed; RiC's other mappings and the online arm include the offline training they reuse."""
+    from ric.compare import read_cost
+
+    cost = {k: v or 0.0 for k, v in read_cost(arms[arm]).items()}
+    reused = {"ric_p_norm": "ric_linear", "ric_p_inf": "ric_linear", "online": "ric_linear"}.get(arm)
+    if reused:
+        offline = read_cost(arms[reused])
+        for key in ("train_seconds", "training_tokens"):
+            cost[key] += offline[key] or 0.0
+    if arm == "online":  # the online round's generations and their reward calls (the ledger counts training only)
+        summaries = sorted((seed_out / "online" / "online").glob("round*/summary.json"))
+        made = sum(json.loads(p.read_text())["generated"] for p in summaries)
+        names = len(read_front(arms[arm])[0])
+        cost["generated_samples"] += made
+        cost["reward_calls"] += made * names
+    return cost
+
+
+def read_front(folder: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    from ric.compare import read_front as read
+
+    return read(folder)
+
+
+def summarize(out: Path, seeds: list[int], per_seed: dict[int, dict[str, Path]]) -> dict:
+    """Hypervolume (one reference point for all), controllability and cost per arm: mean and sd over seeds."""
+    from ric.pareto import hypervolume, shared_reference
+
+    fronts = {(seed, arm): read_front(path) for seed, arms in per_seed.items() for arm, path in arms.items()}
+    names = next(iter(fronts.values()))[0]
+    reference = shared_reference([means for _, _, means in fronts.values()])
+    rows: dict[str, dict] = {}
+    for arm in {a for arms in per_seed.values() for a in arms}:
+        runs = []
+        for seed in seeds:
+            if arm not in per_seed.get(seed, {}):
+                continue
+            path = per_seed[seed][arm]
+            metrics = json.loads((path / "metrics.json").read_text())
+            _, prefs, means = fronts[(seed, arm)]
+            runs.append({"seed": seed, "hypervolume": hypervolume(means, reference), "obtained": means.tolist(),
+                         "preferences": prefs.tolist(), "steering": metrics.get("steering", {}),
+                         "marker_effects": metrics.get("marker_effects", {}).get("rewards", {}),
+                         "cost": arm_cost(arm, out / f"seed{seed}", per_seed[seed])})  # fmt: skip
+        hv = np.array([r["hypervolume"] for r in runs])
+        row: dict[str, Any] = {"seeds": len(runs), "hypervolume_mean": hv.mean(), "hypervolume_sd": sd(hv)}
+        for name in names:
+            for key in ("spearman", "spread_ratio"):
+                values = np.array([r["steering"][name][key] for r in runs if name in r["steering"]])
+                if len(values):
+                    row[f"{name}_{key}_mean"], row[f"{name}_{key}_sd"] = values.mean(), sd(values)
+        for key in runs[0]["cost"]:
+            row[f"{key}_mean"] = float(np.mean([r["cost"][key] for r in runs]))
+        row["obtained_mean"] = np.mean([r["obtained"] for r in runs], axis=0).tolist()
+        row["preferences"] = runs[0]["preferences"]
+        row["runs"] = runs
+        rows[arm] = row
+    correlation = next((c for arms in per_seed.values() for path in arms.values()
+                        if (c := json.loads((path / "metrics.json").read_text()).get("train_reward_correlation"))),
+                       None)  # fmt: skip
+    return {"reward_names": names, "reference_point": reference.tolist(), "arms": rows,
+            "train_reward_pearson": None if correlation is None else correlation[0][1]}  # fmt: skip
+
+
+def sd(values: np.ndarray) -> float:
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def goals(summary: dict) -> dict[str, dict]:
+    """The issue's goals, each with the numbers it was decided on; ``met`` is None where an arm it needs was
+    not run (``--arms``)."""
+    arms, names = summary["arms"], summary["reward_names"]
+
+    def hv(arm: str) -> tuple[float, float]:
+        return arms[arm]["hypervolume_mean"], arms[arm]["hypervolume_sd"]
+
+    def above(a: str, b: str) -> bool:  # a beats b by more than the larger of their sds
+        (ma, sa), (mb, sb) = hv(a), hv(b)
+        return ma - mb > max(sa, sb)
+
+    def seconds(arm: str) -> float:
+        return arms[arm]["train_seconds_mean"] + arms[arm]["generation_seconds_mean"]
+
+    def spearman(arm: str) -> dict[str, float | None]:
+        return {n: arms[arm].get(f"{n}_spearman_mean") for n in names}
+
+    def check(needed: tuple[str, ...], met: Callable[[], bool], values: Callable[[], Any]) -> dict:
+        missing = [a for a in needed if a not in arms]
+        if missing:
+            return {"met": None, "values": f"not run: {', '.join(missing)}"}
+        return {"met": bool(met()), "values": values()}
+
+    return {
+        "RiC Spearman >= 0.9 for each reward": check(
+            ("ric_linear",), lambda: all(v is not None and v >= 0.9 for v in spearman("ric_linear").values()),
+            lambda: {a: spearman(a) for a in (*ARMS, *MAPPINGS) if a in arms}),
+        "online > offline > SFT > base, each gap > 1 sd": check(
+            ("online", "ric_linear", "sft", "base"),
+            lambda: above("online", "ric_linear") and above("ric_linear", "sft") and above("sft", "base"),
+            lambda: {a: hv(a) for a in ("online", "ric_linear", "sft", "base")}),
+        "RiC + online >= Rewarded Soups and >= MORLHF": check(
+            ("online", "soups", "morlhf"), lambda: hv("online")[0] >= max(hv("soups")[0], hv("morlhf")[0]),
+            lambda: {a: hv(a) for a in ("online", "soups", "morlhf")}),
+        "RiC (offline + online) costs <= 1/3 of MORLHF (wall seconds)": check(
+            ("online", "morlhf"), lambda: seconds("online") <= seconds("morlhf") / 3,
+            lambda: {"RiC": seconds("online"), "MORLHF": seconds("morlhf")}),
+        "p = 2 and p = inf >= linear": check(
+            tuple(MAPPINGS), lambda: min(hv("ric_p_norm")[0], hv("ric_p_inf")[0]) >= hv("ric_linear")[0],
+            lambda: {a: hv(a) for a in MAPPINGS}),
+    }  # fmt: skip
+
+
+def plot(summary: dict, stem: Path) -> list[Path]:
+    """Seed-averaged fronts of the main arms and of the mappings, and hypervolume against cost."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ric.pareto import plot_fronts
+
+    arms, names = summary["arms"], summary["reward_names"]
+    seeds = max(a["seeds"] for a in arms.values())
+    paths = []
+    for labels, path in ((ARMS, stem.with_suffix(".png")), (MAPPINGS, stem.with_name(stem.name + "_mappings.png"))):
+        shown = {label: arm for arm, label in labels.items() if arm in arms}
+        plot_fronts({label: np.array(arms[arm]["obtained_mean"]) for label, arm in shown.items()}, path, names,
+                    {label: [p[0] for p in arms[arm]["preferences"]] for label, arm in shown.items()
+                     if np.all(np.isfinite(arms[arm]["preferences"]))},
+                    title=f"obtained rewards, mean of {seeds} seed(s) (labels: w_{names[0]})")  # fmt: skip
+        paths.append(path)
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for arm, label in rows_shown().items():
+        if arm not in arms:
+            continue
+        a = arms[arm]
+        x = a["train_seconds_mean"] + a["generation_seconds_mean"]
+        ax.errorbar(x, a["hypervolume_mean"], yerr=a["hypervolume_sd"], fmt="o", capsize=3, label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("wall seconds per seed (training + sweep)")
+    ax.set_ylabel("hypervolume (shared reference)")
+    ax.set_title(f"hypervolume vs cost, mean ± sd over {seeds} seed(s)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    cost = stem.with_name(stem.name + "_cost.png")
+    fig.savefig(cost, dpi=130)
+    plt.close(fig)
+    return [*paths, cost]
+
+
+def rows_shown() -> dict[str, str]:
+    """arm -> label of the table and the cost plot: the main arms, then RiC's other two mappings."""
+    return {**ARMS, **{k: f"RiC offline, {v}" for k, v in MAPPINGS.items() if k != "ric_linear"}}
+
+
+def print_table(summary: dict, checks: dict) -> None:
+    names = summary["reward_names"]
+    head = f"{'arm':<28}{'hypervolume':>16}" + "".join(f"{'Spearman ' + n[:11]:>22}" for n in names)
+    print("\n" + head + f"{'train s':>9}{'sweep s':>9}{'generated':>11}{'reward calls':>14}")
+    for arm, label in rows_shown().items():
+        a = summary["arms"].get(arm)
+        if a is None:
+            continue
+        cells = [f"{a['hypervolume_mean']:.3f} ± {a['hypervolume_sd']:.3f}"]
+        for n in names:
+            m = a.get(f"{n}_spearman_mean")
+            cells.append("-" if m is None else f"{m:+.2f} ± {a[f'{n}_spearman_sd']:.2f}")
+        costs = [f"{a[k]:.0f}" for k in ("train_seconds_mean", "generation_seconds_mean", "generated_samples_mean",
+                                         "reward_calls_mean")]  # fmt: skip
+        print(f"{label:<28}{cells[0]:>16}" + "".join(f"{c:>22}" for c in cells[1:])
+              + f"{costs[0]:>9}{costs[1]:>9}{costs[2]:>11}{costs[3]:>14}")  # fmt: skip
+    if summary["train_reward_pearson"] is not None:
+        print(f"Pearson of {names[0]} and {names[1]} on the training split: {summary['train_reward_pearson']:+.2f}")
+    for name, check in checks.items():
+        print(f"goal: {name}: {({True: 'met', False: 'not met', None: 'not measured'})[check['met']]}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "front_quality")
+    parser.add_argument("--seeds", help="comma-separated seeds (default: the scale's)")
+    parser.add_argument("--out", type=Path, help="default runs/front_quality-<scale>")
+    parser.add_argument("--arms", default=",".join(GROUPS), help=f"comma-separated, of {', '.join(GROUPS)}")
     args = parser.parse_args()
-    s, out = SCALES[args.scale], args.out.resolve()
-    if not HH.is_file():
-        raise FileNotFoundError(f"hh-rlhf data not found at {HH} (../shared/data beside the checkout)")
-    arms = {}
-
-    def write(name: str, cfg: dict) -> Path:
-        path = out / name / "config.yaml"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(cfg))
-        return path
-
-    def sweep(name: str, cfg: Path, method: str, ckpt: Path | None = None, unconditioned: bool = False) -> Path:
-        dest = out / "sweeps" / name
-        ckpt_args = ["--ckpt_path", str(ckpt)] if ckpt else []
-        run(["test", "--config", str(cfg), *ckpt_args, *sweep_args(dest, s, method, unconditioned)],
-            done=dest / "metrics.json")  # fmt: skip
-        return dest
-
-    base = write("base", config(out / "base", s, conditioned=False))
-    arms["base"] = sweep("base", base, "p_inf", unconditioned=True)
-
-    sft = write("sft", config(out / "sft", s, conditioned=False))
-    run(["fit", "--config", str(sft)], done=out / "sft" / "ckpt" / "last.ckpt")
-    arms["plain SFT"] = sweep("sft", sft, "p_inf", out / "sft" / "ckpt" / "last.ckpt", unconditioned=True)
-
-    ric = write("ric", config(out / "ric", s))
-    ric_ckpt = out / "ric" / "ckpt" / "last.ckpt"
-    run(["fit", "--config", str(ric)], done=ric_ckpt)
-    for method in ("linear", "p_norm", "p_inf"):
-        sweep(f"ric_{method}", ric, method, ric_ckpt)
-    arms["RiC offline"] = out / "sweeps" / "ric_p_inf"
-
-    # the online arm continues from the offline checkpoint: the same offline steps, then one round; a killed
-    # online run resumes from its own last checkpoint and reuses the samples already in its buffer
-    online = write("online", config(out / "online", s, online=True))
-    online_ckpt = out / "online" / "ckpt" / "last.ckpt"
-    online_done = out / "online" / "ckpt" / f"step={s['offline'] + s['online']}.done"
-    run(["fit", "--config", str(online), "--ckpt_path", str(online_ckpt if online_ckpt.exists() else ric_ckpt)],
-        done=online_done)  # fmt: skip
-    online_done.touch()
-    arms["RiC + 1 online"] = sweep("online", online, "p_inf", online_ckpt)
-
-    # control: offline training for as many steps as the online arm took in all
-    long = write("ric_long", config(out / "ric_long", s, steps=s["offline"] + s["online"]))
-    long_ckpt = out / "ric_long" / "ckpt" / "last.ckpt"
-    run(["fit", "--config", str(long)], done=long_ckpt)
-    arms["RiC offline, same steps"] = sweep("ric_long", long, "p_inf", long_ckpt)
-
-    arms["MORLHF (3 policies)"] = baseline("morlhf", out, s)
-    arms["Rewarded Soups"] = baseline("soups", out, s)
-
-    main_cmp = compare(list(arms.values()), list(arms), out / "compare_methods")
-    maps = {"linear": "ric_linear", "p = 2": "ric_p_norm", "p = inf": "ric_p_inf"}
-    map_cmp = compare([out / "sweeps" / v for v in maps.values()], list(maps), out / "compare_mappings")
-    hv = {r["run"]: r["hypervolume"] for r in main_cmp["runs"]}
-    hm = {r["run"]: r["hypervolume"] for r in map_cmp["runs"]}
-    print("\narm                        hypervolume  train s  generated  reward calls")
-    for r in main_cmp["runs"]:
-        cells = [f"{r[k]:.0f}" if r.get(k) is not None else "-" for k in ("train_seconds", "generated_samples",
-                                                                             "reward_calls")]  # fmt: skip
-        print(f"{r['run']:<27}{r['hypervolume']:>11.4f}{cells[0]:>9}{cells[1]:>11}{cells[2]:>14}")
-    print("\nmapping             hypervolume")
-    for name, value in hm.items():
-        print(f"{name:<20}{value:.4f}")
-    checks = {
-        "online > offline": hv["RiC + 1 online"] > hv["RiC offline"],
-        "online > offline with the same steps": hv["RiC + 1 online"] > hv["RiC offline, same steps"],
-        "offline > SFT and base": hv["RiC offline"] > max(hv["plain SFT"], hv["base"]),
-        "p=2 and p=inf > linear": min(hm["p = 2"], hm["p = inf"]) > hm["linear"],
-    }
-    for name, ok in checks.items():
-        print(f"{name}: {'held' if ok else 'did not hold'}")
-    (out / "front_quality.json").write_text(
-        json.dumps(
-            {"scale": args.scale, "arms": hv, "runs": main_cmp["runs"], "mappings": hm, "expectations": checks},
-            indent=2,
-        )  # fmt: skip
-    )
-    print(out / "compare_methods" / "front.png")
+    scale = SCALES[args.scale]
+    seeds = [int(v) for v in args.seeds.split(",")] if args.seeds else list(scale.seeds)
+    groups = tuple(args.arms.split(","))
+    if unknown := [g for g in groups if g not in GROUPS]:
+        parser.error(f"unknown arm(s) {unknown} in --arms; choose from {list(GROUPS)}")
+    out = (args.out or ROOT / "runs" / f"front_quality-{args.scale}").resolve()
+    if not recipe.HH.is_file():
+        raise FileNotFoundError(f"hh-rlhf data not found at {recipe.HH} (../shared/data beside the checkout)")
+    if args.scale == "smoke":
+        recipe.EVAL["max_new_tokens"] = scale.new_tokens
+    start = time.perf_counter()
+    for seed in seeds:
+        run_seed(out / f"seed{seed}", scale, seed, groups)
+    # every arm and seed finished so far counts, by this run or an earlier one
+    per_seed = {}
+    for folder in sorted(out.glob("seed*")):
+        done = {
+            a: folder / "sweeps" / a for a in (*ARMS, *MAPPINGS) if (folder / "sweeps" / a / "metrics.json").is_file()
+        }
+        if done:
+            per_seed[int(folder.name[4:])] = done
+    seeds = sorted(per_seed)
+    summary = summarize(out, seeds, per_seed)
+    checks = goals(summary)
+    print_table(summary, checks)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = RESULTS / f"front_quality_{args.scale}"
+    result = {"scale": args.scale, "settings": dataclasses.asdict(scale), "recipe": settings(scale), "seeds": seeds,
+              **summary, "goals": checks, "wall_seconds_this_run": time.perf_counter() - start,
+              "command": " ".join([Path(sys.executable).name, *sys.argv])}  # fmt: skip
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2, default=float))
+    for path in plot(summary, stem):
+        print(path)
 
 
 if __name__ == "__main__":

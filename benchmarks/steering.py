@@ -24,6 +24,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ BASE: dict[str, Any] = {
     "steps": 400, "lr": 2.0e-3, "warmup": 20, "lora_r": 16, "lora_layers": None, "decimals": 1, "batch": 8,
     "max_tokens": 192, "responses": "both", "reward_range": "data", "quantiles": [0.05, 0.95], "method": "linear",
     "template": "{prompt} {rewards}\n\nAssistant:", "data": "hh", "rewards": ["verbosity", "readability"],
+    "conditioned": True,
 }  # fmt: skip
 #: reward name -> its class in ``ric.text.rewards``
 REWARDS = {"verbosity": "Verbosity", "readability": "Readability", "sentiment": "Sentiment", "relevance": "Relevance"}
@@ -71,8 +73,11 @@ def run_dir(out: Path, study: str, name: str, seed: int) -> Path:
     return out / study / f"{safe}-seed{seed}"
 
 
-def train_config(folder: Path, s: dict[str, Any], seed: int, save_steps: list[int]) -> dict[str, Any]:
-    """A ``ric fit`` config for settings ``s``: checkpoints at ``save_steps``, no sweep (evaluated below)."""
+def train_config(
+    folder: Path, s: dict[str, Any], seed: int, save_steps: list[int], callbacks: list[dict] = ()
+) -> dict[str, Any]:
+    """A ``ric fit`` config for settings ``s``: checkpoints at ``save_steps``, then ``callbacks`` (none: no
+    sweep, the studies evaluate below; ``front_quality.py`` adds its own)."""
     dataset = (
         {"class_path": "ric.text.datasets.HHRLHF", "init_args": {"path": str(HH), "responses": s["responses"]}}
         if s["data"] == "hh"
@@ -83,6 +88,7 @@ def train_config(folder: Path, s: dict[str, Any], seed: int, save_steps: list[in
          "init_args": {"dirpath": str(folder / "ckpt"), "filename": "step{step}",
                        "every_n_train_steps": min(save_steps), "save_top_k": -1, "save_last": True,
                        "auto_insert_metric_name": False}},
+        *callbacks,
     ]  # fmt: skip
     lora = {"lora_layers": s["lora_layers"], "lora_target_modules": list(LLAMA)} if s["lora_layers"] else {}
     return {
@@ -92,6 +98,7 @@ def train_config(folder: Path, s: dict[str, Any], seed: int, save_steps: list[in
                     "enable_progress_bar": False, "callbacks": callbacks},
         "model": {"class_path": "ric.text.policy.TextPolicy", "init_args": {
             "model": "smollm2", "reward_names": list(s["rewards"]), "template": s["template"],
+            "conditioned": s.get("conditioned", True),
             "decimals": s["decimals"], "lora_r": s["lora_r"], "lora_alpha": s["lora_r"], "lora_dropout": 0.0,
             "learning_rate": s["lr"], "warmup_steps": s["warmup"], "max_length": s["max_tokens"],
             "max_tokens": s["max_tokens"], "max_new_tokens": 128, "generation_batch_size": 32, "packing": True,
@@ -108,14 +115,25 @@ def train_config(folder: Path, s: dict[str, Any], seed: int, save_steps: list[in
 LLAMA = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def train(folder: Path, s: dict[str, Any], seed: int, save_steps: list[int]) -> float:
-    """Train unless the final checkpoint exists; returns the training seconds (recorded on the first run)."""
+def train(
+    folder: Path,
+    s: dict[str, Any],
+    seed: int,
+    save_steps: list[int],
+    callbacks: list[dict] = (),
+    adjust: Callable[[dict], None] | None = None,
+) -> float:
+    """Train unless the final checkpoint exists; returns the training seconds (recorded on the first run).
+    ``adjust`` edits the config in place before it is written (another benchmark's scale)."""
     done = folder / "trained.json"
     if done.is_file():
         return json.loads(done.read_text())["seconds"]
     folder.mkdir(parents=True, exist_ok=True)
     config = folder / "run.json"  # (LightningCLI writes its own config.yaml beside it)
-    config.write_text(json.dumps(train_config(folder, s, seed, save_steps)))
+    settings = train_config(folder, s, seed, save_steps, callbacks)
+    if adjust is not None:
+        adjust(settings)
+    config.write_text(json.dumps(settings))
     ckpt = folder / "ckpt" / "last.ckpt"
     cmd = [sys.executable, "-m", "ric.cli", "fit", "--config", str(config)] + (
         ["--ckpt_path", "last"] if ckpt.exists() else []
@@ -286,17 +304,22 @@ def online_round(
     offline_steps: int,
     generations: int = 256,
     steps: int = 60,
+    callbacks: list[dict] = (),
+    adjust: Callable[[dict], None] | None = None,
 ) -> float:
-    """One online round with MORS continued from the ``offline`` checkpoint (saved at ``offline_steps``)."""
+    """One online round with MORS continued from the ``offline`` checkpoint (saved at ``offline_steps``);
+    ``callbacks`` run after it (a sweep), ``adjust`` as in :func:`train`."""
     done = folder / "trained.json"
     if done.is_file():
         return json.loads(done.read_text())["seconds"]
     folder.mkdir(parents=True, exist_ok=True)
-    config = train_config(folder, {**s, "steps": offline_steps}, seed, [offline_steps + steps])
-    config["trainer"]["callbacks"].append({"class_path": "ric.online.OnlineLoop", "init_args": {
+    online = {"class_path": "ric.online.OnlineLoop", "init_args": {
         "iterations": 1, "offline_steps": offline_steps, "steps_per_iteration": steps,
         "prompts_per_iteration": generations, "learning_rate": 2.0e-4, "chunk_size": 32,
-        "buffer_dir": str(folder / "online"), "sampling": {"max_new_tokens": 128}}})  # fmt: skip
+        "buffer_dir": str(folder / "online"), "sampling": {"max_new_tokens": EVAL["max_new_tokens"]}}}  # fmt: skip
+    config = train_config(folder, {**s, "steps": offline_steps}, seed, [offline_steps + steps], [online, *callbacks])
+    if adjust is not None:
+        adjust(config)
     (folder / "run.json").write_text(json.dumps(config))
     resume = folder / "ckpt" / "last.ckpt"
     start_from = resume if resume.exists() else offline

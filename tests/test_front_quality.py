@@ -1,0 +1,146 @@
+"""benchmarks/front_quality.py's aggregation: one reference point for every arm and seed, mean and sd over
+seeds, costs that include the offline training an arm reuses, and the issue's goals decided on those numbers."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NAMES = ["verbosity", "readability"]
+PREFS = [[0.0, 1.0], [0.5, 0.5], [1.0, 0.0]]
+
+
+def write_sweep(folder: Path, means: np.ndarray, prefs: list | None, cost: dict, spearman: float = 1.0) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for k, m in enumerate(means):
+        row = {}
+        for d, name in enumerate(NAMES):
+            row[f"w_{name}"] = float("nan") if prefs is None else prefs[k][d]
+            row[f"obtained_{name}"] = m[d]
+            row[f"obtained_{name}_sem"] = 0.01
+        rows.append(row)
+    with (folder / "front.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    metrics = {"cost": cost, "train_reward_correlation": [[1.0, -0.3], [-0.3, 1.0]]}
+    if prefs is not None:
+        metrics["steering"] = {n: {"spearman": spearman, "spread_ratio": 0.5} for n in NAMES}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    return folder
+
+
+@pytest.fixture
+def front_quality(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import front_quality
+
+    return front_quality
+
+
+def fake_seed(out: Path, seed: int, lift: float) -> dict[str, Path]:
+    """Sweep folders of every arm of one seed: RiC arms on a line from (-1, 1) to (1, -1), shifted by ``lift``."""
+    line = np.array([[-1.0, 1.0], [0.0, 0.0], [1.0, -1.0]])
+    sweeps = out / f"seed{seed}" / "sweeps"
+    train = {"train_seconds": 100.0, "sweep_seconds": 10.0, "generated_samples_sweep": 30, "reward_calls_sweep": 60,
+             "training_tokens": 1000}  # fmt: skip
+    test = {"sweep_seconds": 10.0, "generated_samples_sweep": 30, "reward_calls_sweep": 60}
+    arms = {
+        "base": write_sweep(sweeps / "base", np.array([[-2.0, -2.0]]), None, {"sweep_seconds": 2.0}),
+        "sft": write_sweep(sweeps / "sft", np.array([[-1.0, -1.0]]), None, train),
+        "ric_linear": write_sweep(sweeps / "ric_linear", line + lift, PREFS, train),
+        "ric_p_norm": write_sweep(sweeps / "ric_p_norm", line + lift + 0.1, PREFS, test),
+        "ric_p_inf": write_sweep(sweeps / "ric_p_inf", line + lift + 0.2, PREFS, test),
+        "online": write_sweep(sweeps / "online", line + lift + 0.5, PREFS, {**train, "train_seconds": 50.0}),
+        "morlhf": write_sweep(sweeps / "morlhf", line - 0.5, PREFS, {**train, "train_seconds": 1000.0}, 0.5),
+        "soups": write_sweep(sweeps / "soups", line, PREFS, {**train, "train_seconds": 400.0}),
+    }
+    summary = out / f"seed{seed}" / "online" / "online" / "round0" / "summary.json"
+    summary.parent.mkdir(parents=True)
+    summary.write_text(json.dumps({"generated": 16}))
+    return arms
+
+
+def test_summary_shares_one_reference_and_averages_seeds(front_quality, tmp_path):
+    from ric.pareto import hypervolume
+
+    per_seed = {seed: fake_seed(tmp_path, seed, lift) for seed, lift in ((0, 0.0), (1, 0.2))}
+    summary = front_quality.summarize(tmp_path, [0, 1], per_seed)
+    reference = np.array(summary["reference_point"])
+    # the lowest point of any arm (the base model's -2) sets the reference of all of them
+    assert np.all(reference < -2.0)
+    ric = summary["arms"]["ric_linear"]
+    line = np.array([[-1.0, 1.0], [0.0, 0.0], [1.0, -1.0]])
+    expected = [hypervolume(line + lift, reference) for lift in (0.0, 0.2)]
+    assert ric["hypervolume_mean"] == pytest.approx(np.mean(expected))
+    assert ric["hypervolume_sd"] == pytest.approx(np.std(expected, ddof=1))
+    np.testing.assert_allclose(ric["obtained_mean"], line + 0.1)
+    assert ric["verbosity_spearman_mean"] == 1.0
+    assert "verbosity_spearman_mean" not in summary["arms"]["base"]  # one unconditioned point: no steering
+    assert summary["train_reward_pearson"] == pytest.approx(-0.3)
+    # the online arm pays for the offline training it continues, and for its round's generations
+    online = summary["arms"]["online"]
+    assert online["train_seconds_mean"] == pytest.approx(150.0)
+    assert online["generated_samples_mean"] == pytest.approx(30 + 16)
+    assert online["reward_calls_mean"] == pytest.approx(60 + 32)
+    assert summary["arms"]["ric_p_inf"]["train_seconds_mean"] == pytest.approx(100.0)
+
+
+def test_goals_follow_the_numbers(front_quality, tmp_path):
+    per_seed = {seed: fake_seed(tmp_path, seed, lift) for seed, lift in ((0, 0.0), (1, 0.05))}
+    goals = front_quality.goals(front_quality.summarize(tmp_path, [0, 1], per_seed))
+    assert goals["RiC Spearman >= 0.9 for each reward"]["met"]
+    assert goals["RiC + online >= Rewarded Soups and >= MORLHF"]["met"]
+    assert goals["p = 2 and p = inf >= linear"]["met"]
+    # RiC: 100 s offline + 50 s online + its 10 s sweep; MORLHF 1,010 s: less than a third
+    assert goals["RiC (offline + online) costs <= 1/3 of MORLHF (wall seconds)"]["met"]
+    assert goals["online > offline > SFT > base, each gap > 1 sd"]["met"]
+
+
+def test_a_gap_within_one_sd_is_not_a_gap(front_quality, tmp_path):
+    # seeds far apart: RiC offline's sd swamps its lead over SFT
+    per_seed = {seed: fake_seed(tmp_path, seed, lift) for seed, lift in ((0, -0.9), (1, 1.5))}
+    goals = front_quality.goals(front_quality.summarize(tmp_path, [0, 1], per_seed))
+    assert not goals["online > offline > SFT > base, each gap > 1 sd"]["met"]
+
+
+def test_plots_and_table(front_quality, tmp_path, capsys):
+    per_seed = {0: fake_seed(tmp_path, 0, 0.0)}
+    summary = front_quality.summarize(tmp_path, [0], per_seed)
+    paths = front_quality.plot(summary, tmp_path / "front_quality_test")
+    assert [p.name for p in paths] == ["front_quality_test.png", "front_quality_test_mappings.png",
+                                       "front_quality_test_cost.png"]  # fmt: skip
+    assert all(p.stat().st_size > 1000 for p in paths)
+    front_quality.print_table(summary, front_quality.goals(summary))
+    table = capsys.readouterr().out
+    assert "MORLHF (5 policies)" in table and "RiC offline, p = inf" in table
+    assert "Pearson of verbosity and readability on the training split: -0.30" in table
+
+
+def test_arms_run_in_parts(front_quality, tmp_path, capsys):
+    # only the RiC arms of one seed so far (--arms ric,mappings): the goals needing other arms are not decided
+    arms = fake_seed(tmp_path, 0, 0.0)
+    ric = {a: arms[a] for a in front_quality.MAPPINGS}
+    summary = front_quality.summarize(tmp_path, [0], {0: ric})
+    goals = front_quality.goals(summary)
+    assert goals["RiC Spearman >= 0.9 for each reward"]["met"] is True
+    assert goals["online > offline > SFT > base, each gap > 1 sd"] == {
+        "met": None,
+        "values": "not run: online, sft, base",
+    }
+    front_quality.print_table(summary, goals)
+    assert "goal: RiC + online >= Rewarded Soups and >= MORLHF: not measured" in capsys.readouterr().out
+    assert len(front_quality.plot(summary, tmp_path / "part")) == 3
+
+
+def test_unknown_arm_is_refused(front_quality, monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["front_quality.py", "--arms", "ric,rlhf"])
+    with pytest.raises(SystemExit):
+        front_quality.main()
+    assert "unknown arm(s) ['rlhf']" in capsys.readouterr().err
