@@ -14,11 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from steering import EVAL
 
 import ric
 
@@ -43,8 +45,7 @@ def main() -> None:
     for batch in [int(v) for v in args.batches.split(",")]:
         torch.manual_seed(0)
         start = time.perf_counter()
-        out = policy.generate(prompts, desired, temperature=0.7, top_p=0.9, max_new_tokens=args.new_tokens,
-                              batch_size=batch)  # fmt: skip
+        out = policy.generate(prompts, desired, **{**EVAL, "max_new_tokens": args.new_tokens}, batch_size=batch)
         seconds = time.perf_counter() - start
         tokens = [len(policy.tokenizer(o)["input_ids"]) for o in out]
         results.append({"batch": batch, "seconds": seconds, "mean_answer_tokens": float(np.mean(tokens))})
@@ -52,8 +53,9 @@ def main() -> None:
     slowest = max(r["seconds"] for r in results)
     for r in results:
         r["speedup_over_slowest"] = slowest / r["seconds"]
-    args.out.write_text(json.dumps({"prompts": len(prompts), "new_tokens": args.new_tokens, "cpu": platform.processor(),
-                                    "threads": torch.get_num_threads(), "results": results}, indent=2))  # fmt: skip
+    summary = {"command": " ".join(sys.argv), "prompts": len(prompts), "new_tokens": args.new_tokens,
+               "cpu": platform.processor(), "threads": torch.get_num_threads(), "results": results}  # fmt: skip
+    args.out.write_text(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":
