@@ -88,9 +88,7 @@ def settings(scale: Scale) -> dict[str, Any]:
 
 def sweep(dest: Path, scale: Scale, seed: int, **extra: Any) -> dict:
     """The sweep every arm gets: 5 preferences, the recipe's sampling, ``samples`` answers per prompt."""
-    # a batch decodes until its longest answer ends: on this CPU 8 prompts a batch beat 64 by 1.7x
-    # (benchmarks/sweep_batch.py)
-    sampling = {**recipe.EVAL, "max_new_tokens": scale.new_tokens, "batch_size": 8}
+    sampling = {**recipe.EVAL, "max_new_tokens": scale.new_tokens, "batch_size": recipe.BATCH}
     return {"class_path": "ric.evaluation.PreferenceSweep", "init_args": {
         "preferences": PREFERENCES, "samples_per_prompt": scale.samples, "seed": seed, "sampling": sampling,
         "output_dir": str(dest), "label": dest.name, "marker_responses": 64, **extra}}  # fmt: skip

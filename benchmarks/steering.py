@@ -36,6 +36,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 PREFERENCES = [[0.0, 1.0], [0.25, 0.75], [0.5, 0.5], [0.75, 0.25], [1.0, 0.0]]
 #: sampling of every evaluation: the paper's online settings, answers up to 128 tokens (shorter would cap verbosity)
 EVAL: dict[str, Any] = {"temperature": 0.7, "top_p": 0.9, "max_new_tokens": 128}
+#: prompts a generation batch: a batch decodes until its longest answer ends, and hh-rlhf's are short, so on this
+#: CPU 8 beat 64 by 1.7x (benchmarks/sweep_batch.py)
+BATCH = 8
 
 #: the recipe: what the studies below vary one at a time
 BASE: dict[str, Any] = {
@@ -191,7 +194,7 @@ def evaluate(ckpt: Path, prompts: list[str], samples: int, seed: int, space_over
         target = (
             {"desired_rewards": space.r_min + np.array(w) * (space.r_max - space.r_min)} if alone else {"preference": w}
         )
-        steered = policy.steer(prompts, **target, num_samples=samples, seed=seed, **EVAL)
+        steered = policy.steer(prompts, **target, num_samples=samples, seed=seed, **EVAL, batch_size=BATCH)
         z = space.normalize(score_all(rewards, [s.prompt for s in steered], [s.sample for s in steered]))
         desired.append(steered[0].desired_rewards)
         means.append(z.mean(axis=0))
@@ -247,9 +250,15 @@ def run_study(args: argparse.Namespace) -> dict:
 def derived_study(args: argparse.Namespace, results: dict, seeds: list[int]) -> dict:
     """Studies on the recipe's trained model: the reward range used for the desired values (evaluation only),
     and one online round with MORS (training continued from the recipe's final checkpoint)."""
-    s = dict(BASE)
+    s = results["base"] = dict(BASE)
     for seed in seeds:
         folder = run_dir(args.out, "recipe", "recipe", seed)
+        if args.recipe_runs:  # another benchmark's runs of the recipe (front_quality's RiC arm), as trained there
+            folder = Path(args.recipe_runs.format(seed=seed))
+            if not (folder / "trained.json").is_file():
+                raise FileNotFoundError(f"--recipe-runs: no finished training run at {folder} (no trained.json)")
+            s["steps"] = json.loads((folder / "trained.json").read_text())["steps"]
+            results["recipe_runs"] = args.recipe_runs
         seconds = train(folder, s, seed, [s["steps"]])
         prompts = held_out_prompts(folder, args.prompts)
         ckpt = folder / "ckpt" / "last.ckpt"
@@ -421,6 +430,9 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--samples", type=int, default=1)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "steering")
+    parser.add_argument("--recipe-runs", default=None,
+                        help="range/online: evaluate these finished recipe runs instead of training the recipe, "
+                             "a folder with {seed} (e.g. runs/front_quality-cpu/seed{seed}/ric)")  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="wiring check: 4 steps, 4 prompts, short answers")
     args = parser.parse_args()
     if args.smoke:

@@ -144,3 +144,35 @@ def test_unknown_arm_is_refused(front_quality, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         front_quality.main()
     assert "unknown arm(s) ['rlhf']" in capsys.readouterr().err
+
+
+def test_shipped_recipe_is_the_benchmarked_arm(front_quality, tmp_path):
+    """configs/steer_hh_cpu.yaml is what the README reports: front_quality's cpu RiC arm, setting for setting
+    (paths, progress display, checkpoint cadence and the sweep's output folder aside)."""
+    import yaml
+
+    shipped = yaml.safe_load((ROOT / "configs" / "steer_hh_cpu.yaml").read_text())
+    scale = front_quality.SCALES["cpu"]
+    s = front_quality.settings(scale)
+    seed = shipped["seed_everything"]
+    sweep = front_quality.sweep(tmp_path / "sweep", scale, seed, after_fit=True)
+    arm = front_quality.recipe.train_config(tmp_path, s, seed, [s["steps"]], [sweep])
+    front_quality.scaled(scale)(arm)
+    assert arm["model"]["init_args"].pop("conditioned")  # TextPolicy's default, not repeated in the YAML
+
+    assert shipped["model"] == arm["model"]
+    # a user sees progress bars that the benchmark turns off
+    data_ignored = {"dataset", "cache_dir", "output_dir", "progress"}
+    trainer_ignored = {"callbacks", "default_root_dir", "enable_progress_bar"}
+    for section, ignored in (("data", data_ignored), ("trainer", trainer_ignored)):
+        assert {k: v for k, v in shipped[section].items() if k not in ignored} == {
+            k: v for k, v in arm[section].items() if k not in ignored
+        }
+    assert shipped["data"]["dataset"]["init_args"]["responses"] == arm["data"]["dataset"]["init_args"]["responses"]
+    assert (ROOT / shipped["data"]["dataset"]["init_args"]["path"]).resolve() == front_quality.recipe.HH.resolve()
+
+    def sweep_of(config: dict) -> dict:
+        (callback,) = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("PreferenceSweep")]
+        return {k: v for k, v in callback["init_args"].items() if k not in ("output_dir", "label")}
+
+    assert sweep_of(shipped) == sweep_of(arm)
