@@ -9,7 +9,8 @@ every preference. Per reward: Spearman of the obtained mean against the reward's
 ratio (range of the obtained means over the range of the desired ones).
 
     .venv/bin/python benchmarks/steering.py --study length            # steering along training (one run)
-    .venv/bin/python benchmarks/steering.py --study lr|format|responses|layers|range|online|control|alone|alone-long
+    .venv/bin/python benchmarks/steering.py --study lr|format|responses|layers|lora|range|online
+    .venv/bin/python benchmarks/steering.py --study control|alone|alone-long
     .venv/bin/python benchmarks/steering.py --study recipe --seeds 0,1,2 --prompts 64 --samples 2
 
 Every finished training run and evaluation is kept under ``--out`` (default ``runs/steering``) and skipped
@@ -42,7 +43,8 @@ BATCH = 8
 
 #: the recipe: what the studies below vary one at a time
 BASE: dict[str, Any] = {
-    "steps": 400, "lr": 2.0e-3, "warmup": 20, "lora_r": 16, "lora_layers": None, "decimals": 1, "batch": 8,
+    "steps": 400, "lr": 2.0e-3, "warmup": 20, "lora_r": 16, "lora_layers": None, "lora_modules": None,
+    "decimals": 1, "batch": 8,
     "max_tokens": 192, "responses": "both", "reward_range": "data", "quantiles": [0.05, 0.95], "method": "linear",
     "template": "{prompt} {rewards}\n\nAssistant:", "data": "hh", "rewards": ["verbosity", "readability"],
     "conditioned": True,
@@ -62,6 +64,13 @@ STUDIES: dict[str, tuple[dict[str, dict[str, Any]], list[int] | None]] = {
     ),
     "responses": ({"both (2 per prompt)": SHORT, "chosen only (1 per prompt)": {**SHORT, "responses": "chosen"}}, None),
     "layers": ({"all 30 layers": SHORT, "top 10 layers": {**SHORT, "lora_layers": list(range(20, 30))}}, None),
+    # the adapter's capacity: the paper's rank (alpha = r throughout, so the update's scale is unchanged), and
+    # the authors' script's target modules
+    "lora": (
+        {"r=16, all 7 projections (recipe)": SHORT, "r=64 (the paper's)": {**SHORT, "lora_r": 64},
+         "q_proj, v_proj only (the authors')": {**SHORT, "lora_modules": ["q_proj", "v_proj"]}},
+        None,
+    ),
     "control": ({"quickstart data": {**SHORT, "data": "quickstart", "max_tokens": 256}}, None),
     "recipe": ({"recipe": {}}, None),
     # is readability's marker ignored because verbosity's is easier to read, or on its own as well?
@@ -93,7 +102,9 @@ def train_config(
                        "auto_insert_metric_name": False}},
         *callbacks,
     ]  # fmt: skip
-    lora = {"lora_layers": s["lora_layers"], "lora_target_modules": list(LLAMA)} if s["lora_layers"] else {}
+    lora = {}
+    if s["lora_layers"] or s["lora_modules"]:
+        lora = {"lora_layers": s["lora_layers"], "lora_target_modules": list(s["lora_modules"] or LLAMA)}
     return {
         "seed_everything": seed,
         "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": s["steps"], "logger": False,
