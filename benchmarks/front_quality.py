@@ -13,7 +13,8 @@ preferences with the same sampling and seed; hypervolumes of every arm and seed 
     .venv/bin/python benchmarks/front_quality.py --scale smoke    # wiring check, minutes
     .venv/bin/python benchmarks/front_quality.py --scale gpu      # one GPU machine
 
-Everything finished (a trained arm, a sweep) is kept under ``--out`` and not rerun. Results:
+Everything finished (a trained arm, a sweep) is kept under ``--out`` and not rerun; the runs recorded in the
+results file count too, so a fresh checkout adds arms and seeds to them instead of starting over. Results:
 ``benchmarks/results/front_quality_<scale>.json`` with ``.png`` (seed-averaged fronts), ``_mappings.png`` and
 ``_cost.png`` (hypervolume against wall seconds).
 """
@@ -232,26 +233,33 @@ def read_front(folder: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     return read(folder)
 
 
-def summarize(out: Path, seeds: list[int], per_seed: dict[int, dict[str, Path]]) -> dict:
-    """Hypervolume (one reference point for all), controllability and cost per arm: mean and sd over seeds."""
+def summarize(out: Path, seeds: list[int], per_seed: dict[int, dict[str, Path]], earlier: dict | None = None) -> dict:
+    """Hypervolume (one reference point for all), controllability and cost per arm: mean and sd over seeds.
+
+    ``earlier`` (:func:`earlier_runs`) holds runs of an earlier results file; they count where ``out`` no longer
+    has that seed and arm (a fresh checkout keeps the results, not the runs), so the benchmark runs in parts."""
     from ric.pareto import hypervolume, shared_reference
 
-    fronts = {(seed, arm): read_front(path) for seed, arms in per_seed.items() for arm, path in arms.items()}
-    names = next(iter(fronts.values()))[0]
-    reference = shared_reference([means for _, _, means in fronts.values()])
-    rows: dict[str, dict] = {}
-    for arm in {a for arms in per_seed.values() for a in arms}:
-        runs = []
-        for seed in seeds:
-            if arm not in per_seed.get(seed, {}):
-                continue
-            path = per_seed[seed][arm]
+    earlier = earlier or {"runs": {}, "reward_names": None, "train_reward_pearson": None}
+    records: dict[tuple[int, str], dict] = {}
+    names = earlier["reward_names"]
+    for seed, arms in per_seed.items():
+        for arm, path in arms.items():
+            names, prefs, means = read_front(path)
             metrics = json.loads((path / "metrics.json").read_text())
-            _, prefs, means = fronts[(seed, arm)]
-            runs.append({"seed": seed, "hypervolume": hypervolume(means, reference), "obtained": means.tolist(),
-                         "preferences": prefs.tolist(), "steering": metrics.get("steering", {}),
-                         "marker_effects": metrics.get("marker_effects", {}).get("rewards", {}),
-                         "cost": arm_cost(arm, out / f"seed{seed}", per_seed[seed])})  # fmt: skip
+            records[(seed, arm)] = {"seed": seed, "obtained": means.tolist(), "preferences": prefs.tolist(),
+                                    "steering": metrics.get("steering", {}),
+                                    "marker_effects": metrics.get("marker_effects", {}).get("rewards", {}),
+                                    "cost": arm_cost(arm, out / f"seed{seed}", arms)}  # fmt: skip
+    for key, run in earlier["runs"].items():
+        records.setdefault(key, run)
+    records = {key: run for key, run in records.items() if key[0] in seeds}
+    reference = shared_reference([np.array(run["obtained"]) for run in records.values()])
+    rows: dict[str, dict] = {}
+    for arm in sorted({a for _, a in records}):
+        runs = [{**records[(seed, arm)], "hypervolume": hypervolume(np.array(records[(seed, arm)]["obtained"]),
+                                                                    reference)}
+                for seed in sorted(seeds) if (seed, arm) in records]  # fmt: skip
         hv = np.array([r["hypervolume"] for r in runs])
         row: dict[str, Any] = {"seeds": len(runs), "hypervolume_mean": hv.mean(), "hypervolume_sd": sd(hv)}
         for name in names:
@@ -268,8 +276,27 @@ def summarize(out: Path, seeds: list[int], per_seed: dict[int, dict[str, Path]])
     correlation = next((c for arms in per_seed.values() for path in arms.values()
                         if (c := json.loads((path / "metrics.json").read_text()).get("train_reward_correlation"))),
                        None)  # fmt: skip
+    pearson = earlier["train_reward_pearson"] if correlation is None else correlation[0][1]
     return {"reward_names": names, "reference_point": reference.tolist(), "arms": rows,
-            "train_reward_pearson": None if correlation is None else correlation[0][1]}  # fmt: skip
+            "train_reward_pearson": pearson}  # fmt: skip
+
+
+def earlier_runs(path: Path, scale: Scale) -> dict:
+    """The runs of an earlier results file (seed, arm -> run), if it measured the same scale and recipe;
+    a file of other settings is not mixed in (and is replaced)."""
+    empty = {"runs": {}, "reward_names": None, "train_reward_pearson": None}
+    if not path.is_file():
+        return empty
+    previous = json.loads(path.read_text())
+    current = json.loads(json.dumps({"settings": dataclasses.asdict(scale), "recipe": settings(scale)}))
+    for part, now in current.items():
+        then = previous.get(part) or {}
+        if changed := sorted(k for k in then.keys() | now.keys() if then.get(k) != now.get(k)):
+            print(f"{path.name}: not merged, its {part} differ in {changed}")
+            return empty
+    runs = {(run["seed"], arm): run for arm, row in previous["arms"].items() for run in row["runs"]}
+    return {"runs": runs, "reward_names": previous["reward_names"],
+            "train_reward_pearson": previous.get("train_reward_pearson")}  # fmt: skip
 
 
 def sd(values: np.ndarray) -> float:
@@ -405,7 +432,9 @@ def main() -> None:
     start = time.perf_counter()
     for seed in seeds:
         run_seed(out / f"seed{seed}", scale, seed, groups)
-    # every arm and seed finished so far counts, by this run or an earlier one
+    # every arm and seed finished so far counts: by this run, an earlier one, or one recorded in the results
+    stem = RESULTS / f"front_quality_{args.scale}"
+    earlier = earlier_runs(stem.with_suffix(".json"), scale)
     per_seed = {}
     for folder in sorted(out.glob("seed*")):
         done = {
@@ -413,12 +442,11 @@ def main() -> None:
         }
         if done:
             per_seed[int(folder.name[4:])] = done
-    seeds = sorted(per_seed)
-    summary = summarize(out, seeds, per_seed)
+    seeds = sorted(set(per_seed) | {seed for seed, _ in earlier["runs"]})
+    summary = summarize(out, seeds, per_seed, earlier)
     checks = goals(summary)
     print_table(summary, checks)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"front_quality_{args.scale}"
     result = {"scale": args.scale, "settings": dataclasses.asdict(scale), "recipe": settings(scale), "seeds": seeds,
               **summary, "goals": checks, "wall_seconds_this_run": time.perf_counter() - start,
               "command": " ".join([Path(sys.executable).name, *sys.argv])}  # fmt: skip

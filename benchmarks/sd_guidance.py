@@ -17,6 +17,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -37,6 +38,27 @@ def training_captions(config: Path, n: int) -> list[str]:
     return list(dict.fromkeys(r["prompt"] for r in train))[:n]
 
 
+def training_steering(policy: Any, captions: list[str], samples: int, steps: int, guidance: float) -> dict:
+    """The quickstart's 5 preferences on ``captions`` x ``samples`` pictures (the same noise for every
+    preference): desired and obtained normalized rewards, per reward Spearman and spread ratio, seconds."""
+    from ric.evaluation import steering_measures
+    from ric.interfaces import score_all
+
+    space = policy.reward_space
+    rewards = space.build_rewards()
+    start = time.perf_counter()
+    desired, means = [], []
+    for w in PREFERENCES:
+        steered = policy.steer(captions, w, num_samples=samples, seed=0, guidance_scale=guidance,
+                               num_inference_steps=steps)  # fmt: skip
+        z = space.normalize(score_all(rewards, [s.prompt for s in steered], [s.sample for s in steered]))
+        desired.append(steered[0].desired_rewards)
+        means.append(z.mean(axis=0))
+    measures = steering_measures(space.reward_names, np.array(PREFERENCES), np.array(desired), np.array(means))
+    return {"steering": measures, "desired": np.array(desired).tolist(), "obtained": np.array(means).tolist(),
+            "seconds": time.perf_counter() - start}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("ckpt", nargs="?", type=Path, default=RUN / "checkpoints" / "last.ckpt")
@@ -51,30 +73,19 @@ def main() -> None:
         raise FileNotFoundError(f"no checkpoint at {args.ckpt}: train one first (ric fit --config ...)")
 
     import ric
-    from ric.evaluation import steering_measures
-    from ric.interfaces import score_all
 
-    config = args.config or args.ckpt.parents[1] / "config.yaml"
-    captions = training_captions(config, args.captions)
+    captions = training_captions(args.config or args.ckpt.parents[1] / "config.yaml", args.captions)
     policy = ric.load(args.ckpt)
-    space = policy.reward_space
-    rewards = space.build_rewards()
-    prefs = np.array(PREFERENCES)
     rows = []
     for g in scales:
-        start = time.perf_counter()
-        desired, means = [], []
-        for w in PREFERENCES:
-            steered = policy.steer(captions, w, num_samples=args.samples, seed=0, guidance_scale=g,
-                                   num_inference_steps=args.steps)  # fmt: skip
-            z = space.normalize(score_all(rewards, [s.prompt for s in steered], [s.sample for s in steered]))
-            desired.append(steered[0].desired_rewards)
-            means.append(z.mean(axis=0))
-        measures = steering_measures(space.reward_names, prefs, np.array(desired), np.array(means))
-        rows.append({"guidance_scale": g, "steering": measures, "obtained": np.array(means).tolist(),
-                     "seconds": time.perf_counter() - start})  # fmt: skip
-        shown = [f"{n} Spearman {m['spearman']:+.2f} spread {m['spread_ratio']:.2f}" for n, m in measures.items()]
+        row = training_steering(policy, captions, args.samples, args.steps, g)
+        rows.append({"guidance_scale": g, **row})
+        shown = [
+            f"{n} Spearman {m['spearman']:+.2f} spread {m['spread_ratio']:.2f}" for n, m in row["steering"].items()
+        ]
         print(f"guidance {g:>5}: " + "  ".join(shown))
+    desired = rows[0]["desired"]
+    space = policy.reward_space
     results = {"checkpoint": str(args.ckpt), "captions": captions, "samples": args.samples, "steps": args.steps,
                "desired": np.array(desired).tolist(), "rows": rows,
                "command": " ".join([Path(sys.executable).name, *sys.argv])}  # fmt: skip

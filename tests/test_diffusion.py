@@ -114,6 +114,31 @@ def test_min_snr_weighting_discounts_the_clean_timesteps(tiny_policy):
         type(tiny_policy)(model="tiny", tiny_config=TINY, reward_names=["a", "b"], resolution=16, snr_gamma=0)
 
 
+def test_noise_offset_shifts_each_channel_of_the_training_noise(tiny_policy):
+    """Offset noise adds one value per (picture, channel): the spatial means of the noise the UNet learns to
+    remove then vary by about offset**2 instead of 1 / positions."""
+    batch = tiny_policy.collate([{"prompt": "one red circle <R1> 0.1 <R2> 0.2", "response": _noise(20)}] * 32)
+    scheduler, seen = tiny_policy.noise_scheduler, []
+    add_noise = scheduler.add_noise
+
+    def means_of(offset):
+        seen.clear()
+        tiny_policy.hparams.noise_offset = offset
+        with torch.no_grad():
+            tiny_policy.loss(batch, dropout=0.0)
+        return seen[0].mean(dim=(2, 3))
+
+    scheduler.add_noise = lambda latents, noise, t: seen.append(noise) or add_noise(latents, noise, t)
+    try:
+        plain, offset = means_of(0.0), means_of(0.5)
+    finally:
+        scheduler.add_noise = add_noise
+        tiny_policy.hparams.noise_offset = 0.0
+    assert float(plain.var()) < 0.05 < 0.15 < float(offset.var()) < 0.45
+    with pytest.raises(ValueError, match="noise_offset must be in \\[0, 1\\), got -0.1"):
+        type(tiny_policy)(model="tiny", tiny_config=TINY, reward_names=["a", "b"], resolution=16, noise_offset=-0.1)
+
+
 def test_aesthetic_head_loads_laion_weights():
     aesthetic = shared_file("aesthetic", "sac+logos+ava1-l14-linearMSE.pth")
     reward = AestheticReward(str(aesthetic), pretrained=None, clip_config=SMALL_CLIP)

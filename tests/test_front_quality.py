@@ -139,6 +139,31 @@ def test_arms_run_in_parts(front_quality, tmp_path, capsys):
     assert len(front_quality.plot(summary, tmp_path / "part")) == 3
 
 
+def test_recorded_runs_count_after_a_fresh_checkout(front_quality, tmp_path, monkeypatch, capsys):
+    """A results file keeps every run: a later run in an empty folder (a fresh checkout) adds its seeds to them
+    and gets the summary of all seeds run in one place; a file of other settings is not mixed in."""
+    both = {seed: fake_seed(tmp_path / "together", seed, lift) for seed, lift in ((0, 0.0), (1, 0.2))}
+    together = front_quality.summarize(tmp_path / "together", [0, 1], both)
+
+    scale = front_quality.SCALES["cpu"]
+    first = front_quality.summarize(tmp_path / "first", [0], {0: fake_seed(tmp_path / "first", 0, 0.0)})
+    path = tmp_path / "front_quality_cpu.json"
+    settings = {"settings": front_quality.dataclasses.asdict(scale), "recipe": front_quality.settings(scale)}
+    path.write_text(json.dumps({**settings, **first}, default=float))
+    earlier = front_quality.earlier_runs(path, scale)
+    assert sorted(earlier["runs"]) == sorted((0, arm) for arm in first["arms"])
+    later = front_quality.summarize(tmp_path / "later", [0, 1], {1: fake_seed(tmp_path / "later", 1, 0.2)}, earlier)
+    assert later["reference_point"] == pytest.approx(together["reference_point"])
+    for arm, row in together["arms"].items():
+        assert later["arms"][arm]["seeds"] == 2
+        assert later["arms"][arm]["hypervolume_mean"] == pytest.approx(row["hypervolume_mean"])
+        assert later["arms"][arm]["train_seconds_mean"] == pytest.approx(row["train_seconds_mean"])
+
+    path.write_text(json.dumps({**settings, "recipe": {**settings["recipe"], "lr": 1.0}, **first}, default=float))
+    assert front_quality.earlier_runs(path, scale)["runs"] == {}
+    assert "not merged, its recipe differ in ['lr']" in capsys.readouterr().out
+
+
 def test_unknown_arm_is_refused(front_quality, monkeypatch, capsys):
     monkeypatch.setattr("sys.argv", ["front_quality.py", "--arms", "ric,rlhf"])
     with pytest.raises(SystemExit):

@@ -42,6 +42,10 @@ class DiffusionPolicy(ConditionalPolicy):
         snr_gamma: weight each step's loss by min(SNR(t), gamma) / SNR(t) (Min-SNR, Hang et al. 2023; gamma 5
             there): the nearly clean timesteps stop dominating the gradient, so a short run learns faster.
             ``None`` (default, the paper) weights every timestep alike.
+        noise_offset: add this much noise shared by all pixels of a channel to the training noise (offset
+            noise, Guttenberg 2023): SD's last timestep still leaks the picture's mean, so without it a model
+            is hardly taught to choose a picture's overall colour (a flat or a saturated background). 0
+            (default, the paper) adds none.
         train_text_encoder: train the text encoder with the UNet (the paper keeps SD's frozen: a pretrained
             CLIP already tells "0.1" from "0.9"; a random one embeds the reward markers almost alike, so the
             tiny model needs it trained to read them).
@@ -77,6 +81,7 @@ class DiffusionPolicy(ConditionalPolicy):
         caption_dropout: float = 0.05,
         ema_decay: float | None = None,
         snr_gamma: float | None = None,
+        noise_offset: float = 0.0,
         train_text_encoder: bool = False,
         frozen_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         gradient_checkpointing: bool = False,
@@ -102,6 +107,8 @@ class DiffusionPolicy(ConditionalPolicy):
             raise ValueError(f"ema_decay must be in (0, 1), got {ema_decay}")
         if snr_gamma is not None and not snr_gamma > 0:
             raise ValueError(f"snr_gamma must be > 0 (or None for no weighting), got {snr_gamma}")
+        if not 0 <= noise_offset < 1:
+            raise ValueError(f"noise_offset must be in [0, 1), got {noise_offset}")
         if lora_r < 0 or (lora_r > 0 and lora_alpha <= 0):
             raise ValueError(
                 f"lora_r must be >= 0 (0 trains the full UNet) and lora_alpha > 0, got {lora_r} / {lora_alpha}"
@@ -216,6 +223,10 @@ class DiffusionPolicy(ConditionalPolicy):
         with torch.set_grad_enabled(self.hparams.train_text_encoder and torch.is_grad_enabled()):
             hidden = self.text_encoder(ids)[0]
         noise = torch.randn_like(latents)
+        if self.hparams.noise_offset:
+            noise = noise + self.hparams.noise_offset * torch.randn(
+                *latents.shape[:2], 1, 1, device=latents.device, dtype=latents.dtype
+            )
         steps = self.noise_scheduler.config.num_train_timesteps
         t = torch.randint(0, steps, (latents.shape[0],), device=latents.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
