@@ -233,6 +233,10 @@ def read_front(folder: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     return read(folder)
 
 
+#: what :func:`earlier_runs` gives when there is nothing to add (read only)
+NO_EARLIER: dict[str, Any] = {"runs": {}, "reward_names": None, "train_reward_pearson": None}
+
+
 def summarize(out: Path, seeds: list[int], per_seed: dict[int, dict[str, Path]], earlier: dict | None = None) -> dict:
     """Hypervolume (one reference point for all), controllability and cost per arm: mean and sd over seeds.
 
@@ -240,7 +244,7 @@ def summarize(out: Path, seeds: list[int], per_seed: dict[int, dict[str, Path]],
     has that seed and arm (a fresh checkout keeps the results, not the runs), so the benchmark runs in parts."""
     from ric.pareto import hypervolume, shared_reference
 
-    earlier = earlier or {"runs": {}, "reward_names": None, "train_reward_pearson": None}
+    earlier = earlier or NO_EARLIER
     records: dict[tuple[int, str], dict] = {}
     names = earlier["reward_names"]
     for seed, arms in per_seed.items():
@@ -284,16 +288,15 @@ def summarize(out: Path, seeds: list[int], per_seed: dict[int, dict[str, Path]],
 def earlier_runs(path: Path, scale: Scale) -> dict:
     """The runs of an earlier results file (seed, arm -> run), if it measured the same scale and recipe;
     a file of other settings is not mixed in (and is replaced)."""
-    empty = {"runs": {}, "reward_names": None, "train_reward_pearson": None}
     if not path.is_file():
-        return empty
+        return NO_EARLIER
     previous = json.loads(path.read_text())
     current = json.loads(json.dumps({"settings": dataclasses.asdict(scale), "recipe": settings(scale)}))
     for part, now in current.items():
         then = previous.get(part) or {}
         if changed := sorted(k for k in then.keys() | now.keys() if then.get(k) != now.get(k)):
             print(f"{path.name}: not merged, its {part} differ in {changed}")
-            return empty
+            return NO_EARLIER
     runs = {(run["seed"], arm): run for arm, row in previous["arms"].items() for run in row["runs"]}
     return {"runs": runs, "reward_names": previous["reward_names"],
             "train_reward_pearson": previous.get("train_reward_pearson")}  # fmt: skip

@@ -84,10 +84,9 @@ def main() -> None:
             f"{n} Spearman {m['spearman']:+.2f} spread {m['spread_ratio']:.2f}" for n, m in row["steering"].items()
         ]
         print(f"guidance {g:>5}: " + "  ".join(shown))
-    desired = rows[0]["desired"]
     space = policy.reward_space
     results = {"checkpoint": str(args.ckpt), "captions": captions, "samples": args.samples, "steps": args.steps,
-               "desired": np.array(desired).tolist(), "rows": rows,
+               "desired": rows[0]["desired"], "rows": rows,
                "command": " ".join([Path(sys.executable).name, *sys.argv])}  # fmt: skip
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "sd_guidance.json").write_text(json.dumps(results, indent=2))

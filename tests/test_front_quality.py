@@ -139,7 +139,7 @@ def test_arms_run_in_parts(front_quality, tmp_path, capsys):
     assert len(front_quality.plot(summary, tmp_path / "part")) == 3
 
 
-def test_recorded_runs_count_after_a_fresh_checkout(front_quality, tmp_path, monkeypatch, capsys):
+def test_recorded_runs_count_after_a_fresh_checkout(front_quality, tmp_path, capsys):
     """A results file keeps every run: a later run in an empty folder (a fresh checkout) adds its seeds to them
     and gets the summary of all seeds run in one place; a file of other settings is not mixed in."""
     both = {seed: fake_seed(tmp_path / "together", seed, lift) for seed, lift in ((0, 0.0), (1, 0.2))}
