@@ -138,8 +138,13 @@ GROUPS = {"base": ("base",), "sft": ("sft",), "ric": ("ric_linear",), "mappings"
           "online": ("online",), "morlhf": ("morlhf",), "soups": ("soups",)}  # fmt: skip
 
 
-def run_seed(out: Path, scale: Scale, seed: int, groups: tuple[str, ...] = tuple(GROUPS)) -> dict[str, Path]:
-    """The arms of ``groups`` for one seed, as far as not done before; returns arm -> sweep folder."""
+def run_seed(
+    out: Path, scale: Scale, seed: int, groups: tuple[str, ...] = tuple(GROUPS), recorded: frozenset[str] = frozenset()
+) -> dict[str, Path]:
+    """The arms of ``groups`` for one seed, as far as not done before; returns arm -> sweep folder.
+
+    ``recorded``: arms of this seed that the results file already holds. Where the online arm or the other
+    mappings need the RiC checkpoint again (a fresh checkout), RiC is retrained without sweeping it twice."""
     sweeps = out / "sweeps"
     s = settings(scale)
     arms: dict[str, Path] = {}
@@ -158,9 +163,17 @@ def run_seed(out: Path, scale: Scale, seed: int, groups: tuple[str, ...] = tuple
     ric = out / "ric"
     ckpt = recipe.checkpoint_at(ric, s["steps"], s["steps"])
     if {"ric", "mappings", "online"} & set(groups):
-        recipe.train(ric, s, seed, [s["steps"]], [sweep(sweeps / "ric_linear", scale, seed, after_fit=True)],
-                     scaled(scale))  # fmt: skip
-        arms["ric_linear"] = sweeps / "ric_linear"
+        swept = "ric_linear" in recorded and not (sweeps / "ric_linear" / "metrics.json").is_file()
+        recipe.train(
+            ric,
+            s,
+            seed,
+            [s["steps"]],
+            [] if swept else [sweep(sweeps / "ric_linear", scale, seed, after_fit=True)],
+            scaled(scale),
+        )
+        if not swept:
+            arms["ric_linear"] = sweeps / "ric_linear"
     if "mappings" in groups:
         for name, method in (("ric_p_norm", "p_norm"), ("ric_p_inf", "p_inf")):
             arms[name] = test_sweep(ric, fit_config(ric, s, scale, seed), ckpt,
@@ -207,15 +220,16 @@ def baseline(name: str, out: Path, s: dict, scale: Scale, seed: int) -> Path:
     return dest
 
 
-def arm_cost(arm: str, seed_out: Path, arms: dict[str, Path]) -> dict[str, float]:
+def arm_cost(arm: str, seed_out: Path, arms: dict[str, Path], recorded: dict[str, dict] | None = None) -> dict:
     """Wall seconds (training, generating in the sweep), generated samples, reward calls and training tokens
-    of one arm of one seed; RiC's other mappings and the online arm include the offline training they reuse."""
+    of one arm of one seed; RiC's other mappings and the online arm include the offline training they reuse,
+    from its sweep here or else from ``recorded`` (arm -> cost of this seed in the results file)."""
     from ric.compare import read_cost
 
     cost = {k: v or 0.0 for k, v in read_cost(arms[arm]).items()}
     reused = {"ric_p_norm": "ric_linear", "ric_p_inf": "ric_linear", "online": "ric_linear"}.get(arm)
     if reused:
-        offline = read_cost(arms[reused])
+        offline = read_cost(arms[reused]) if reused in arms else (recorded or {})[reused]
         for key in ("train_seconds", "training_tokens"):
             cost[key] += offline[key] or 0.0
     if arm == "online":  # the online round's generations and their reward calls (the ledger counts training only)
@@ -247,14 +261,21 @@ def summarize(out: Path, seeds: list[int], per_seed: dict[int, dict[str, Path]],
     earlier = earlier or NO_EARLIER
     records: dict[tuple[int, str], dict] = {}
     names = earlier["reward_names"]
+    recorded_costs: dict[int, dict[str, dict]] = {seed: {} for seed in per_seed}
+    for (seed, arm), run in earlier["runs"].items():
+        recorded_costs.setdefault(seed, {})[arm] = run["cost"]
     for seed, arms in per_seed.items():
         for arm, path in arms.items():
             names, prefs, means = read_front(path)
             metrics = json.loads((path / "metrics.json").read_text())
-            records[(seed, arm)] = {"seed": seed, "obtained": means.tolist(), "preferences": prefs.tolist(),
-                                    "steering": metrics.get("steering", {}),
-                                    "marker_effects": metrics.get("marker_effects", {}).get("rewards", {}),
-                                    "cost": arm_cost(arm, out / f"seed{seed}", arms)}  # fmt: skip
+            records[(seed, arm)] = {
+                "seed": seed,
+                "obtained": means.tolist(),
+                "preferences": prefs.tolist(),
+                "steering": metrics.get("steering", {}),
+                "marker_effects": metrics.get("marker_effects", {}).get("rewards", {}),
+                "cost": arm_cost(arm, out / f"seed{seed}", arms, recorded_costs[seed]),
+            }
     for key, run in earlier["runs"].items():
         records.setdefault(key, run)
     records = {key: run for key, run in records.items() if key[0] in seeds}
@@ -433,11 +454,11 @@ def main() -> None:
     if args.scale == "smoke":
         recipe.EVAL["max_new_tokens"] = scale.new_tokens
     start = time.perf_counter()
-    for seed in seeds:
-        run_seed(out / f"seed{seed}", scale, seed, groups)
     # every arm and seed finished so far counts: by this run, an earlier one, or one recorded in the results
     stem = RESULTS / f"front_quality_{args.scale}"
     earlier = earlier_runs(stem.with_suffix(".json"), scale)
+    for seed in seeds:
+        run_seed(out / f"seed{seed}", scale, seed, groups, frozenset(a for k, a in earlier["runs"] if k == seed))
     per_seed = {}
     for folder in sorted(out.glob("seed*")):
         done = {

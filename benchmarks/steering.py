@@ -336,7 +336,8 @@ def online_round(
     online = {"class_path": "ric.online.OnlineLoop", "init_args": {
         "iterations": 1, "offline_steps": offline_steps, "steps_per_iteration": steps,
         "prompts_per_iteration": generations, "learning_rate": 2.0e-4, "chunk_size": 32,
-        "buffer_dir": str(folder / "online"), "sampling": {"max_new_tokens": EVAL["max_new_tokens"]}}}  # fmt: skip
+        "buffer_dir": str(folder / "online"),
+        "sampling": {"max_new_tokens": EVAL["max_new_tokens"], "batch_size": BATCH}}}  # fmt: skip
     config = train_config(folder, {**s, "steps": offline_steps}, seed, [offline_steps + steps], [online, *callbacks])
     if adjust is not None:
         adjust(config)

@@ -164,6 +164,30 @@ def test_recorded_runs_count_after_a_fresh_checkout(front_quality, tmp_path, cap
     assert "not merged, its recipe differ in ['lr']" in capsys.readouterr().out
 
 
+def test_online_after_a_fresh_checkout_pays_for_the_recorded_offline_training(front_quality, tmp_path, monkeypatch):
+    """The online arm continues a RiC checkpoint that a fresh checkout retrains without sweeping it again (its
+    sweep is recorded): run_seed trains RiC with no sweep callback, and the online arm's cost still includes
+    the offline training, taken from the recorded run."""
+    trained = []
+    monkeypatch.setattr(front_quality.recipe, "train", lambda folder, s, seed, steps, callbacks, adjust: trained.append(
+        (folder.name, callbacks)))  # fmt: skip
+    monkeypatch.setattr(front_quality.recipe, "online_round", lambda *a, **k: 0.0)
+    scale = front_quality.SCALES["smoke"]
+    arms = front_quality.run_seed(tmp_path / "seed0", scale, 0, ("online",), frozenset({"ric_linear"}))
+    assert trained == [("ric", [])] and sorted(arms) == ["online"]
+    trained.clear()
+    front_quality.run_seed(tmp_path / "seed0", scale, 0, ("online",))  # nothing recorded: RiC is swept as well
+    assert [c["init_args"]["label"] for c in trained[0][1]] == ["ric_linear"]
+
+    sweeps = fake_seed(tmp_path / "out", 0, 0.0)
+    recorded = {"runs": {(0, "ric_linear"): {"seed": 0, "obtained": [[-1.0, 1.0], [1.0, -1.0]], "preferences": PREFS,
+                                             "steering": {}, "cost": {"train_seconds": 700.0, "training_tokens": 5}}},
+                "reward_names": NAMES, "train_reward_pearson": -0.3}  # fmt: skip
+    summary = front_quality.summarize(tmp_path / "out", [0], {0: {"online": sweeps["online"]}}, recorded)
+    assert summary["arms"]["online"]["train_seconds_mean"] == pytest.approx(50.0 + 700.0)
+    assert summary["arms"]["online"]["training_tokens_mean"] == pytest.approx(1000 + 5)
+
+
 def test_unknown_arm_is_refused(front_quality, monkeypatch, capsys):
     monkeypatch.setattr("sys.argv", ["front_quality.py", "--arms", "ric,rlhf"])
     with pytest.raises(SystemExit):
