@@ -163,16 +163,16 @@ def run_seed(
     ric = out / "ric"
     ckpt = recipe.checkpoint_at(ric, s["steps"], s["steps"])
     if {"ric", "mappings", "online"} & set(groups):
-        swept = "ric_linear" in recorded and not (sweeps / "ric_linear" / "metrics.json").is_file()
+        swept_before = "ric_linear" in recorded and not (sweeps / "ric_linear" / "metrics.json").is_file()
         recipe.train(
             ric,
             s,
             seed,
             [s["steps"]],
-            [] if swept else [sweep(sweeps / "ric_linear", scale, seed, after_fit=True)],
+            [] if swept_before else [sweep(sweeps / "ric_linear", scale, seed, after_fit=True)],
             scaled(scale),
         )
-        if not swept:
+        if not swept_before:
             arms["ric_linear"] = sweeps / "ric_linear"
     if "mappings" in groups:
         for name, method in (("ric_p_norm", "p_norm"), ("ric_p_inf", "p_inf")):
@@ -261,7 +261,7 @@ def summarize(out: Path, seeds: list[int], per_seed: dict[int, dict[str, Path]],
     earlier = earlier or NO_EARLIER
     records: dict[tuple[int, str], dict] = {}
     names = earlier["reward_names"]
-    recorded_costs: dict[int, dict[str, dict]] = {seed: {} for seed in per_seed}
+    recorded_costs: dict[int, dict[str, dict]] = {}
     for (seed, arm), run in earlier["runs"].items():
         recorded_costs.setdefault(seed, {})[arm] = run["cost"]
     for seed, arms in per_seed.items():
@@ -274,7 +274,7 @@ def summarize(out: Path, seeds: list[int], per_seed: dict[int, dict[str, Path]],
                 "preferences": prefs.tolist(),
                 "steering": metrics.get("steering", {}),
                 "marker_effects": metrics.get("marker_effects", {}).get("rewards", {}),
-                "cost": arm_cost(arm, out / f"seed{seed}", arms, recorded_costs[seed]),
+                "cost": arm_cost(arm, out / f"seed{seed}", arms, recorded_costs.get(seed)),
             }
     for key, run in earlier["runs"].items():
         records.setdefault(key, run)
