@@ -24,6 +24,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -150,11 +152,11 @@ def run_seed(
     arms: dict[str, Path] = {}
     plain = {**s, "conditioned": False}
 
-    # plain SFT: the same fine-tuning without markers; the base model is its config before any step
-    if "sft" in groups:
-        recipe.train(out / "sft", plain, seed, [s["steps"]], [sweep(sweeps / "sft", scale, seed, after_fit=True)],
-                     scaled(scale))  # fmt: skip
-        arms["sft"] = sweeps / "sft"
+    # plain SFT: the same fine-tuning without markers; the base model is its config before any step. The
+    # baselines start from it, as in the paper (appendix B: they fine-tune the SFT model with RL)
+    baselines = [name for name in ("morlhf", "soups") if name in groups]
+    if "sft" in groups or baselines:
+        train_arm(out / "sft", plain, scale, seed, "sft", recorded, arms)
     if "base" in groups:
         arms["base"] = test_sweep(out / "base", fit_config(out / "base", plain, scale, seed), None,
                                   sweep(sweeps / "base", scale, seed, unconditioned=True))  # fmt: skip
@@ -163,17 +165,7 @@ def run_seed(
     ric = out / "ric"
     ckpt = recipe.checkpoint_at(ric, s["steps"], s["steps"])
     if {"ric", "mappings", "online"} & set(groups):
-        swept_before = "ric_linear" in recorded and not (sweeps / "ric_linear" / "metrics.json").is_file()
-        recipe.train(
-            ric,
-            s,
-            seed,
-            [s["steps"]],
-            [] if swept_before else [sweep(sweeps / "ric_linear", scale, seed, after_fit=True)],
-            scaled(scale),
-        )
-        if not swept_before:
-            arms["ric_linear"] = sweeps / "ric_linear"
+        train_arm(ric, s, scale, seed, "ric_linear", recorded, arms)
     if "mappings" in groups:
         for name, method in (("ric_p_norm", "p_norm"), ("ric_p_inf", "p_inf")):
             arms[name] = test_sweep(ric, fit_config(ric, s, scale, seed), ckpt,
@@ -186,14 +178,36 @@ def run_seed(
                             scaled(scale))  # fmt: skip
         arms["online"] = sweeps / "online"
 
-    for name in ("morlhf", "soups"):
-        if name in groups:
-            arms[name] = baseline(name, out, s, scale, seed)
+    for name in baselines:
+        arms[name] = baseline(name, out, s, scale, seed, sft_model(out / "sft", s))
     return arms
 
 
-def baseline(name: str, out: Path, s: dict, scale: Scale, seed: int) -> Path:
-    """MORLHF or Rewarded Soups with the RiC arm's policy settings, data split, reward space and sampling."""
+def train_arm(folder: Path, s: dict, scale: Scale, seed: int, arm: str, recorded: frozenset[str],
+              arms: dict[str, Path]) -> None:  # fmt: skip
+    """Train ``arm`` unless trained, swept after training unless the results file already holds its sweep
+    (a fresh checkout that needs the checkpoint again: RiC for the online round, SFT for the baselines)."""
+    dest = folder.parent / "sweeps" / arm
+    swept_before = arm in recorded and not (dest / "metrics.json").is_file()
+    callbacks = [] if swept_before else [sweep(dest, scale, seed, after_fit=True)]
+    recipe.train(folder, s, seed, [s["steps"]], callbacks, scaled(scale))
+    if not swept_before:
+        arms[arm] = dest
+
+
+def sft_model(folder: Path, s: dict) -> Path:
+    """The SFT arm's final checkpoint as a standalone model folder (LoRA merged), exported once."""
+    export = folder / "merged"
+    if not (export / "ric.json").is_file():
+        shutil.rmtree(export, ignore_errors=True)  # a killed export: write it again
+        ckpt = recipe.checkpoint_at(folder, s["steps"], s["steps"])
+        subprocess.run([sys.executable, "-m", "ric.cli", "export", str(ckpt), str(export)], check=True, cwd=ROOT)
+    return export
+
+
+def baseline(name: str, out: Path, s: dict, scale: Scale, seed: int, start: Path) -> Path:
+    """MORLHF or Rewarded Soups with the RiC arm's policy settings, data split, reward space and sampling,
+    trained from the model folder ``start`` (the SFT arm's)."""
     from ric.baselines.methods import main as run_baseline
 
     dest = out / "sweeps" / name
@@ -201,6 +215,7 @@ def baseline(name: str, out: Path, s: dict, scale: Scale, seed: int) -> Path:
         return dest
     ric = fit_config(out / name, s, scale, seed)
     policy = {k: v for k, v in ric["model"]["init_args"].items() if k not in ("reward_names", "conditioned")}
+    policy["model"] = str(start)
     grpo = {"steps": scale.rl_steps, "learning_rate": scale.rl_learning_rate, "max_new_tokens": scale.new_tokens,
             "temperature": recipe.EVAL["temperature"], "top_p": recipe.EVAL["top_p"],
             "save_steps": max(1, scale.rl_steps // 4), "seed": seed}  # fmt: skip
@@ -223,11 +238,13 @@ def baseline(name: str, out: Path, s: dict, scale: Scale, seed: int) -> Path:
 def arm_cost(arm: str, seed_out: Path, arms: dict[str, Path], recorded: dict[str, dict] | None = None) -> dict:
     """Wall seconds (training, generating in the sweep), generated samples, reward calls and training tokens
     of one arm of one seed; RiC's other mappings and the online arm include the offline training they reuse,
-    from its sweep here or else from ``recorded`` (arm -> cost of this seed in the results file)."""
+    the baselines the SFT training they start from, from its sweep here or else from ``recorded`` (arm -> cost
+    of this seed in the results file)."""
     from ric.compare import read_cost
 
     cost = {k: v or 0.0 for k, v in read_cost(arms[arm]).items()}
-    reused = {"ric_p_norm": "ric_linear", "ric_p_inf": "ric_linear", "online": "ric_linear"}.get(arm)
+    reused = {"ric_p_norm": "ric_linear", "ric_p_inf": "ric_linear", "online": "ric_linear", "morlhf": "sft",
+              "soups": "sft"}.get(arm)  # fmt: skip
     if reused:
         offline = read_cost(arms[reused]) if reused in arms else (recorded or {})[reused]
         for key in ("train_seconds", "training_tokens"):

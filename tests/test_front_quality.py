@@ -188,6 +188,40 @@ def test_online_after_a_fresh_checkout_pays_for_the_recorded_offline_training(fr
     assert summary["arms"]["online"]["training_tokens_mean"] == pytest.approx(1000 + 5)
 
 
+def test_baselines_start_from_the_sft_model(front_quality, tmp_path, monkeypatch):
+    """MORLHF and Rewarded Soups fine-tune the SFT arm's model (appendix B), exported once with its LoRA merged;
+    a fresh checkout trains SFT again without sweeping it twice, and the baselines' cost includes it."""
+    trained, exported, ran = [], [], []
+    monkeypatch.setattr(front_quality.recipe, "train", lambda folder, s, seed, steps, callbacks, adjust: trained.append(
+        (folder.name, callbacks)))  # fmt: skip
+
+    def export(cmd: list[str], **kwargs) -> None:
+        exported.append(cmd[-3:])
+        Path(cmd[-1]).mkdir(parents=True)
+        (Path(cmd[-1]) / "ric.json").write_text("{}")
+
+    def run_baseline(argv: list[str]) -> int:
+        config = json.loads(Path(argv[2]).read_text())
+        ran.append((argv[0], config["policy"]["model"]))
+        Path(config["sweep"]["init_args"]["output_dir"]).mkdir(parents=True)
+        return 0
+
+    monkeypatch.setattr(front_quality.subprocess, "run", export)
+    monkeypatch.setattr("ric.baselines.methods.main", run_baseline)
+    out = tmp_path / "seed0"
+    arms = front_quality.run_seed(out, front_quality.SCALES["smoke"], 0, ("morlhf", "soups"), frozenset({"sft"}))
+    merged = out / "sft" / "merged"
+    assert trained == [("sft", [])]
+    assert exported == [["export", str(out / "sft" / "ckpt" / "last.ckpt"), str(merged)]]
+    assert ran == [("morlhf", str(merged)), ("soups", str(merged))]
+    assert arms == {name: out / "sweeps" / name for name in ("morlhf", "soups")}
+
+    sweeps = fake_seed(tmp_path / "out", 0, 0.0)
+    summary = front_quality.summarize(tmp_path / "out", [0], {0: sweeps})
+    assert summary["arms"]["morlhf"]["train_seconds_mean"] == pytest.approx(1000.0 + 100.0)
+    assert summary["arms"]["soups"]["training_tokens_mean"] == pytest.approx(1000 + 1000)
+
+
 def test_unknown_arm_is_refused(front_quality, monkeypatch, capsys):
     monkeypatch.setattr("sys.argv", ["front_quality.py", "--arms", "ric,rlhf"])
     with pytest.raises(SystemExit):
