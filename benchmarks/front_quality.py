@@ -398,14 +398,13 @@ def plot(summary: dict, stem: Path) -> list[Path]:
     from ric.pareto import plot_fronts
 
     arms, names = summary["arms"], summary["reward_names"]
-    seeds = max(a["seeds"] for a in arms.values())
     paths = []
     for labels, path in ((ARMS, stem.with_suffix(".png")), (MAPPINGS, stem.with_name(stem.name + "_mappings.png"))):
-        shown = {label: arm for arm, label in labels.items() if arm in arms}
+        shown = {seeded(label, arms[arm]): arm for arm, label in labels.items() if arm in arms}
         plot_fronts({label: np.array(arms[arm]["obtained_mean"]) for label, arm in shown.items()}, path, names,
                     {label: [p[0] for p in arms[arm]["preferences"]] for label, arm in shown.items()
                      if np.all(np.isfinite(arms[arm]["preferences"]))},
-                    title=f"obtained rewards, mean of {seeds} seed(s) (labels: w_{names[0]})")  # fmt: skip
+                    title=f"obtained rewards, mean over seeds (labels: w_{names[0]})")  # fmt: skip
         paths.append(path)
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for arm, label in rows_shown().items():
@@ -413,17 +412,22 @@ def plot(summary: dict, stem: Path) -> list[Path]:
             continue
         a = arms[arm]
         x = a["train_seconds_mean"] + a["generation_seconds_mean"]
-        ax.errorbar(x, a["hypervolume_mean"], yerr=a["hypervolume_sd"], fmt="o", capsize=3, label=label)
+        ax.errorbar(x, a["hypervolume_mean"], yerr=a["hypervolume_sd"], fmt="o", capsize=3, label=seeded(label, a))
     ax.set_xscale("log")
     ax.set_xlabel("wall seconds per seed (training + sweep)")
     ax.set_ylabel("hypervolume (shared reference)")
-    ax.set_title(f"hypervolume vs cost, mean ± sd over {seeds} seed(s)")
+    ax.set_title("hypervolume vs cost, mean ± sd over seeds")
     ax.legend(fontsize=7)
     fig.tight_layout()
     cost = stem.with_name(stem.name + "_cost.png")
     fig.savefig(cost, dpi=130)
     plt.close(fig)
     return [*paths, cost]
+
+
+def seeded(label: str, row: dict) -> str:
+    """An arm's label with the number of seeds its mean is over (arms are run in parts, so they differ)."""
+    return f"{label} ({row['seeds']} seed{'s' if row['seeds'] != 1 else ''})"
 
 
 def rows_shown() -> dict[str, str]:
