@@ -148,6 +148,7 @@ def run_seed(
     ``recorded``: arms of this seed that the results file already holds. Where the online arm or the other
     mappings need the RiC checkpoint again (a fresh checkout), RiC is retrained without sweeping it twice."""
     sweeps = out / "sweeps"
+    groups = tuple(g for g in groups if not set(GROUPS[g]) <= recorded)  # recorded arms are finished arms
     s = settings(scale)
     arms: dict[str, Path] = {}
     plain = {**s, "conditioned": False}

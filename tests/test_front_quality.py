@@ -215,6 +215,13 @@ def test_baselines_start_from_the_sft_model(front_quality, tmp_path, monkeypatch
     assert exported == [["export", str(out / "sft" / "ckpt" / "last.ckpt"), str(merged)]]
     assert ran == [("morlhf", str(merged)), ("soups", str(merged))]
     assert arms == {name: out / "sweeps" / name for name in ("morlhf", "soups")}
+    trained.clear()
+    finished = frozenset({"sft", "morlhf", "soups"})  # all recorded: nothing is trained, exported or run again
+    assert (
+        front_quality.run_seed(tmp_path / "fresh", front_quality.SCALES["smoke"], 0, ("morlhf", "soups"), finished)
+        == {}
+    )
+    assert len(trained) == 0 and len(exported) == 1 and len(ran) == 2
 
     sweeps = fake_seed(tmp_path / "out", 0, 0.0)
     summary = front_quality.summarize(tmp_path / "out", [0], {0: sweeps})
