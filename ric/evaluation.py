@@ -323,6 +323,8 @@ class PreferenceSweep(L.Callback):
         self.front_csv: Path | None = None
         self._swept = False
         self._training: dict[str, Any] = {}
+        self._carried: dict[str, Any] = {}
+        self._reused_seconds = 0.0
 
     def check_rewards(self, reward_names: Sequence[str]) -> None:
         """Refuse preferences that do not fit the configured rewards (called when the config is parsed)."""
@@ -339,14 +341,32 @@ class PreferenceSweep(L.Callback):
         self._swept = False
         clear_stop()  # a stop request belongs to one run
 
-    # ---- the cost ledger of the training this process ran (a resumed fit counts its own part) ----------
+    # ---- the cost ledger of the training: kept in checkpoints, so a resumed fit counts the killed one's part --
+    def state_dict(self) -> dict[str, Any]:
+        return {"training": self.ledger()} if self._training else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._carried = dict(state_dict.get("training", {}))
+
+    def ledger(self) -> dict[str, Any]:
+        """The training so far: this process's part plus what a resumed checkpoint carried."""
+        ledger = {k: v for k, v in self._training.items() if not k.startswith("_")}
+        if "_start" in self._training:
+            ledger["train_seconds"] += time.perf_counter() - self._training["_start"]
+            ledger["training_steps"] += self._training["_step"] - self._training["_first_step"]
+        return ledger
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._training = {"train_seconds": 0.0, "training_steps": trainer.global_step, "training_tokens": 0,
-                          "training_examples": 0, "_start": time.perf_counter()}  # fmt: skip
+        zero = {"train_seconds": 0.0, "training_steps": 0, "training_tokens": 0, "training_examples": 0}
+        self._training = {**zero, **self._carried, "_first_step": trainer.global_step, "_step": trainer.global_step,
+                          "_start": time.perf_counter()}  # fmt: skip
+        self._carried = {}
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self._training:
+            self._training["_step"] = trainer.global_step
         if isinstance(batch, dict) and self._training:
             ids, mask = batch.get("input_ids"), batch.get("attention_mask")
             if mask is not None or ids is not None:  # tokens through the model (all of a packed row)
@@ -356,8 +376,10 @@ class PreferenceSweep(L.Callback):
 
     def end_training(self, trainer: L.Trainer) -> None:
         if "_start" in self._training:
-            self._training["train_seconds"] = time.perf_counter() - self._training.pop("_start")
-            self._training["training_steps"] = trainer.global_step - self._training["training_steps"]
+            self._training["_step"] = trainer.global_step
+            self._training = self.ledger()
+        elif self._carried:  # resumed from the final checkpoint: nothing trained here, all of it carried
+            self._training, self._carried = self._carried, {}
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         clear_stop()
@@ -404,7 +426,8 @@ class PreferenceSweep(L.Callback):
         sweep's seed, in one generation session; rank 0 gets everything back, the other ranks ``None``.
 
         Each finished preference is kept in ``out/.partial`` (samples stored under their final names), so a
-        sweep stopped by a signal or a crash continues where it stopped; ``fingerprint`` (the model's state)
+        sweep stopped by a signal or a crash continues where it stopped (and counts the seconds it took then);
+        ``fingerprint`` (the model's state)
         makes a changed model start afresh. ``preferences`` (rows like ``desired``): each row is generated
         inside ``policy.preference_context`` (the weights a baseline trained or mixed for it)."""
         from tqdm.auto import tqdm
@@ -428,17 +451,21 @@ class PreferenceSweep(L.Callback):
                     print(f"preference sweep: preference {k + 1} of {len(rows)} was finished before, reusing it")
                 done = json.loads(path.read_text())
                 raw = np.array(done["raw"], dtype=float).reshape(-1, len(rewards))
+                self._reused_seconds += float(done.get("seconds", 0.0))  # the cost stays the first run's
                 local.append((done["indices"], done["samples"], raw))
                 continue
             targets = None if row is None else np.broadcast_to(row, (len(prompts), len(rewards)))
             context = contextlib.nullcontext() if preferences is None else policy.preference_context(preferences[k])
+            started = time.perf_counter()
             with context:  # the rollout holds its own generation session (an adapter merged once per row)
                 result = rollout(policy, prompts, targets, indices=share, settings=settings, rewards=rewards,
                                  seed=self.seed)  # fmt: skip
             stored = policy.store_samples(result.samples, out / "samples", [f"pref{k:02d}-{i:04d}" for i in share])
             partial.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"indices": share, "samples": stored, "raw": result.raw.tolist()}, default=str))
+            record = {"indices": share, "samples": stored, "raw": result.raw.tolist(),
+                      "seconds": time.perf_counter() - started}  # fmt: skip
+            tmp.write_text(json.dumps(record, default=str))
             tmp.replace(path)
             local.append((share, stored, result.raw))
         gathered = gather_to_first(local)
@@ -473,7 +500,7 @@ class PreferenceSweep(L.Callback):
         obtained, samples, generated = [], [], []
         settings = {**policy.sampling_defaults("evaluation"), **self.sampling}
         fingerprint = f"{type(policy).__qualname__}@{trainer.global_step}"
-        start = time.perf_counter()
+        start, self._reused_seconds = time.perf_counter(), 0.0
         results = self.generate_all(
             policy, rewards, prompts, None if unconditioned else desired, settings, out, fingerprint,
             preferences if policy.weight_steered and not unconditioned else None,
@@ -509,7 +536,7 @@ class PreferenceSweep(L.Callback):
             "samples_per_prompt": self.samples_per_prompt,
             "cost": {
                 **self._training,
-                "sweep_seconds": time.perf_counter() - start,
+                "sweep_seconds": time.perf_counter() - start + self._reused_seconds,
                 "generated_samples_sweep": len(prompts) * len(results),
                 "reward_calls_sweep": len(prompts) * len(results) * len(rewards),
             },

@@ -85,10 +85,15 @@ def test_sigterm_in_a_sweep_keeps_finished_preferences(tmp_path, trained):
     assert code == 128 + signal.SIGTERM and seconds < 30, out[-3000:]
     done = len(list((sweep / ".partial").glob("*.json")))
     assert 1 <= done < 11 and not (sweep / "front.csv").exists()
+    for kept in (sweep / ".partial").glob("*.json"):  # marks the stopped run's seconds: the cost keeps them
+        kept.write_text(json.dumps({**json.loads(kept.read_text()), "seconds": 1000.0}))
+    started = time.perf_counter()
     proc = _launch(["test", "--config", path, "--ckpt_path", trained["ckpt"]])
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]
     assert out.count("was finished before, reusing it") == done
+    seconds = json.loads((sweep / "metrics.json").read_text())["cost"]["sweep_seconds"]
+    assert 1000.0 * done < seconds < 1000.0 * done + time.perf_counter() - started
     assert (sweep / "front.csv").is_file() and not (sweep / ".partial").exists()
     assert len((sweep / "samples.jsonl").read_text().splitlines()) == 11 * 4 * len(
         {json.loads(line)["prompt"] for line in (sweep / "samples.jsonl").read_text().splitlines()}

@@ -58,6 +58,33 @@ def test_the_sweep_records_the_cost_of_training_and_evaluation(trained):
     assert cost["sweep_seconds"] > 0
 
 
+def test_the_training_ledger_survives_a_checkpoint():
+    """A fit killed after its last checkpoint and resumed counts the seconds, steps and tokens of both."""
+    from types import SimpleNamespace as At
+
+    from ric.evaluation import PreferenceSweep
+
+    batch = {"input_ids": torch.ones(2, 5, dtype=torch.long), "attention_mask": torch.ones(2, 5)}
+    first = PreferenceSweep()
+    first.on_train_start(At(global_step=10), None)
+    first.on_train_batch_end(At(global_step=11), None, None, batch, 0)
+    saved = first.state_dict()  # what a checkpoint at step 11 holds
+    assert saved["training"]["training_steps"] == 1 and saved["training"]["training_tokens"] == 10
+    resumed = PreferenceSweep()
+    resumed.load_state_dict(saved)
+    resumed.on_train_start(At(global_step=11), None)
+    for step in (12, 13):
+        resumed.on_train_batch_end(At(global_step=step), None, None, batch, 0)
+    resumed.end_training(At(global_step=13))
+    ledger = resumed.ledger()
+    assert ledger["training_steps"] == 3 and ledger["training_tokens"] == 30 and ledger["training_examples"] == 6
+    assert ledger["train_seconds"] >= saved["training"]["train_seconds"] > 0
+    finished = PreferenceSweep()  # resumed from the final checkpoint: nothing trains, all of it is carried
+    finished.load_state_dict(resumed.state_dict())
+    finished.end_training(At(global_step=13))
+    assert finished.ledger() == ledger
+
+
 def test_steer_per_prompt_preferences_and_explicit_rewards(trained):
     policy = ric.load(trained["ckpt"])
     mixed = policy.steer(["q one", "q two"], [[1.0, 0.0], [0.0, 1.0]], do_sample=False)
