@@ -42,6 +42,36 @@ def test_grpo_reward_is_the_weighted_sum_of_normalized_rewards():
         weighted_reward(functions[:1], [0.5, 0.5], prompts=prompts, completions=completions)
 
 
+def test_a_resumed_rl_run_counts_the_cost_of_the_killed_one(tiny_llama, tmp_path):
+    """The TRL checkpoint a killed run leaves carries its seconds and reward calls into the resumed run."""
+    import time
+
+    from ric.baselines.grpo import CostLedger, GRPOSettings, train_adapter
+    from ric.baselines.policy import MORLHFPolicy
+    from ric.baselines.rewards import NormalizedReward
+    from ric.text.rewards import Readability, Verbosity
+
+    space = _space(["verbosity", "readability"], [0.0, 0.0], [1.0, 1.0])
+    rewards = [NormalizedReward(Verbosity(), space), NormalizedReward(Readability(), space)]
+    prompts, folder = ["how do I water a plant?", "why is the sky blue?"], tmp_path / "policy0"
+    grpo = {"num_generations": 2, "prompts_per_step": 2, "max_new_tokens": 6, "save_steps": 1}
+
+    def policy():
+        return MORLHFPolicy([], [], model=tiny_llama, reward_names=["verbosity", "readability"], **POLICY)
+
+    first = train_adapter(policy(), "rl0", rewards, [0.5, 0.5], prompts, GRPOSettings(steps=1, **grpo), folder)
+    kept = folder / "trl" / "checkpoint-1" / CostLedger.FILE
+    per_step = 2 * 2 * len(rewards)  # prompts x generations, scored by each reward
+    assert first["reward_calls"] == per_step and json.loads(kept.read_text())["reward_calls"] == per_step
+    (folder / "cost.json").unlink()  # as if killed after the checkpoint at step 1
+    kept.write_text(json.dumps({"seconds": 1000.0, "reward_calls": 50, "reward_seconds": 3.0}))
+    started = time.perf_counter()
+    again = train_adapter(policy(), "rl0", rewards, [0.5, 0.5], prompts, GRPOSettings(steps=2, **grpo), folder)
+    assert again["steps"] == 2 and again["resumed_from"].endswith("checkpoint-1")
+    assert 1000.0 < again["train_seconds"] < 1000.0 + time.perf_counter() - started
+    assert again["reward_calls"] == 50 + per_step and again["reward_seconds"] > 3.0
+
+
 def _experts(tiny_llama, tmp_path, n=2):
     """``n`` LoRA adapters with non-zero random weights, saved as peft folders."""
     from peft import LoraConfig, get_peft_model

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 
 from ric.baselines.rewards import NormalizedReward
 
@@ -101,15 +103,15 @@ def train_adapter(
         gradient_checkpointing=False, bf16=False, lr_scheduler_type="constant", warmup_steps=0,
     )  # fmt: skip
     data = Dataset.from_dict({"prompt": [policy.format_prompt(p, None) for p in prompts], "raw_prompt": list(prompts)})
-    before = [(r.calls, r.samples, r.seconds) for r in rewards]
-    trainer = GRPOTrainer(model=lm, reward_funcs=list(rewards), args=config, train_dataset=data,
-                          processing_class=policy.tokenizer)  # fmt: skip
-    start = time.perf_counter()
     last = get_last_checkpoint(str(folder / "trl")) if (folder / "trl").is_dir() else None
+    ledger = CostLedger(rewards, Path(last) / CostLedger.FILE if last else None)
+    trainer = GRPOTrainer(model=lm, reward_funcs=list(rewards), args=config, train_dataset=data,
+                          processing_class=policy.tokenizer, callbacks=[ledger])  # fmt: skip
     trainer.train(resume_from_checkpoint=last)
-    seconds = time.perf_counter() - start
+    so_far = ledger.so_far()
     lm.set_adapter(name)
     lm.save_pretrained(str(folder / "staging"), selected_adapters=[name])
+    shutil.rmtree(folder / "adapter", ignore_errors=True)  # one left by a run killed before its cost.json
     (folder / "staging" / name).replace(folder / "adapter")  # peft saves a named adapter in a subfolder
     for extra in (name, "ref"):  # TRL adds "ref", its KL reference (a copy of the policy's unused, zero adapter)
         if extra in lm.peft_config:
@@ -118,14 +120,43 @@ def train_adapter(
     history = trainer.state.log_history
     tokens = max((float(e.get("num_tokens", 0)) for e in history), default=0.0)
     cost = {
-        "train_seconds": seconds,
+        "train_seconds": so_far["seconds"],
         "steps": trainer.state.global_step,
         "resumed_from": last,
         "generated_samples": trainer.state.global_step * batch,
-        "reward_calls": sum(r.samples - b[1] for r, b in zip(rewards, before)),
-        "reward_seconds": sum(r.seconds - b[2] for r, b in zip(rewards, before)),
+        "reward_calls": so_far["reward_calls"],
+        "reward_seconds": so_far["reward_seconds"],
         "training_tokens": tokens,
         "weights": [float(w) for w in weights],
     }
     done.write_text(json.dumps(cost, indent=2))
     return cost
+
+
+class CostLedger(TrainerCallback):
+    """Wall seconds and reward calls of one RL run, written into each TRL checkpoint, so a run resumed from
+    one counts what the killed run spent before it (the reward counters live in the killed process)."""
+
+    FILE = "ric_cost.json"
+
+    def __init__(self, rewards: Sequence[NormalizedReward], carried: Path | None = None) -> None:
+        self.rewards = list(rewards)
+        self.carried = {"seconds": 0.0, "reward_calls": 0, "reward_seconds": 0.0}
+        if carried is not None and carried.is_file():
+            self.carried.update(json.loads(carried.read_text()))
+        self.before = [(r.samples, r.seconds) for r in self.rewards]
+        self.start = time.perf_counter()
+
+    def so_far(self) -> dict[str, float]:
+        return {
+            "seconds": self.carried["seconds"] + time.perf_counter() - self.start,
+            "reward_calls": self.carried["reward_calls"]
+            + sum(r.samples - b[0] for r, b in zip(self.rewards, self.before)),
+            "reward_seconds": self.carried["reward_seconds"]
+            + sum(r.seconds - b[1] for r, b in zip(self.rewards, self.before)),
+        }
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and folder.is_dir():
+            (folder / self.FILE).write_text(json.dumps(self.so_far()))
