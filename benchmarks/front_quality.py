@@ -238,15 +238,16 @@ def baseline(name: str, out: Path, s: dict, scale: Scale, seed: int, start: Path
 
 def arm_cost(arm: str, seed_out: Path, arms: dict[str, Path], recorded: dict[str, dict] | None = None) -> dict:
     """Wall seconds (training, generating in the sweep), generated samples, reward calls and training tokens
-    of one arm of one seed; RiC's other mappings and the online arm include the offline training they reuse,
-    the baselines the SFT training they start from, from its sweep here or else from ``recorded`` (arm -> cost
-    of this seed in the results file)."""
+    of one arm of one seed; RiC's other mappings and the online arm include the offline training they reuse
+    (unless the online fit's checkpoint carried it), the baselines the SFT training they start from, from its
+    sweep here or else from ``recorded`` (arm -> cost of this seed in the results file)."""
     from ric.compare import read_cost
 
     cost = {k: v or 0.0 for k, v in read_cost(arms[arm]).items()}
     reused = {"ric_p_norm": "ric_linear", "ric_p_inf": "ric_linear", "online": "ric_linear", "morlhf": "sft",
               "soups": "sft"}.get(arm)  # fmt: skip
-    if reused:
+    ledger = json.loads((arms[arm] / "metrics.json").read_text()).get("cost", {})
+    if reused and ledger.get("counted_from_step") != 0:  # 0: the online fit's ledger began with the offline one
         offline = read_cost(arms[reused]) if reused in arms else (recorded or {})[reused]
         for key in ("train_seconds", "training_tokens"):
             cost[key] += offline[key] or 0.0

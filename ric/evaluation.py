@@ -220,6 +220,9 @@ def assemble(
     return samples, raw
 
 
+#: where a checkpoint keeps the training's cost (seconds, steps, tokens), so a fit started from it adds to it
+LEDGER_KEY = "ric_training_ledger"
+
 #: sweep settings that moved to the reward space (the DataModule), with where they live now
 MOVED_TO_SPACE = {
     "reward_range": "reward_range",
@@ -324,7 +327,7 @@ class PreferenceSweep(L.Callback):
         self._swept = False
         self._training: dict[str, Any] = {}
         self._carried: dict[str, Any] = {}
-        self._reused_seconds = 0.0
+        self.reused_seconds = 0.0
 
     def check_rewards(self, reward_names: Sequence[str]) -> None:
         """Refuse preferences that do not fit the configured rewards (called when the config is parsed)."""
@@ -341,15 +344,19 @@ class PreferenceSweep(L.Callback):
         self._swept = False
         clear_stop()  # a stop request belongs to one run
 
-    # ---- the cost ledger of the training: kept in checkpoints, so a resumed fit counts the killed one's part --
-    def state_dict(self) -> dict[str, Any]:
-        return {"training": self.ledger()} if self._training else {}
+    # ---- the cost ledger of the training, kept in checkpoints: a fit started from one adds to what it holds --
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        # one top-level key, not callback state: two sweeps (a base-model one beside RiC's) hold the same ledger
+        if self._training or self._carried:
+            checkpoint[LEDGER_KEY] = self.ledger() if self._training else dict(self._carried)
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._carried = dict(state_dict.get("training", {}))
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        fitting = trainer.state.fn == "fit"  # a test from a checkpoint trains nothing and carries nothing
+        self._carried = dict(checkpoint.get(LEDGER_KEY, {})) if fitting else {}
 
     def ledger(self) -> dict[str, Any]:
-        """The training so far: this process's part plus what a resumed checkpoint carried."""
+        """The training so far: this process's part plus what its starting checkpoint carried.
+        ``counted_from_step`` is where the count begins: 0, or a checkpoint written without a ledger."""
         ledger = {k: v for k, v in self._training.items() if not k.startswith("_")}
         if "_start" in self._training:
             ledger["train_seconds"] += time.perf_counter() - self._training["_start"]
@@ -357,7 +364,8 @@ class PreferenceSweep(L.Callback):
         return ledger
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        zero = {"train_seconds": 0.0, "training_steps": 0, "training_tokens": 0, "training_examples": 0}
+        zero = {"train_seconds": 0.0, "training_steps": 0, "training_tokens": 0, "training_examples": 0,
+                "counted_from_step": trainer.global_step}  # fmt: skip
         self._training = {**zero, **self._carried, "_first_step": trainer.global_step, "_step": trainer.global_step,
                           "_start": time.perf_counter()}  # fmt: skip
         self._carried = {}
@@ -426,10 +434,10 @@ class PreferenceSweep(L.Callback):
         sweep's seed, in one generation session; rank 0 gets everything back, the other ranks ``None``.
 
         Each finished preference is kept in ``out/.partial`` (samples stored under their final names), so a
-        sweep stopped by a signal or a crash continues where it stopped (and counts the seconds it took then);
-        ``fingerprint`` (the model's state)
-        makes a changed model start afresh. ``preferences`` (rows like ``desired``): each row is generated
-        inside ``policy.preference_context`` (the weights a baseline trained or mixed for it)."""
+        sweep stopped by a signal or a crash continues where it stopped; the seconds those took are added to
+        ``self.reused_seconds``. ``fingerprint`` (the model's state) makes a changed model start afresh.
+        ``preferences`` (rows like ``desired``): each row is generated inside ``policy.preference_context``
+        (the weights a baseline trained or mixed for it)."""
         from tqdm.auto import tqdm
 
         rank, world = rank_and_world()
@@ -451,7 +459,7 @@ class PreferenceSweep(L.Callback):
                     print(f"preference sweep: preference {k + 1} of {len(rows)} was finished before, reusing it")
                 done = json.loads(path.read_text())
                 raw = np.array(done["raw"], dtype=float).reshape(-1, len(rewards))
-                self._reused_seconds += float(done.get("seconds", 0.0))  # the cost stays the first run's
+                self.reused_seconds += float(done.get("seconds", 0.0))  # the cost stays the first run's
                 local.append((done["indices"], done["samples"], raw))
                 continue
             targets = None if row is None else np.broadcast_to(row, (len(prompts), len(rewards)))
@@ -500,7 +508,7 @@ class PreferenceSweep(L.Callback):
         obtained, samples, generated = [], [], []
         settings = {**policy.sampling_defaults("evaluation"), **self.sampling}
         fingerprint = f"{type(policy).__qualname__}@{trainer.global_step}"
-        start, self._reused_seconds = time.perf_counter(), 0.0
+        start, self.reused_seconds = time.perf_counter(), 0.0
         results = self.generate_all(
             policy, rewards, prompts, None if unconditioned else desired, settings, out, fingerprint,
             preferences if policy.weight_steered and not unconditioned else None,
@@ -535,8 +543,8 @@ class PreferenceSweep(L.Callback):
             "r_max": space.r_max.tolist(),
             "samples_per_prompt": self.samples_per_prompt,
             "cost": {
-                **self._training,
-                "sweep_seconds": time.perf_counter() - start + self._reused_seconds,
+                **self.ledger(),
+                "sweep_seconds": time.perf_counter() - start + self.reused_seconds,
                 "generated_samples_sweep": len(prompts) * len(results),
                 "reward_calls_sweep": len(prompts) * len(results) * len(rewards),
             },

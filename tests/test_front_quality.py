@@ -92,6 +92,19 @@ def test_summary_shares_one_reference_and_averages_seeds(front_quality, tmp_path
     assert summary["arms"]["ric_p_inf"]["train_seconds_mean"] == pytest.approx(100.0)
 
 
+def test_online_cost_carried_from_the_offline_checkpoint_is_not_added_twice(front_quality, tmp_path):
+    """An online fit started from an offline checkpoint that kept its ledger counts from step 0: its cost
+    already holds the offline training; one started from a checkpoint without a ledger gets it added."""
+    arms = fake_seed(tmp_path, 0, 0.0)
+    metrics = arms["online"] / "metrics.json"
+    for counted_from, expected in ((0, 150.0), (200, 250.0)):
+        data = json.loads(metrics.read_text())
+        data["cost"].update(train_seconds=150.0, counted_from_step=counted_from)
+        metrics.write_text(json.dumps(data))
+        cost = front_quality.arm_cost("online", tmp_path / "seed0", arms)
+        assert cost["train_seconds"] == pytest.approx(expected), counted_from
+
+
 def test_goals_follow_the_numbers(front_quality, tmp_path):
     per_seed = {seed: fake_seed(tmp_path, seed, lift) for seed, lift in ((0, 0.0), (1, 0.05))}
     goals = front_quality.goals(front_quality.summarize(tmp_path, [0, 1], per_seed))

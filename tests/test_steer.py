@@ -59,30 +59,43 @@ def test_the_sweep_records_the_cost_of_training_and_evaluation(trained):
 
 
 def test_the_training_ledger_survives_a_checkpoint():
-    """A fit killed after its last checkpoint and resumed counts the seconds, steps and tokens of both."""
+    """A fit killed after its last checkpoint and resumed counts the seconds, steps and tokens of both; a
+    checkpoint written without a ledger starts the count at its step; a test from a checkpoint carries none."""
     from types import SimpleNamespace as At
 
     from ric.evaluation import PreferenceSweep
 
+    def trainer(step, fn="fit"):
+        return At(global_step=step, state=At(fn=fn))
+
     batch = {"input_ids": torch.ones(2, 5, dtype=torch.long), "attention_mask": torch.ones(2, 5)}
     first = PreferenceSweep()
-    first.on_train_start(At(global_step=10), None)
-    first.on_train_batch_end(At(global_step=11), None, None, batch, 0)
-    saved = first.state_dict()  # what a checkpoint at step 11 holds
-    assert saved["training"]["training_steps"] == 1 and saved["training"]["training_tokens"] == 10
+    first.on_load_checkpoint(trainer(10), None, {})  # started from step 10 of a run that kept no ledger
+    first.on_train_start(trainer(10), None)
+    first.on_train_batch_end(trainer(11), None, None, batch, 0)
+    saved = {}
+    first.on_save_checkpoint(trainer(11), None, saved)  # a checkpoint at step 11
+    assert saved["ric_training_ledger"]["training_steps"] == 1 and saved["ric_training_ledger"]["training_tokens"] == 10
     resumed = PreferenceSweep()
-    resumed.load_state_dict(saved)
-    resumed.on_train_start(At(global_step=11), None)
+    resumed.on_load_checkpoint(trainer(11), None, saved)
+    resumed.on_train_start(trainer(11), None)
     for step in (12, 13):
-        resumed.on_train_batch_end(At(global_step=step), None, None, batch, 0)
-    resumed.end_training(At(global_step=13))
+        resumed.on_train_batch_end(trainer(step), None, None, batch, 0)
+    resumed.end_training(trainer(13))
     ledger = resumed.ledger()
     assert ledger["training_steps"] == 3 and ledger["training_tokens"] == 30 and ledger["training_examples"] == 6
-    assert ledger["train_seconds"] >= saved["training"]["train_seconds"] > 0
+    assert ledger["train_seconds"] >= saved["ric_training_ledger"]["train_seconds"] > 0
+    assert ledger["counted_from_step"] == 10
+    final = {}
+    resumed.on_save_checkpoint(trainer(13), None, final)
     finished = PreferenceSweep()  # resumed from the final checkpoint: nothing trains, all of it is carried
-    finished.load_state_dict(resumed.state_dict())
-    finished.end_training(At(global_step=13))
+    finished.on_load_checkpoint(trainer(13), None, final)
+    finished.end_training(trainer(13))
     assert finished.ledger() == ledger
+    tested = PreferenceSweep()
+    tested.on_load_checkpoint(trainer(13, fn="test"), None, final)
+    tested.end_training(trainer(13))
+    assert tested.ledger() == {}
 
 
 def test_steer_per_prompt_preferences_and_explicit_rewards(trained):

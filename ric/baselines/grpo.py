@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
 import time
 from collections.abc import Sequence
@@ -14,6 +15,8 @@ import torch
 from transformers import TrainerCallback
 
 from ric.baselines.rewards import NormalizedReward
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -143,11 +146,18 @@ class CostLedger(TrainerCallback):
         self.rewards = list(rewards)
         self.carried = {"seconds": 0.0, "reward_calls": 0, "reward_seconds": 0.0}
         if carried is not None and carried.is_file():
-            self.carried.update(json.loads(carried.read_text()))
+            try:
+                self.carried.update(json.loads(carried.read_text()))
+            except ValueError:
+                log.warning("%s is unreadable: the cost before this resume is not counted", carried)
+        self.on_train_begin()
+
+    def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
         self.before = [(r.samples, r.seconds) for r in self.rewards]
         self.start = time.perf_counter()
 
     def so_far(self) -> dict[str, float]:
+        """The run's cost up to now: what the checkpoint it resumed from carried, plus this process's part."""
         return {
             "seconds": self.carried["seconds"] + time.perf_counter() - self.start,
             "reward_calls": self.carried["reward_calls"]
@@ -159,4 +169,6 @@ class CostLedger(TrainerCallback):
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if state.is_world_process_zero and folder.is_dir():
-            (folder / self.FILE).write_text(json.dumps(self.so_far()))
+            tmp = folder / f"{self.FILE}.tmp"
+            tmp.write_text(json.dumps(self.so_far()))
+            tmp.replace(folder / self.FILE)
