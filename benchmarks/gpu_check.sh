@@ -5,7 +5,7 @@
 # variants first), then the speed overlay under ZeRO-2 through the CLI, given time for its sweep's compiled
 # decoding. Other steps (the SFT step's anatomy with CUDA's kernels, spread lengths with flex attention,
 # 8-bit + LoRA under DDP / ZeRO-2, SD v1.5-shape images/s, ZeRO-2 with LoRA + bf16, the tiny SD under
-# ZeRO-2) run when ONLY names them.
+# ZeRO-2, rollout decoding static vs continuous: ONLY=generation) run when ONLY names them.
 # Results land in $OUT (or runs/gpu_check).
 #
 # The GPU image lacks some of our dependencies: carry them as wheels in .whl/, and a random-weight Llama
@@ -76,6 +76,8 @@ TAIL=40 step throughput "${THROUGHPUT_LIMIT:-150}" "${TP[@]}" --sections "${GEN:
 # the speed overlay under ZeRO-2: regional compile in training, merged adapter + compiled static decoding in the sweep
 step zero2_speed_overlay "${OVERLAY_LIMIT:-240}" "${TEXT[@]}" --trainer.strategy deepspeed_stage_2 --config configs/speed/bf16_compiled.yaml \
     --trainer.default_root_dir /tmp/gpu_runs/zero2_fast
+# rollout decoding: static batches vs the continuous-batching engine on answers of hh-rlhf-like lengths
+TAIL=20 step generation 150 python3 benchmarks/gpu_generation.py --config "$LLAMA" --out "$OUT/generation_cuda.json"
 TAIL=30 step sd_throughput 80 python3 benchmarks/sd_throughput.py --shape sd15 --out "$OUT/sd_throughput_cuda.json"
 step sd_zero2 75 python3 -m ric.cli fit --config configs/quickstart_sd.yaml --trainer.accelerator gpu \
     --trainer.strategy deepspeed_stage_2 --trainer.precision bf16-mixed --trainer.max_steps 200 \

@@ -35,11 +35,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, max_batch: int, batch_timeout: float, device: str | None, log: Path) -> tuple:
+def start_server(model: str, max_batch: int, batch_timeout: float, device: str | None, log: Path,
+                 code: Path = ROOT) -> tuple:  # fmt: skip
     port = free_port()
-    cmd = [sys.executable, "-m", "ric.cli", "serve", model, "--port", str(port), "--max-batch-size", str(max_batch),
-           "--batch-timeout", str(batch_timeout)] + (["--device", device] if device else [])  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    cmd = [sys.executable, "-m", "ric.cli", "serve", str(Path(model).resolve()), "--port", str(port),
+           "--max-batch-size", str(max_batch), "--batch-timeout", str(batch_timeout)]  # fmt: skip
+    cmd += ["--device", device] if device else []
+    proc = subprocess.Popen(cmd, cwd=code, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -55,18 +57,29 @@ def start_server(model: str, max_batch: int, batch_timeout: float, device: str |
     raise RuntimeError("the server did not start in 300 s")
 
 
-def run_level(client, prompts: list[str], clients: int, max_tokens: int, seed: int) -> dict:
+def run_level(client, prompts: list[str], clients: int, max_tokens: int, seed: int, stream: bool = False) -> dict:
+    """``clients`` threads send ``prompts`` (each at its own random preference); with ``stream`` the time to
+    the first content chunk is recorded too."""
     rng = np.random.default_rng(seed)
     weights = rng.dirichlet([1.0, 1.0], size=len(prompts)).round(4)
     weights[:, 1] = 1.0 - weights[:, 0]
 
-    def one(k: int) -> tuple[float, int, int]:
+    def one(k: int) -> tuple[float, int, int, float]:
         start = time.perf_counter()
-        reply = client.chat.completions.create(
-            model="ric", messages=[{"role": "user", "content": prompts[k]}], max_tokens=max_tokens, temperature=0.7,
-            extra_body={"preference": weights[k].tolist()},
-        )  # fmt: skip
-        return time.perf_counter() - start, reply.usage.completion_tokens, reply.model_extra["batch_size"]
+        messages = [{"role": "user", "content": prompts[k]}]
+        extra = {"preference": weights[k].tolist()}
+        if not stream:
+            reply = client.chat.completions.create(model="ric", messages=messages, max_tokens=max_tokens,
+                                                   temperature=0.7, extra_body=extra)  # fmt: skip
+            return time.perf_counter() - start, reply.usage.completion_tokens, reply.model_extra["batch_size"], 0.0
+        first, last = None, None
+        for chunk in client.chat.completions.create(model="ric", messages=messages, max_tokens=max_tokens,
+                                                    temperature=0.7, extra_body=extra, stream=True):  # fmt: skip
+            if first is None and chunk.choices and chunk.choices[0].delta.content:
+                first = time.perf_counter() - start
+            last = chunk
+        tokens = last.usage.completion_tokens if getattr(last, "usage", None) else 0
+        return time.perf_counter() - start, tokens, last.model_extra.get("batch_size", 0), first or 0.0
 
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
@@ -74,8 +87,9 @@ def run_level(client, prompts: list[str], clients: int, max_tokens: int, seed: i
     wall = time.perf_counter() - start
     latency = np.array([r[0] for r in results])
     tokens = sum(r[1] for r in results)
-    return {
+    out = {
         "clients": clients,
+        "stream": stream,
         "requests": len(prompts),
         "wall_s": wall,
         "requests_per_s": len(prompts) / wall,
@@ -85,6 +99,11 @@ def run_level(client, prompts: list[str], clients: int, max_tokens: int, seed: i
         "latency_p95_s": float(np.percentile(latency, 95)),
         "mean_batch_size": float(np.mean([r[2] for r in results])),
     }
+    if stream:
+        first = np.array([r[3] for r in results])
+        out["time_to_first_token_p50_s"] = float(np.percentile(first, 50))
+        out["time_to_first_token_p95_s"] = float(np.percentile(first, 95))
+    return out
 
 
 def main() -> None:
@@ -95,6 +114,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--batch-timeout", type=float, default=0.05)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--stream-levels", default="8", help="levels run again with streaming (time to first token)")
+    parser.add_argument("--code", type=Path, default=ROOT, help="run the server of this checkout (a baseline)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     import openai
@@ -103,23 +124,24 @@ def main() -> None:
     questions = [json.loads(line)["prompt"] for line in (ROOT / "examples" / "new_questions.jsonl").open()]
     prompts = [questions[k % len(questions)] for k in range(args.requests)]
     log = Path("/tmp") / f"ric-serve-bench-{os.getpid()}.log"
-    proc, url = start_server(args.model, max(levels), args.batch_timeout, args.device, log)
+    proc, url = start_server(args.model, max(levels), args.batch_timeout, args.device, log, args.code)
     try:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=3600)
         run_level(client, prompts[: max(levels)], max(levels), args.max_tokens, seed=99)  # warm-up
         results = []
-        for clients in levels:
-            result = run_level(client, prompts, clients, args.max_tokens, seed=0)
-            results.append(result)
-            r = result
-            print(f"{clients:>3} clients: {r['requests_per_s']:.2f} req/s, "
+        streams = [int(v) for v in args.stream_levels.split(",") if v]
+        for clients, stream in [(c, False) for c in levels] + [(c, True) for c in streams]:
+            r = run_level(client, prompts, clients, args.max_tokens, seed=0, stream=stream)
+            results.append(r)
+            ttft = f", first token p50 {r['time_to_first_token_p50_s']:.2f} s" if stream else ""
+            print(f"{clients:>3} clients{' (streaming)' if stream else ''}: {r['requests_per_s']:.2f} req/s, "
                   f"{r['completion_tokens_per_s']:.1f} tokens/s, p50 {r['latency_p50_s']:.2f} s, "
-                  f"p95 {r['latency_p95_s']:.2f} s, "
-                  f"mean batch {r['mean_batch_size']:.1f}", flush=True)  # fmt: skip
+                  f"p95 {r['latency_p95_s']:.2f} s, mean batch {r['mean_batch_size']:.1f}{ttft}",
+                  flush=True)  # fmt: skip
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(60)
-    base = next((r for r in results if r["clients"] == 1), results[0])
+    base = next((r for r in results if r["clients"] == 1 and not r["stream"]), results[0])
     for r in results:
         r["throughput_vs_one_at_a_time"] = r["requests_per_s"] / base["requests_per_s"]
         print(f"{r['clients']:>3} clients: {r['throughput_vs_one_at_a_time']:.2f}x the one-at-a-time throughput")
@@ -134,6 +156,7 @@ def main() -> None:
         "cpu_threads": torch.get_num_threads(),
         "max_tokens": args.max_tokens,
         "batch_timeout_s": args.batch_timeout,
+        "code": str(args.code),
         "levels": results,
     }
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -392,8 +392,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("model", help="an export folder or a .ckpt file")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--max-batch-size", type=int, default=16, help="requests generated together")
-    serve.add_argument("--batch-timeout", type=float, default=0.05, help="seconds to wait for a batch to fill")
+    serve.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=16,
+        help="text: requests decoding at once (more wait for a free row); images: generated together",
+    )
+    serve.add_argument(
+        "--batch-timeout",
+        type=float,
+        default=0.05,
+        help="images: seconds the first waiting request waits for others (text joins at once)",
+    )
     serve.add_argument("--score", action="store_true", help="return each response's obtained rewards")
     serve.add_argument("--device", help="cpu (default), cuda, ...")
     serve.add_argument("--front", help="the sweep's front.csv to show (default: found beside the model)")

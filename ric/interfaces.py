@@ -15,7 +15,7 @@ import contextlib
 import inspect
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -400,6 +400,13 @@ class ConditionalPolicy(L.LightningModule, ABC):
         **sampling: Any,
     ) -> list[Any]:
         """One sample per prompt; ``desired_rewards`` is ``[len(prompts), N]`` (or ``[N]`` for all)."""
+
+    def generate_stream(
+        self, prompts: Sequence[Any], desired_rewards: np.ndarray | None = None, **sampling: Any
+    ) -> Iterator[tuple[int, Any]]:
+        """``(position, sample)`` pairs as samples finish, so a caller can use them before the rest are done
+        (a continuous batch finishes short answers first). By default every sample at once, in order."""
+        yield from enumerate(self.generate(prompts, desired_rewards, **sampling))
 
     def log_likelihood(
         self, prompts: Sequence[Any], responses: Sequence[Any], desired_rewards: np.ndarray | None

@@ -52,13 +52,6 @@ class Server:
         self.stop()
         raise AssertionError(f"server did not start: {self.log.read_text()[-3000:]}")
 
-    def batches(self) -> list[int]:
-        return [
-            int(line.split("batch of ")[1].split()[0])
-            for line in self.log.read_text().splitlines()
-            if "batch of " in line
-        ]
-
     def stop(self):
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
@@ -120,19 +113,37 @@ def test_openai_client_gets_a_steered_chat_completion(client, space):
     assert isinstance(text.choices[0].text, str) and text.model_extra["desired_rewards"] == [1.0, -0.5]
 
 
-def test_streaming_chat_completion(client, space):
+def test_streaming_sends_each_token_as_it_is_sampled(client, space):
     chunks = list(client.chat.completions.create(
         model="ric", messages=[{"role": "user", "content": "hi"}], max_tokens=6, stream=True,
-        extra_body={"preference": [1.0, 0.0]},
+        extra_body={"preference": [1.0, 0.0]}, stream_options={"include_usage": True},
     ))  # fmt: skip
-    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert len(pieces) > 1  # token by token, not one piece at the end
     last = chunks[-1]
-    assert last.choices[0].finish_reason == "stop" and isinstance(text, str)
+    assert last.choices[0].finish_reason in ("stop", "length") and last.usage.completion_tokens <= 6
     np.testing.assert_allclose(last.model_extra["desired_rewards"], space.desired([1.0, 0.0]))
+    assert all(c.id == chunks[0].id for c in chunks)
 
 
-def test_concurrent_preferences_share_batches(client, server, space):
-    before = len(server.batches())
+def test_a_request_joins_the_running_batch_and_a_seed_gives_steers_sample(client, trained):
+    """A short request sent while a long one decodes is answered before the long one ends; a seeded request
+    gets the sample ``steer`` gives with that seed."""
+    long = client.completions.create(model="ric", prompt="tell me everything", max_tokens=300, stream=True,
+                                     extra_body={"preference": [0.5, 0.5]})  # fmt: skip
+    first = next(iter(long))
+    short = client.completions.create(model="ric", prompt="and briefly?", max_tokens=4, seed=7, temperature=0.7,
+                                      extra_body={"preference": [0.3, 0.7]})  # fmt: skip
+    rest = list(long)
+    assert first.choices[0].text is not None and short.choices[0].text is not None
+    assert len([c for c in rest if c.choices and c.choices[0].text]) > 20  # the long one was still decoding
+    assert short.model_extra["batch_size"] == 2
+    steered = ric.load(trained["ckpt"]).steer("and briefly?", [0.3, 0.7], seed=7, max_new_tokens=4, temperature=0.7)
+    assert short.choices[0].text == steered[0].sample
+
+
+def test_concurrent_preferences_share_the_batch(client, space):
     weights = [[k / 15, 1 - k / 15] for k in range(16)]
 
     def ask(w):
@@ -145,9 +156,22 @@ def test_concurrent_preferences_share_batches(client, server, space):
     for w, reply in zip(weights, replies):
         np.testing.assert_allclose(reply.model_extra["desired_rewards"], space.desired(w))
         assert reply.model_extra["preference"] == pytest.approx(w)
-    batches = server.batches()[before:]
-    assert sum(batches) == 16 and len(batches) < 16 and max(batches) > 1
     assert max(r.model_extra["batch_size"] for r in replies) > 1
+
+
+def test_a_client_that_goes_away_frees_its_row(server):
+    body = {"prompt": "talk for a long time", "max_tokens": 400, "stream": True}
+    req = urllib.request.Request(f"{server.url}/v1/completions", json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})  # fmt: skip
+    with urllib.request.urlopen(req, timeout=60) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        assert r.readline().startswith(b"data: ")
+    deadline = time.monotonic() + 30
+    while "went away: its row is freed" not in server.log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "went away: its row is freed" in server.log.read_text()
+    status, raw = post(f"{server.url}/v1/completions", {"prompt": "still there?", "max_tokens": 3})
+    assert status == 200 and json.loads(raw)["usage"]["completion_tokens"] <= 3
 
 
 @pytest.mark.parametrize(
@@ -184,6 +208,8 @@ def test_models_and_health(server, space):
     assert get(f"{server.url}/health") == (200, b"ok")
     status, raw = post(f"{server.url}/v1/images/generations", {"prompt": "a cat", "preference": [1, 0]})
     assert status == 404 and "generates text" in json.loads(raw)["error"]["message"]
+    status, raw = post(f"{server.url}/v1/ric/steer", {"kind": "completion", "body": {"prompt": "hi"}})
+    assert status == 404 and "/v1/completions" in json.loads(raw)["error"]["message"]
 
 
 def test_page_in_headless_chromium(server, space, tmp_path):

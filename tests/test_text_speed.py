@@ -297,13 +297,20 @@ def test_merged_generation_keeps_a_frozen_adapter_frozen(tiny_llama):
     assert {n: p.requires_grad for n, p in policy.named_parameters()} == flags
 
 
-def test_merge_restores_weights_when_generation_fails(policy, monkeypatch):
+@pytest.mark.parametrize("batching", ["continuous", "static"])
+def test_merge_restores_weights_when_generation_fails(policy, monkeypatch, batching):
+    from ric.text.batching import ContinuousBatcher
+
     before = base_weights(policy)
 
     def boom(*args, **kwargs):
         raise RuntimeError("out of memory halfway")
 
-    monkeypatch.setattr(policy.lm, "generate", boom)
+    monkeypatch.setitem(policy.hparams, "generation_batching", batching)
+    if batching == "static":
+        monkeypatch.setattr(policy.lm, "generate", boom)
+    else:
+        monkeypatch.setattr(ContinuousBatcher, "step", boom)
     with pytest.raises(RuntimeError, match="halfway"):
         policy.generate(["hello"], np.array([[0.0, 0.0]]), do_sample=False, max_new_tokens=2)
     after = base_weights(policy)

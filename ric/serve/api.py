@@ -1,73 +1,89 @@
-"""The model side of ``ric serve``: one LitServe API that generates for a batch of requests at once.
+"""The model side of ``ric serve``: one LitServe API on LitServe's continuous batching loop.
 
-A RiC preference is only prompt text, so requests with different preferences share one ``generate`` call:
-LitServe collects them (up to ``max_batch_size``, waiting up to ``batch_timeout``), the batch maps each
-preference to its desired rewards through the model's reward space and generates every conditioned prompt
-together. Requests whose sampling settings differ (length, temperature, a seed) are generated in separate
-calls within the batch. A failure inside generation is retried request by request, so only the request that
-fails gets a 5xx.
+A RiC preference is only prompt text, so requests with different preferences decode side by side. Text
+requests join the running batch of the policy's continuous-batching engine (:mod:`ric.text.batching`) the
+step after they arrive, each token is sent as soon as it is sampled, and a finished request's row goes to
+the next one at once. Image requests are generated together once ``batch_timeout`` has passed since the
+first of them arrived (or ``max_batch_size`` are waiting). The worker sends each request a stream of small
+events (``chunk``, ``body`` or ``error``); the HTTP process (:mod:`ric.serve.server`) turns them into
+server-sent events or one JSON body, and reports a client that went away, whose request is then cancelled.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
+import queue
 import sys
-from dataclasses import dataclass
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
 from typing import Any
 
 import litserve as ls
 import numpy as np
+from litserve.loops.continuous_batching_loop import ContinuousBatchingLoop, Output
+from litserve.utils import LitAPIStatus
 
-from ric.serve.requests import (
-    BadRequest,
-    ModelCard,
-    Steering,
-    completion_body,
-    error_body,
-    parse_request,
-    stream_events,
-)
+from ric.serve.requests import BadRequest, ModelCard, Steering, completion_body, error_body, parse_request, ric_fields
 
 log = logging.getLogger("ric.serve")
 
-#: the path the HTTP layer forwards every checked request to (one queue, so every kind shares batches)
+#: the path the HTTP layer forwards every checked request to (one queue, so every kind shares the engine)
 STEER_PATH = "/v1/ric/steer"
 
 
+class SteeringLoop(ContinuousBatchingLoop):
+    """LitServe's continuous batching loop, resting between polls while nothing runs instead of spinning."""
+
+    async def run(self, lit_api: ls.LitAPI, *args: Any) -> None:
+        if not lit_api.has_active_requests():
+            await asyncio.sleep(0.002)
+            return
+        await super().run(lit_api, *args)
+
+
 @dataclass
-class Failed:
-    """A request that cannot be answered, with its HTTP status."""
+class Job:
+    """One request in the worker: what was asked, its engine request (text) and what was sent so far."""
 
-    status: int
-    body: dict[str, Any]
-
-
-@dataclass
-class Answer:
+    uid: str
     steering: Steering
-    sample: Any
     desired: list[float] | None
-    obtained: dict[str, float] | None
-    batch: int
+    engine: Any = None  # ric.text.batching.Request
+    sent: str = ""
+    opened: bool = False  # a chunk was sent
+    rows: int = 0  # the most requests that decoded beside it, itself included
+    arrived: float = field(default_factory=time.monotonic)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
+    created: int = field(default_factory=lambda: int(time.time()))
 
 
 class SteeringAPI(ls.LitAPI):
-    """Loads the model in its worker and answers batches of steering requests.
+    """Loads the model in its worker and decodes every request on one continuous-batching engine.
 
     Args:
         model: an export folder or a checkpoint.
         card: what the HTTP layer knows of the model (reward names, kind).
         device: ``cpu``, ``cuda``, ... (default: what LitServe assigns the worker).
         score: also score each sample with the model's rewards (they must be rebuildable here).
+        cancels: where the HTTP process puts the ids of requests whose client went away.
+        max_batch_size: rows decoding at once (text), images generated together.
+        batch_timeout: seconds the first waiting image request waits for others.
     """
 
-    def __init__(self, model: str, card: ModelCard, score: bool = False, device: str | None = None, **kwargs: Any):
-        super().__init__(api_path=STEER_PATH, **kwargs)
+    def __init__(self, model: str, card: ModelCard, score: bool = False, device: str | None = None,
+                 cancels: Any = None, max_batch_size: int = 16, batch_timeout: float = 0.05) -> None:  # fmt: skip
+        super().__init__(api_path=STEER_PATH, stream=True, loop=SteeringLoop(), max_batch_size=max_batch_size,
+                         batch_timeout=batch_timeout)  # fmt: skip
         self.model_path = model
         self.card = card
         self.score = score
         self.device_override = device
+        self.cancels = cancels
 
     def setup(self, device: str) -> None:
         from ric.loading import load_from_info, read_model_info
@@ -77,11 +93,28 @@ class SteeringAPI(ls.LitAPI):
         self.policy = load_from_info(info, device=self.device_override or device)
         self.rewards = info.reward_space.build_rewards() if self.score else None
         self.tokenizer = getattr(self.policy, "tokenizer", None)
+        self.engine = None
+        self._session = contextlib.ExitStack()
+        if hasattr(self.policy, "batcher") and not self.policy.weight_steered:  # adapter merged for the server's life
+            self.policy.eval()
+            self._session.enter_context(self.policy.generation_session())
+            self.engine = self.policy.batcher(self.max_batch_size)
+        self._lock = threading.Lock()
+        self._jobs: dict[str, Job] = {}
+        self._by_id: dict[str, str] = {}  # the HTTP process's request id -> LitServe's uid
+        self._events: list[Output] = []
         log.info("serving %s on %s (rewards %s)", self.model_path, self.policy.device, self.card.reward_names)
 
-    def decode_request(self, request):  # noqa: ANN001 - unannotated: LitServe then passes the parsed JSON body
-        """A checked request, or the reason it cannot be answered (never raised: one bad request must not fail
-        the batch it arrived in)."""
+    # ---- what LitServe's continuous batching loop calls ---------------------------------------------------
+    def has_capacity(self) -> bool:
+        return True  # the engine queues what it cannot run yet
+
+    def has_active_requests(self) -> bool:
+        return bool(self._jobs or self._events)
+
+    def add_request(self, uid: str, request: Any) -> None:
+        """Check a forwarded request and queue it; one that cannot be answered is answered with its error at
+        the next step (it never reaches the engine)."""
         try:
             if not isinstance(request, dict) or "kind" not in request:
                 raise BadRequest(f"post to {sorted(['/v1/chat/completions', '/v1/completions'])}, not {STEER_PATH}")
@@ -89,95 +122,191 @@ class SteeringAPI(ls.LitAPI):
             self.policy.check_prompt(steering.prompt)
             if steering.sampling:
                 self.policy.check_sampling(steering.sampling, "request")
-            return steering
+            job = self._job(uid, steering)
         except BadRequest as err:
-            return Failed(err.status, err.body())
+            return self._answer(uid, {"ric": "error", "status": err.status, "data": err.body()})
         except ValueError as err:
-            return Failed(400, error_body(str(err), "invalid_request_error", "prompt"))
+            return self._answer(uid, {"ric": "error", "status": 400,
+                                      "data": error_body(str(err), "invalid_request_error", "prompt")})  # fmt: skip
+        with self._lock:
+            self._jobs[uid] = job
+            if request.get("id"):
+                self._by_id[str(request["id"])] = uid
+        if job.engine is not None:
+            self.engine.submit(job.engine)
 
-    def batch(self, inputs: list[Any]) -> list[Any]:
-        return list(inputs)
+    def step(self, prev_outputs: list[Output] | None) -> list[Output]:
+        """Cancel what the clients left, run one engine step (or one image batch), and hand out the new text,
+        the finished answers and any errors."""
+        self._take_cancels()
+        if self.engine is not None:
+            if self.engine.busy():
+                self.engine.step()
+        else:
+            self._whole_batches()
+        with self._lock:
+            outputs, self._events = self._events, []
+            jobs = list(self._jobs.values())
+        running = self.engine.running if self.engine is not None else 0
+        for job in jobs:
+            if job.engine is None:
+                continue
+            job.rows = max(job.rows, running)
+            if job.engine.finished:
+                outputs += self._finish(job)
+            elif job.steering.stream:
+                outputs += self._delta(job)
+        return outputs
 
-    def predict(self, items: list[Steering | Failed]) -> list[Answer | Failed]:
-        out: list[Answer | Failed | None] = [item if isinstance(item, Failed) else None for item in items]
-        groups: dict[str, list[int]] = {}
-        for i, item in enumerate(items):
-            if isinstance(item, Steering):
-                key = json.dumps([item.sampling, item.seed], sort_keys=True)
-                groups.setdefault(key, []).append(i)
-        todo = sum(len(g) for g in groups.values())
-        if todo:
-            prefs = {json.dumps(items[i].preference or items[i].desired_rewards) for g in groups.values() for i in g}
-            log.info("batch of %d requests (%d preferences) in %d generate call(s)", todo, len(prefs), len(groups))
-        for members in groups.values():
-            try:
-                answers = self.generate([items[i] for i in members], todo)
-            except Exception:  # noqa: BLE001 - find the request that fails; the others are answered
-                log.exception("a batch failed; generating its %d requests one by one", len(members))
-                answers = [self.generate_alone(items[i]) for i in members]
-            for i, answer in zip(members, answers):
-                out[i] = answer
-        return out
+    def encode_response(self, output):  # noqa: ANN001 - unannotated: LitServe then sends what it gives as is
+        return output
 
-    def generate_alone(self, item: Steering) -> Answer | Failed:
-        try:
-            return self.generate([item], 1)[0]
-        except Exception as err:  # noqa: BLE001 - answered as this request's 500
-            log.exception("request failed")
-            return Failed(500, error_body(f"generation failed: {type(err).__name__}: {err}", "server_error"))
-
-    def generate(self, group: list[Steering], batch: int) -> list[Answer]:
-        """One generate call for requests with the same sampling settings, each at its own desired rewards."""
+    # ---- requests ------------------------------------------------------------------------------------------
+    def _job(self, uid: str, steering: Steering) -> Job:
         space = self.policy.reward_space
         desired = None
         if self.policy.conditioned:
-            desired = np.array(
-                [s.desired_rewards if s.desired_rewards is not None else space.desired(s.preference, s.method)
-                 for s in group]
-            )  # fmt: skip
-        first = group[0]
-        prompts = [s.prompt for s in group]
-        steered = self.policy.steer(prompts, desired_rewards=desired, seed=first.seed, **first.sampling)
-        obtained: list[dict | None] = [None] * len(group)
-        if self.rewards is not None:
-            from ric.interfaces import score_all
+            values = steering.desired_rewards
+            if values is None:
+                values = space.desired(steering.preference, steering.method)
+            desired = [float(v) for v in values]
+        job = Job(uid, steering, desired)
+        if self.engine is not None:
+            from ric.rollout import random_stream
 
-            raw = score_all(self.rewards, [s.prompt for s in group], [r.sample for r in steered])
-            obtained = [dict(zip(space.reward_names, row.tolist())) for row in space.normalize(raw)]
-        return [Answer(s, r.sample, r.desired_rewards, o, batch) for s, r, o in zip(group, steered, obtained)]
+            settings = self.policy.sampling_settings(steering.sampling)
+            ids = self.policy.prompt_ids([steering.prompt], None if desired is None else np.array([desired]))
+            with random_stream(steering.seed):  # seeded as `steer` seeds its first prompt: the same sample
+                job.engine = self.policy.batching_requests(ids, settings)[0]
+        return job
 
-    def unbatch(self, outputs: list[Any]) -> list[Any]:
-        return list(outputs)
+    def _answer(self, uid: str, event: dict[str, Any]) -> None:
+        with self._lock:
+            self._events += [Output(uid, event, LitAPIStatus.OK), Output(uid, "", LitAPIStatus.FINISH_STREAMING)]
 
-    def encode_response(self, output):  # noqa: ANN001 - unannotated: LitServe then returns what it gives as is
-        from fastapi.responses import JSONResponse, Response
+    def _take_cancels(self) -> None:
+        while self.cancels is not None:
+            try:
+                request_id = self.cancels.get_nowait()
+            except queue.Empty:
+                return
+            with self._lock:
+                uid = self._by_id.pop(request_id, None)
+                job = self._jobs.get(uid) if uid is not None else None
+            if job is not None and job.engine is not None and not job.engine.finished:
+                log.info("client of request %s went away: its row is freed", uid)
+                self.engine.cancel(job.engine)
 
-        if isinstance(output, Failed):
-            return JSONResponse(output.body, status_code=output.status)
-        s = output.steering
-        if s.kind == "image":
-            return image_body(output)
-        prompt_tokens = completion_tokens = 0
-        if self.tokenizer is not None:
-            prompt_tokens = len(self.tokenizer(s.prompt)["input_ids"])
-            completion_tokens = len(self.tokenizer(output.sample)["input_ids"])
-        body = completion_body(s, output.sample, output.desired, output.obtained, output.batch, prompt_tokens,
-                               completion_tokens)  # fmt: skip
-        if s.stream:
-            return Response(stream_events(body), media_type="text/event-stream")
-        return body
+    def _delta(self, job: Job) -> list[Output]:
+        """The text decoded since the last chunk (held back while it ends inside a multi-byte character)."""
+        text = self.policy.decode_answer(job.engine.tokens)
+        if text.endswith("\ufffd") or len(text) <= len(job.sent) or not text.startswith(job.sent):
+            return []
+        delta, job.sent = text[len(job.sent) :], text
+        return [Output(job.uid, {"ric": "chunk", "data": self._chunk(job, delta, None)}, LitAPIStatus.OK)]
+
+    def _finish(self, job: Job) -> list[Output]:
+        """The end of a request: the whole body, or for a stream the text not sent yet and the last chunk
+        (finish reason, usage, RiC's fields)."""
+        with self._lock:
+            self._jobs.pop(job.uid, None)
+            self._by_id = {k: v for k, v in self._by_id.items() if v != job.uid}
+        end = Output(job.uid, "", LitAPIStatus.FINISH_STREAMING)
+        if job.engine.finish_reason == "cancelled":
+            return [end]
+        text = self.policy.decode_answer(job.engine.tokens)
+        s = job.steering
+        obtained = self._obtained([s.prompt], [text])[0]
+        reason = "length" if job.engine.finish_reason == "length" else "stop"
+        body = completion_body(s, text, job.desired, obtained, job.rows, len(job.engine.ids), len(job.engine.tokens),
+                               reason, job.id, job.created)  # fmt: skip
+        if not s.stream:
+            return [Output(job.uid, {"ric": "body", "data": body}, LitAPIStatus.OK), end]
+        out = []
+        if text.startswith(job.sent) and len(text) > len(job.sent):
+            chunk = self._chunk(job, text[len(job.sent) :], None)
+            out.append(Output(job.uid, {"ric": "chunk", "data": chunk}, LitAPIStatus.OK))
+        extra = {
+            k: v for k, v in body.items() if k in ("preference", "desired_rewards", "obtained_rewards", "batch_size")
+        }
+        last = {**self._chunk(job, "", reason), "usage": body["usage"], **extra}
+        return out + [Output(job.uid, {"ric": "chunk", "data": last}, LitAPIStatus.OK), end]
+
+    def _chunk(self, job: Job, delta: str, finish: str | None) -> dict[str, Any]:
+        """One chunk in OpenAI's streaming shape; a chat stream's first chunk names the assistant role."""
+        chat = job.steering.kind == "chat"
+        if chat:
+            content = {"content": delta} if delta or finish is None else {}
+            if not job.opened:
+                content = {"role": "assistant", **content}
+            choice = {"index": 0, "delta": content, "finish_reason": finish, "logprobs": None}
+        else:
+            choice = {"index": 0, "text": delta, "finish_reason": finish, "logprobs": None}
+        job.opened = True
+        prefix = "chatcmpl" if chat else "cmpl"
+        return {"id": f"{prefix}-{job.id}", "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": job.created, "model": job.steering.model, "choices": [choice]}  # fmt: skip
+
+    def _obtained(self, prompts: list[str], samples: list[Any]) -> list[dict[str, float] | None]:
+        if self.rewards is None:
+            return [None] * len(prompts)
+        from ric.interfaces import score_all
+
+        space = self.policy.reward_space
+        raw = score_all(self.rewards, prompts, samples)
+        return [dict(zip(space.reward_names, row.tolist())) for row in space.normalize(raw)]
+
+    # ---- policies without the engine (images) --------------------------------------------------------------
+    def _whole_batches(self) -> None:
+        """Generate the waiting requests together (grouped by sampling settings and seed) once the first has
+        waited ``batch_timeout`` or ``max_batch_size`` are waiting."""
+        with self._lock:
+            waiting = sorted(self._jobs.values(), key=lambda j: j.arrived)[: self.max_batch_size]
+        if not waiting:
+            return
+        if len(waiting) < self.max_batch_size and time.monotonic() - waiting[0].arrived < self.batch_timeout:
+            time.sleep(0.005)
+            return
+        groups: dict[str, list[Job]] = {}
+        for job in waiting:
+            groups.setdefault(json.dumps([job.steering.sampling, job.steering.seed], sort_keys=True), []).append(job)
+        log.info("batch of %d requests in %d generate call(s)", len(waiting), len(groups))
+        for group in groups.values():
+            try:
+                events = self._generate_group(group, len(waiting))
+            except Exception as err:  # noqa: BLE001 - answered as these requests' 500
+                log.exception("generation failed")
+                body = error_body(f"generation failed: {type(err).__name__}: {err}", "server_error")
+                events = [{"ric": "error", "status": 500, "data": body}] * len(group)
+            for job, event in zip(group, events):
+                with self._lock:
+                    self._jobs.pop(job.uid, None)
+                self._answer(job.uid, event)
+
+    def _generate_group(self, group: list[Job], batch: int) -> list[dict[str, Any]]:
+        first = group[0].steering
+        desired = None if group[0].desired is None else np.array([j.desired for j in group])
+        steered = self.policy.steer([j.steering.prompt for j in group], desired_rewards=desired, seed=first.seed,
+                                    **first.sampling)  # fmt: skip
+        obtained = self._obtained([j.steering.prompt for j in group], [r.sample for r in steered])
+        events = []
+        for job, r, o in zip(group, steered, obtained):
+            if job.steering.kind == "image":
+                body = image_body(job.steering, r.sample, r.desired_rewards, o, batch)
+            else:
+                body = completion_body(job.steering, r.sample, r.desired_rewards, o, batch, request_id=job.id,
+                                       created=job.created)  # fmt: skip
+            events.append({"ric": "body", "data": body})
+        return events
 
 
-def image_body(answer: Answer) -> dict[str, Any]:
+def image_body(steering: Steering, image: Any, desired: list[float] | None, obtained: dict | None,
+               batch: int) -> dict[str, Any]:  # fmt: skip
     """OpenAI's images response: base64 PNG data, with RiC's fields at the top level."""
     import base64
     import io
-    import time
-
-    from ric.serve.requests import ric_fields
 
     buffer = io.BytesIO()
-    answer.sample.save(buffer, format="PNG")
+    image.save(buffer, format="PNG")
     data = [{"b64_json": base64.b64encode(buffer.getvalue()).decode("ascii"), "revised_prompt": None}]
-    return {"created": int(time.time()), "data": data, **ric_fields(answer.steering, answer.desired, answer.obtained,
-                                                                     answer.batch)}  # fmt: skip
+    return {"created": int(time.time()), "data": data, **ric_fields(steering, desired, obtained, batch)}

@@ -3,8 +3,8 @@ model's metadata before they reach the model, and the response bodies.
 
 A request is checked twice: in the HTTP process (everything that needs no weights: JSON, fields, the
 preference against the reward names and the simplex, the mapping method), so a bad request gets a 400 at
-once and never enters a batch; and in the model's worker (the prompt's length in tokens), where an error is
-answered for that request alone while the rest of its batch is generated.
+once and never reaches the model; and in the model's worker (the prompt's length in tokens), where an error
+is answered for that request alone before it joins the running batch.
 """
 
 from __future__ import annotations
@@ -187,19 +187,21 @@ def sampling_settings(kind: str, body: dict[str, Any]) -> dict[str, Any]:
 
 
 def completion_body(steering: Steering, text: str, desired: list[float] | None, obtained: dict | None, batch: int,
-                    prompt_tokens: int = 0, completion_tokens: int = 0) -> dict[str, Any]:  # fmt: skip
+                    prompt_tokens: int = 0, completion_tokens: int = 0, finish_reason: str = "stop",
+                    request_id: str | None = None, created: int | None = None) -> dict[str, Any]:  # fmt: skip
     """An OpenAI chat.completion / text_completion body with RiC's fields at the top level."""
-    created = int(time.time())
     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
              "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
-    choice: dict[str, Any] = {"index": 0, "finish_reason": "stop", "logprobs": None}
+    choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason, "logprobs": None}
+    request_id = request_id or uuid.uuid4().hex[:24]
     if steering.kind == "chat":
         choice["message"] = {"role": "assistant", "content": text}
-        head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion"}
+        head = {"id": f"chatcmpl-{request_id}", "object": "chat.completion"}
     else:
         choice["text"] = text
-        head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion"}
-    body = {**head, "created": created, "model": steering.model, "choices": [choice], "usage": usage}
+        head = {"id": f"cmpl-{request_id}", "object": "text_completion"}
+    body = {**head, "created": created or int(time.time()), "model": steering.model, "choices": [choice],
+            "usage": usage}  # fmt: skip
     return {**body, **ric_fields(steering, desired, obtained, batch)}
 
 
@@ -208,27 +210,3 @@ def ric_fields(steering: Steering, desired: list[float] | None, obtained: dict |
     if obtained is not None:
         out["obtained_rewards"] = obtained
     return out
-
-
-def stream_events(body: dict[str, Any]) -> str:
-    """A finished completion as server-sent events in OpenAI's chunk format (a role chunk, the text, the
-    stop chunk with RiC's fields, then ``[DONE]``)."""
-    import json
-
-    chat = body["object"] == "chat.completion"
-    text = body["choices"][0]["message"]["content"] if chat else body["choices"][0]["text"]
-    extra = {k: body[k] for k in ("preference", "desired_rewards", "obtained_rewards", "batch_size") if k in body}
-    base = {"id": body["id"], "object": "chat.completion.chunk" if chat else "text_completion",
-            "created": body["created"], "model": body["model"]}  # fmt: skip
-
-    def choice(delta: dict[str, Any] | str, finish: str | None) -> dict[str, Any]:
-        if chat:
-            return {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-        return {"index": 0, "text": delta, "finish_reason": finish, "logprobs": None}
-
-    chunks = []
-    if chat:
-        chunks.append({**base, "choices": [choice({"role": "assistant", "content": ""}, None)]})
-    chunks.append({**base, "choices": [choice({"content": text} if chat else text, None)]})
-    chunks.append({**base, "choices": [choice({} if chat else "", "stop")], "usage": body["usage"], **extra})
-    return "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"

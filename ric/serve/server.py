@@ -2,7 +2,7 @@
 
 The HTTP process knows the model's metadata only (reward names and space, read without weights): it checks
 each request there and answers a bad one with a 400 at once, then forwards the checked request to the one
-model worker, where LitServe batches requests of every endpoint together. Routes:
+model worker, where it joins the running batch (continuous batching, see :mod:`ric.serve.api`). Routes:
 
 * ``POST /v1/chat/completions``, ``POST /v1/completions`` (text), ``POST /v1/images/generations`` (images):
   OpenAI's shapes plus ``preference`` (or ``desired_rewards``) and ``method`` in the body; the response
@@ -15,7 +15,9 @@ model worker, where LitServe batches requests of every endpoint together. Routes
 from __future__ import annotations
 
 import json
+import multiprocessing
 import time
+import uuid
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -31,13 +33,19 @@ from ric.space import RewardSpace
 
 class CheckRequests:
     """ASGI middleware: reads each POST to an OpenAI endpoint, refuses malformed JSON and bad fields with a
-    400 naming them, and forwards the rest to the model worker's path with their kind."""
+    400 naming them, and forwards the rest to the model worker's path with their kind and an id. The worker
+    answers with a stream of events, which this turns into server-sent events (``stream: true``) or one JSON
+    body; a client that goes away before its answer is done has its id put in ``cancels``."""
 
-    def __init__(self, app: Any, card: ModelCard) -> None:
+    def __init__(self, app: Any, card: ModelCard, cancels: Any = None) -> None:
         self.app = app
         self.card = card
+        self.cancels = cancels
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].rstrip("/") == STEER_PATH:  # the worker's own route
+            await respond(send, 404, error_body(f"post to one of {sorted(ENDPOINTS)}", "invalid_request_error"))
+            return
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"].rstrip("/") not in ENDPOINTS:
             await self.app(scope, receive, send)
             return
@@ -53,23 +61,78 @@ class CheckRequests:
                 body = json.loads(raw or b"null")
             except (json.JSONDecodeError, UnicodeDecodeError) as err:
                 raise BadRequest(f"the request body is not valid JSON: {err}") from None
-            parse_request(kind, body, self.card)
+            steering = parse_request(kind, body, self.card)
         except BadRequest as err:
             await respond(send, err.status, err.body())
             return
-        forwarded = json.dumps({"kind": kind, "body": body}).encode()
+        request_id = uuid.uuid4().hex
+        forwarded = json.dumps({"kind": kind, "body": body, "id": request_id}).encode()
         headers = [(k, v) for k, v in scope["headers"] if k.lower() not in (b"content-length", b"content-type")]
         headers += [(b"content-type", b"application/json"), (b"content-length", str(len(forwarded)).encode())]
+        relay = Relay(send, steering.stream)
         sent = False
 
         async def replay() -> dict:
             nonlocal sent
-            if sent:
-                return await receive()
-            sent = True
-            return {"type": "http.request", "body": forwarded, "more_body": False}
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": forwarded, "more_body": False}
+            message = await receive()
+            if message["type"] == "http.disconnect" and not relay.finished and self.cancels is not None:
+                self.cancels.put(request_id)
+            return message
 
-        await self.app({**scope, "path": STEER_PATH, "raw_path": STEER_PATH.encode(), "headers": headers}, replay, send)
+        scope = {**scope, "path": STEER_PATH, "raw_path": STEER_PATH.encode(), "headers": headers}
+        await self.app(scope, replay, relay.send)
+
+
+class Relay:
+    """The worker's newline-delimited events -> the client's response: an ``error`` or a ``body`` event is sent
+    as one JSON response (with its status), ``chunk`` events as server-sent events ending in ``[DONE]``.
+    The response starts only when the first event has said which."""
+
+    def __init__(self, send: Any, stream: bool) -> None:
+        self._send = send
+        self.stream = stream
+        self.finished = False
+        self._started = False
+        self._passthrough = False  # LitServe answered itself (an error status): sent as it is
+        self._buffer = b""
+
+    async def send(self, message: dict) -> None:
+        if message["type"] == "http.response.start":
+            if message["status"] != 200:
+                self._passthrough = True
+                await self._send(message)
+            return
+        if message["type"] != "http.response.body" or self._passthrough:
+            self.finished = self.finished or not message.get("more_body")
+            await self._send(message)
+            return
+        self._buffer += message.get("body", b"")
+        *lines, self._buffer = self._buffer.split(b"\n")
+        for line in lines:
+            if line.strip() and not self.finished:
+                await self._event(json.loads(line))
+        if not message.get("more_body") and not self.finished:
+            self.finished = True
+            if self._started:
+                await self._send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+            else:
+                await respond(self._send, 500, error_body("the model worker ended the request without an answer",
+                                                          "server_error"))  # fmt: skip
+
+    async def _event(self, event: dict[str, Any]) -> None:
+        if event.get("ric") in ("error", "body"):
+            self.finished = True
+            await respond(self._send, int(event.get("status", 200)), event["data"])
+            return
+        if not self._started:
+            self._started = True
+            headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+            await self._send({"type": "http.response.start", "status": 200, "headers": headers})
+        data = f"data: {json.dumps(event['data'])}\n\n".encode()
+        await self._send({"type": "http.response.body", "body": data, "more_body": True})
 
 
 async def respond(send: Any, status: int, body: dict[str, Any]) -> None:
@@ -191,9 +254,11 @@ def build_server(
     path = Path(model).resolve()
     card = model_card(info, name or (path.name if path.is_dir() else f"{path.parent.parent.name}/{path.stem}"), score,
                       front_path)  # fmt: skip
-    api = SteeringAPI(str(model), card, score=score, device=device, max_batch_size=max_batch_size,
+    cancels = multiprocessing.get_context("spawn").Queue()  # HTTP process -> model worker: clients gone
+    api = SteeringAPI(str(model), card, score=score, device=device, cancels=cancels, max_batch_size=max_batch_size,
                       batch_timeout=batch_timeout)  # fmt: skip
     accelerator = "cpu" if device in (None, "cpu") else "auto"
-    server = ls.LitServer(api, accelerator=accelerator, timeout=timeout, middlewares=[(CheckRequests, {"card": card})])
+    middleware = (CheckRequests, {"card": card, "cancels": cancels})
+    server = ls.LitServer(api, accelerator=accelerator, timeout=timeout, middlewares=[middleware])
     add_routes(server, card)
     return server

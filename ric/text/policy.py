@@ -7,7 +7,7 @@ import importlib.util
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -18,6 +18,9 @@ from ric.distributed import attached_trainer, sharded_weights
 from ric.interfaces import DTYPES, ConditionalPolicy
 from ric.optim import adamw_with_schedule
 from ric.text.models import drop_gguf_marker, load_causal_lm
+
+if TYPE_CHECKING:
+    from ric.text.batching import ContinuousBatcher, Request
 
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 #: static-cache generation pads prompt widths to a multiple of this (fewer distinct cache lengths to compile)
@@ -79,6 +82,12 @@ class TextPolicy(ConditionalPolicy):
             adapter's extra matmuls from every decoding step; the base weights are copied aside first (on their
             GPU if it has room, else in host memory) and restored bit for bit afterwards (skipped for
             quantized or sharded weights and under vLLM).
+        generation_batching: ``continuous`` (a finished answer's row is given to a waiting prompt at once, see
+            :mod:`ric.text.batching`) or ``static`` (transformers ``generate`` on left-padded batches, which
+            decode until their longest answer ends). ``generation_batch_size`` is the rows decoding at once
+            either way; ``max_batch_tokens`` caps the continuous batch's cache (rows x padded width). Settings
+            the engine does not implement (e.g. ``repetition_penalty``), a static ``cache_implementation``
+            and weights sharded across ranks use the static path.
         generation_backend: ``hf`` (transformers ``generate``) or ``vllm`` (needs vLLM and LoRA; the engine
             serves the base model, the current adapter goes with each call; ``vllm_kwargs`` go to ``vllm.LLM``).
     """
@@ -123,6 +132,8 @@ class TextPolicy(ConditionalPolicy):
         packing_width: int | None = None,
         cache_implementation: str | None = None,
         merge_lora_for_generation: bool = True,
+        generation_batching: Literal["continuous", "static"] = "continuous",
+        max_batch_tokens: int | None = None,
         generation_backend: Literal["hf", "vllm"] = "hf",
         vllm_kwargs: dict[str, Any] | None = None,
     ) -> None:
@@ -146,6 +157,10 @@ class TextPolicy(ConditionalPolicy):
         )  # fmt: skip
         if generation_batch_size < 1:
             raise ValueError(f"TextPolicy.generation_batch_size must be >= 1, got {generation_batch_size}")
+        if generation_batching not in ("continuous", "static"):
+            raise ValueError(f"generation_batching must be 'continuous' or 'static', got {generation_batching!r}")
+        if max_batch_tokens is not None and max_batch_tokens < 1:
+            raise ValueError(f"TextPolicy.max_batch_tokens must be >= 1 or null, got {max_batch_tokens}")
         # optional packages are checked before minutes of model loading
         if liger_kernel and importlib.util.find_spec("liger_kernel") is None:
             raise ImportError("liger_kernel=True needs Liger kernels (liger-kernel): pip install 'ric[speed]'")
@@ -306,42 +321,113 @@ class TextPolicy(ConditionalPolicy):
         desired_rewards: np.ndarray | None = None,
         **sampling: Any,
     ) -> list[str]:
-        """Batched, left-padded sampling; prompts are sorted by length so batches waste little padding."""
-        texts = self.condition(prompts, desired_rewards)
-        settings = {
-            "max_new_tokens": self.hparams.max_new_tokens,
-            "temperature": self.hparams.temperature,
-            "top_p": self.hparams.top_p,
-            "do_sample": self.hparams.do_sample,
-        }
-        settings.update(sampling)
+        """Batched sampling, continuous or in static left-padded batches (``generation_batching``)."""
+        out: list[str] = [""] * len(prompts)
+        for i, answer in self.generate_stream(prompts, desired_rewards, **sampling):
+            out[i] = answer
+        return out
+
+    @torch.no_grad()
+    def generate_stream(
+        self, prompts: Sequence[str], desired_rewards: np.ndarray | None = None, **sampling: Any
+    ) -> Iterator[tuple[int, str]]:
+        """Answers as they finish: on the continuous engine, each as soon as its row ends; on the static path
+        (and vLLM), all at once. Prompts go in shortest first, so neighbours in a batch need little padding."""
+        settings = self.sampling_settings(sampling)
         batch_size = int(settings.pop("batch_size", self.hparams.generation_batch_size))
-        if not settings["do_sample"]:  # greedy: sampling knobs would only trigger warnings
-            for key in ("temperature", "top_p"):
-                settings.pop(key, None)
-        encoded = [self._encode(t)[0] for t in texts]
+        encoded = self.prompt_ids(prompts, desired_rewards)
         if self.hparams.generation_backend == "vllm":
-            return [self._decode(new) for new in self._vllm_engine().generate(encoded, self.lm, settings)]
-        if self.hparams.cache_implementation is not None:
-            settings.setdefault("cache_implementation", self.hparams.cache_implementation)
-        if sharded_weights(attached_trainer(self)):  # each forward gathers shards from all ranks: keep them in step
-            settings.setdefault("synced_gpus", True)
-        # where the embeddings live: Lightning's tracked device can lag behind DeepSpeed / bitsandbytes placement
+            yield from enumerate(
+                self.decode_answer(new) for new in self._vllm_engine().generate(encoded, self.lm, settings)
+            )
+            return
         device = self.lm.get_input_embeddings().weight.device
+        order = order_by_length(encoded)
+        continuous = self._continuous(settings)
         compiled_decoding = False
-        if settings.get("cache_implementation") is not None:  # transformers compiles static-cache decoding
-            settings.setdefault("disable_compile", not self.hparams.compile)
-            forced = getattr(settings.get("compile_config"), "_compile_all_devices", False)  # else accelerators only
-            compiled_decoding = not settings["disable_compile"] and (device.type in ("cuda", "xpu") or bool(forced))
-        order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
+        if not continuous:
+            if self.hparams.cache_implementation is not None:
+                settings.setdefault("cache_implementation", self.hparams.cache_implementation)
+            if sharded_weights(attached_trainer(self)):  # each forward gathers shards from all ranks: keep in step
+                settings.setdefault("synced_gpus", True)
+            if settings.get("cache_implementation") is not None:  # transformers compiles static-cache decoding
+                settings.setdefault("disable_compile", not self.hparams.compile)
+                forced = getattr(settings.get("compile_config"), "_compile_all_devices", False)  # else accelerators
+                compiled_decoding = not settings["disable_compile"] and (device.type in ("cuda", "xpu") or bool(forced))
         was_training = self.lm.training
         self.lm.eval()
         try:
             with self._merged_adapter(), self._eager_layers():
-                out = self._generate_sorted(encoded, order, batch_size, device, settings, compiled_decoding)
+                if not continuous:
+                    yield from enumerate(
+                        self._generate_sorted(encoded, order, batch_size, device, settings, compiled_decoding)
+                    )
+                    return
+                requests = self.batching_requests(encoded, settings)
+                position = {id(r): i for i, r in enumerate(requests)}
+                engine = self.batcher(batch_size)
+                for i in order:
+                    engine.submit(requests[i])
+                while engine.busy():
+                    for request in engine.step():
+                        yield position[id(request)], self.decode_answer(request.tokens)
         finally:
             self.lm.train(was_training)
-        return out
+
+    def sampling_settings(self, overrides: dict[str, Any]) -> dict[str, Any]:
+        """The policy's sampling defaults with ``overrides`` on top (greedy drops temperature and top_p)."""
+        h = self.hparams
+        settings = {"max_new_tokens": h.max_new_tokens, "temperature": h.temperature, "top_p": h.top_p,
+                    "do_sample": h.do_sample, **overrides}  # fmt: skip
+        if not settings["do_sample"]:  # greedy: sampling knobs would only trigger warnings
+            for key in ("temperature", "top_p"):
+                settings.pop(key, None)
+        return settings
+
+    def prompt_ids(self, prompts: Sequence[str], desired_rewards: np.ndarray | None) -> list[list[int]]:
+        """Token ids of the conditioned prompts, as generation feeds them."""
+        return [self._encode(text)[0] for text in self.condition(prompts, desired_rewards)]
+
+    def _continuous(self, settings: dict[str, Any]) -> bool:
+        """Whether these settings decode on the continuous engine (see ``generation_batching``)."""
+        from ric.text.batching import ENGINE_SETTINGS
+
+        return (
+            self.hparams.get("generation_batching", "continuous") == "continuous"
+            and set(settings) <= ENGINE_SETTINGS
+            and self.hparams.cache_implementation is None
+            and not sharded_weights(attached_trainer(self))
+        )
+
+    def batcher(self, batch_size: int | None = None) -> ContinuousBatcher:
+        """A continuous-batching engine over this policy's model (``batch_size`` rows, default
+        ``generation_batch_size``); the caller holds the model in eval mode, with the adapter merged if wanted."""
+        from ric.text.batching import ContinuousBatcher
+
+        return ContinuousBatcher(
+            self.lm,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+            max_batch_size=batch_size or self.hparams.generation_batch_size,
+            max_batch_tokens=self.hparams.get("max_batch_tokens"),
+        )
+
+    def batching_requests(self, encoded: Sequence[list[int]], settings: dict[str, Any]) -> list[Request]:
+        """Engine requests for prompt ids at these sampling settings (unset ones from the model's generation
+        config, as ``generate`` takes them), each seeded from the global random stream in prompt order."""
+        from ric.text.batching import Request, Sampling
+
+        config = self.lm.generation_config
+        do_sample = bool(settings.get("do_sample", True))
+        sampling = Sampling(
+            temperature=float(settings.get("temperature", config.temperature or 1.0)) if do_sample else 1.0,
+            top_p=float(settings.get("top_p", config.top_p or 1.0)) if do_sample else 1.0,
+            top_k=int(settings.get("top_k", config.top_k or 0)) if do_sample else 0,
+            do_sample=do_sample,
+        )
+        seeds = torch.randint(0, 2**62, (len(encoded),)).tolist()
+        limit = int(settings["max_new_tokens"])
+        return [Request(list(ids), limit, sampling, seed) for ids, seed in zip(encoded, seeds)]
 
     def _generate_sorted(
         self,
@@ -384,10 +470,11 @@ class TextPolicy(ConditionalPolicy):
                     **settings,
                 )
             for row, i in enumerate(real):
-                out[i] = self._decode(generated[row, width:].tolist())
+                out[i] = self.decode_answer(generated[row, width:].tolist())
         return out
 
-    def _decode(self, new_ids: list[int]) -> str:
+    def decode_answer(self, new_ids: list[int]) -> str:
+        """An answer's text from its generated ids (cut at the end-of-sequence token)."""
         if self.tokenizer.eos_token_id in new_ids:
             new_ids = new_ids[: new_ids.index(self.tokenizer.eos_token_id)]
         return self.tokenizer.decode(new_ids, skip_special_tokens=True).strip()
@@ -559,6 +646,11 @@ class TextPolicy(ConditionalPolicy):
                 f"the prompt is {n} tokens with its markers, over the {room} this model takes ({limit} tokens of "
                 f"context minus max_new_tokens {self.hparams.max_new_tokens}): {str(prompt)[:80]!r}..."
             )
+
+
+def order_by_length(encoded: Sequence[Sequence[int]]) -> list[int]:
+    """Prompt indices, shortest first: neighbours in a batch then need little padding."""
+    return sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
 
 
 def pad(rows: Sequence[tuple[list[int], list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
