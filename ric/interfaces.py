@@ -401,6 +401,11 @@ class ConditionalPolicy(L.LightningModule, ABC):
     ) -> list[Any]:
         """One sample per prompt; ``desired_rewards`` is ``[len(prompts), N]`` (or ``[N]`` for all)."""
 
+    def streams(self, sampling: dict[str, Any]) -> bool:
+        """Whether :meth:`generate_stream` yields samples one by one as they finish at these settings (a
+        rollout then hands on chunks as they finish instead of generating chunk by chunk)."""
+        return False
+
     def generate_stream(
         self, prompts: Sequence[Any], desired_rewards: np.ndarray | None = None, **sampling: Any
     ) -> Iterator[tuple[int, Any]]:

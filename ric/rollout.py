@@ -101,10 +101,12 @@ def rollout(
     # inside a fit or test, Ctrl-C also stops at a chunk boundary (Lightning already defers SIGTERM)
     stops = graceful_stop((signal.SIGINT,)) if trainer is not None else contextlib.nullcontext()
     with stops, policy.generation_session(), random_stream(seed):
-        if lockstep:
+        if lockstep or not policy.streams(settings or {}):
             for chunk in chunks:
                 check_stop(trainer)
-                filler = (chunk or todo or [0])[-1:] * (size - len(chunk))
+                filler = (chunk or todo or [0])[-1:] * (size - len(chunk)) if lockstep else []
+                if not chunk and not filler:
+                    continue
                 calls = chunk + filler
                 chunk_targets = None if targets is None else np.asarray(targets)[calls]
                 out = policy.generate([prompts[i] for i in calls], chunk_targets, **(settings or {}))[: len(chunk)]

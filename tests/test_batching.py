@@ -143,3 +143,19 @@ def test_a_rollout_hands_on_chunks_as_samples_finish_and_returns_them_in_order(p
     assert [by_index[i] for i in result.indices] == result.samples
     again = rollout(policy, prompts, targets, indices=range(1, len(prompts)), seed=9, settings={"batch_size": 3})
     assert again.samples == result.samples
+
+
+def test_sampling_defaults_follow_generate_and_unsupported_config_entries_use_the_static_path(policy, monkeypatch):
+    from ric.text.batching import DEFAULT_TOP_K
+
+    config = policy.lm.generation_config
+    monkeypatch.setattr(config, "top_k", None)
+    (request,) = policy.batching_requests([[1, 2, 3]], policy.sampling_settings({}))
+    assert request.sampling.top_k == DEFAULT_TOP_K and request.sampling.temperature == policy.hparams.temperature
+    (greedy,) = policy.batching_requests([[1, 2, 3]], policy.sampling_settings({"do_sample": False}))
+    assert not greedy.sampling.do_sample
+    assert policy.streams({})
+    monkeypatch.setattr(config, "repetition_penalty", 1.3)
+    assert not policy.streams({})
+    continuous, static = both(policy, PROMPTS[:3], np.zeros((3, 2)), do_sample=False)
+    assert continuous == static

@@ -188,6 +188,7 @@ def test_a_client_that_goes_away_frees_its_row(server):
         ({"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, "temperature must be a number > 0"),
         ({"messages": [{"role": "user", "content": "hi"}], "desired_rewards": [1, "x"]}, "desired_rewards must be 2"),
         ([1, 2], "must be a JSON object"),
+        ({"messages": [{"role": "user", "content": "hi"}], "seed": 1e20}, "seed must be an integer >= 0 and <="),
     ],
 )
 def test_bad_requests_get_a_4xx_naming_the_value_and_the_server_goes_on(server, body, message):

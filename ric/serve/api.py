@@ -95,13 +95,14 @@ class SteeringAPI(ls.LitAPI):
         self.tokenizer = getattr(self.policy, "tokenizer", None)
         self.engine = None
         self._session = contextlib.ExitStack()
-        if hasattr(self.policy, "batcher") and not self.policy.weight_steered:  # adapter merged for the server's life
+        if self.policy.streams({}) and not self.policy.weight_steered:  # the adapter stays merged for the server's life
             self.policy.eval()
             self._session.enter_context(self.policy.generation_session())
             self.engine = self.policy.batcher(self.max_batch_size)
         self._lock = threading.Lock()
         self._jobs: dict[str, Job] = {}
         self._by_id: dict[str, str] = {}  # the HTTP process's request id -> LitServe's uid
+        self._gone: set[str] = set()  # ids whose client left before their request arrived
         self._events: list[Output] = []
         log.info("serving %s on %s (rewards %s)", self.model_path, self.policy.device, self.card.reward_names)
 
@@ -128,38 +129,67 @@ class SteeringAPI(ls.LitAPI):
         except ValueError as err:
             return self._answer(uid, {"ric": "error", "status": 400,
                                       "data": error_body(str(err), "invalid_request_error", "prompt")})  # fmt: skip
+        except Exception as err:  # noqa: BLE001 - this request's 500; the loop that takes requests must go on
+            log.exception("request %s could not be queued", uid)
+            return self._answer(uid, self._server_error(err))
+        request_id = str(request.get("id") or "")
         with self._lock:
             self._jobs[uid] = job
-            if request.get("id"):
-                self._by_id[str(request["id"])] = uid
+            if request_id:
+                self._by_id[request_id] = uid
+            gone = request_id in self._gone
+            self._gone.discard(request_id)
         if job.engine is not None:
+            if gone:
+                self.engine.cancel(job.engine)
             self.engine.submit(job.engine)
 
     def step(self, prev_outputs: list[Output] | None) -> list[Output]:
         """Cancel what the clients left, run one engine step (or one image batch), and hand out the new text,
         the finished answers and any errors."""
-        self._take_cancels()
-        if self.engine is not None:
-            if self.engine.busy():
-                self.engine.step()
-        else:
-            self._whole_batches()
-        with self._lock:
-            outputs, self._events = self._events, []
-            jobs = list(self._jobs.values())
-        running = self.engine.running if self.engine is not None else 0
-        for job in jobs:
-            if job.engine is None:
-                continue
-            job.rows = max(job.rows, running)
-            if job.engine.finished:
-                outputs += self._finish(job)
-            elif job.steering.stream:
-                outputs += self._delta(job)
-        return outputs
+        while True:  # LitServe's loop sleeps after a step without outputs: decode on until there are some
+            self._take_cancels()
+            if self.engine is None:
+                self._whole_batches()
+            elif self.engine.busy():
+                try:
+                    self.engine.step()
+                except Exception as err:  # noqa: BLE001 - the running requests get a 500, the server goes on
+                    log.exception("a decoding step failed; its %d requests are answered with an error", len(self._jobs))
+                    self._fail_engine(err)
+            with self._lock:
+                outputs, self._events = self._events, []
+                jobs = list(self._jobs.values())
+            running = self.engine.running if self.engine is not None else 0
+            for job in jobs:
+                if job.engine is None:
+                    continue
+                job.rows = max(job.rows, running)
+                if job.engine.finished:
+                    outputs += self._finish(job)
+                elif job.steering.stream:
+                    outputs += self._delta(job)
+            if outputs or self.engine is None or not self.engine.busy():
+                return outputs
 
     def encode_response(self, output):  # noqa: ANN001 - unannotated: LitServe then sends what it gives as is
         return output
+
+    def _fail_engine(self, err: Exception) -> None:
+        """Answer every request of a broken engine with a 500 and start a fresh engine."""
+        with self._lock:
+            jobs = [j for j in self._jobs.values() if j.engine is not None]
+            for job in jobs:
+                self._jobs.pop(job.uid, None)
+            self._by_id = {k: v for k, v in self._by_id.items() if v in self._jobs}
+        for job in jobs:
+            self._answer(job.uid, self._server_error(err))
+        self.engine = self.policy.batcher(self.max_batch_size)
+
+    @staticmethod
+    def _server_error(err: Exception) -> dict[str, Any]:
+        return {"ric": "error", "status": 500,
+                "data": error_body(f"generation failed: {type(err).__name__}: {err}", "server_error")}  # fmt: skip
 
     # ---- requests ------------------------------------------------------------------------------------------
     def _job(self, uid: str, steering: Steering) -> Job:
@@ -193,6 +223,8 @@ class SteeringAPI(ls.LitAPI):
             with self._lock:
                 uid = self._by_id.pop(request_id, None)
                 job = self._jobs.get(uid) if uid is not None else None
+                if uid is None:  # its client left before the request reached this worker
+                    self._gone.add(request_id)
             if job is not None and job.engine is not None and not job.engine.finished:
                 log.info("client of request %s went away: its row is freed", uid)
                 self.engine.cancel(job.engine)
@@ -281,6 +313,7 @@ class SteeringAPI(ls.LitAPI):
             for job, event in zip(group, events):
                 with self._lock:
                     self._jobs.pop(job.uid, None)
+                    self._by_id = {k: v for k, v in self._by_id.items() if v != job.uid}
                 self._answer(job.uid, event)
 
     def _generate_group(self, group: list[Job], batch: int) -> list[dict[str, Any]]:

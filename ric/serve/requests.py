@@ -159,7 +159,7 @@ def parse_request(kind: str, body: Any, card: ModelCard) -> Steering:
     if body.get("n", 1) != 1:
         raise BadRequest(f"n must be 1 (send several requests: they share a batch), got {body.get('n')!r}", "n")
     if body.get("seed") is not None:
-        steering.seed = _number(body["seed"], "seed", 0, integer=True)
+        steering.seed = _number(body["seed"], "seed", 0, 2**63 - 1, integer=True)
     return steering
 
 

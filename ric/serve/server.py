@@ -61,7 +61,7 @@ class CheckRequests:
                 body = json.loads(raw or b"null")
             except (json.JSONDecodeError, UnicodeDecodeError) as err:
                 raise BadRequest(f"the request body is not valid JSON: {err}") from None
-            steering = parse_request(kind, body, self.card)
+            parse_request(kind, body, self.card)
         except BadRequest as err:
             await respond(send, err.status, err.body())
             return
@@ -69,7 +69,7 @@ class CheckRequests:
         forwarded = json.dumps({"kind": kind, "body": body, "id": request_id}).encode()
         headers = [(k, v) for k, v in scope["headers"] if k.lower() not in (b"content-length", b"content-type")]
         headers += [(b"content-type", b"application/json"), (b"content-length", str(len(forwarded)).encode())]
-        relay = Relay(send, steering.stream)
+        relay = Relay(send)
         sent = False
 
         async def replay() -> dict:
@@ -91,12 +91,12 @@ class Relay:
     as one JSON response (with its status), ``chunk`` events as server-sent events ending in ``[DONE]``.
     The response starts only when the first event has said which."""
 
-    def __init__(self, send: Any, stream: bool) -> None:
+    def __init__(self, send: Any) -> None:
         self._send = send
-        self.stream = stream
         self.finished = False
         self._started = False
         self._passthrough = False  # LitServe answered itself (an error status): sent as it is
+        self._complete = False  # a chunk with a finish reason was sent
         self._buffer = b""
 
     async def send(self, message: dict) -> None:
@@ -116,8 +116,12 @@ class Relay:
                 await self._event(json.loads(line))
         if not message.get("more_body") and not self.finished:
             self.finished = True
-            if self._started:
+            if self._started and self._complete:
                 await self._send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+            elif self._started:  # the worker stopped mid-answer: say so rather than end as if complete
+                error = error_body("generation stopped before the answer was complete", "server_error")
+                await self._send({"type": "http.response.body", "body": f"data: {json.dumps(error)}\n\n".encode(),
+                                  "more_body": False})  # fmt: skip
             else:
                 await respond(self._send, 500, error_body("the model worker ended the request without an answer",
                                                           "server_error"))  # fmt: skip
@@ -131,6 +135,8 @@ class Relay:
             self._started = True
             headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
             await self._send({"type": "http.response.start", "status": 200, "headers": headers})
+        choices = event["data"].get("choices") or [{}]
+        self._complete = self._complete or choices[0].get("finish_reason") is not None
         data = f"data: {json.dumps(event['data'])}\n\n".encode()
         await self._send({"type": "http.response.body", "body": data, "more_body": True})
 

@@ -28,6 +28,22 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 
 #: sampling settings the engine implements itself; others need the static path (transformers ``generate``)
 ENGINE_SETTINGS = frozenset({"max_new_tokens", "temperature", "top_p", "top_k", "do_sample"})
+#: generation-config entries the engine does not implement, with the value that leaves sampling unchanged (a
+#: model whose config sets another value uses the static path, where ``generate`` applies it)
+NEUTRAL_CONFIG: dict[str, object] = {
+    "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "typical_p": 1.0, "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0, "no_repeat_ngram_size": 0, "min_length": 0, "min_new_tokens": 0, "renormalize_logits": False,
+    "min_p": None, "top_h": None, "bad_words_ids": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
+    "exponential_decay_length_penalty": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+    "sequence_bias": None,
+}  # fmt: skip
+#: ``generate``'s top-k when neither the call nor the model's config sets one
+DEFAULT_TOP_K = 50
+
+
+def config_needs_static(config: object) -> list[str]:
+    """The entries of a generation config that change sampling in ways the engine does not implement."""
+    return sorted(k for k, neutral in NEUTRAL_CONFIG.items() if getattr(config, k, None) not in (None, neutral))
 
 
 @dataclass(frozen=True)
@@ -151,16 +167,19 @@ class ContinuousBatcher:
             self._drop_finished()
             return done
         width = self._mask.shape[1]
-        self._mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)
+        mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)
         logits, self._cache = self._forward(
             input_ids=self._next[:, None],
-            attention_mask=self._mask,
+            attention_mask=mask,
             position_ids=self._positions[:, None],
             cache=self._cache,
             cache_position=torch.tensor([width], device=self.device),
         )
+        self._mask = mask
         self._positions = self._positions + 1
-        tokens = self._sample(logits[live] if len(live) < len(self._rows) else logits, live)
+        rows = [self._rows[i] for i in live]
+        tokens = self._sample(logits[live] if len(live) < len(self._rows) else logits, rows,
+                              [self._generators[i] for i in live])  # fmt: skip
         for i, token in zip(live, tokens):
             if self._append(self._rows[i], token):
                 done.append(self._rows[i])
@@ -189,13 +208,13 @@ class ContinuousBatcher:
             request.on_token(request)
         return request.finished
 
-    def _sample(self, logits: torch.Tensor, rows: list[int]) -> list[int]:
-        """One token for each row in ``rows`` (``logits[k]`` is row ``rows[k]``'s), each from the row's own
-        generator; rows with the same settings are warped together with transformers' logits warpers."""
+    def _sample(self, logits: torch.Tensor, requests: list[Request], generators: list[torch.Generator]) -> list[int]:
+        """One token for each request (``logits[k]`` are ``requests[k]``'s), each from its own generator;
+        requests with the same settings are warped together with transformers' logits warpers."""
         logits = logits.float()
         groups: dict[Sampling, list[int]] = {}
-        for k, i in enumerate(rows):
-            groups.setdefault(self._rows[i].sampling, []).append(k)
+        for k, request in enumerate(requests):
+            groups.setdefault(request.sampling, []).append(k)
         picked: list[torch.Tensor] = []
         order: list[int] = []
         for sampling, members in groups.items():
@@ -208,9 +227,8 @@ class ContinuousBatcher:
             for warper in warpers(sampling):
                 scores = warper(None, scores)
             probs = torch.softmax(scores, dim=-1)
-            picked += [torch.multinomial(probs[row], 1, generator=self._generators[rows[k]])
-                       for row, k in enumerate(members)]  # fmt: skip
-        out = [0] * len(rows)
+            picked += [torch.multinomial(probs[row], 1, generator=generators[k]) for row, k in enumerate(members)]
+        out = [0] * len(requests)
         for k, token in zip(order, torch.cat(picked).tolist()):  # one transfer from the device
             out[k] = token
         return out
@@ -220,8 +238,6 @@ class ContinuousBatcher:
         """Prefill waiting prompts into free rows: when the batch is empty, or a quarter of it (at least
         one row) is free, so prefills come in groups rather than one per step."""
         with self._lock:
-            while self._waiting and self._waiting[0].cancelled:
-                self._waiting.popleft().finish_reason = "cancelled"
             if not self._waiting:
                 return []
             live = self.running
@@ -231,15 +247,25 @@ class ContinuousBatcher:
             self._drop_finished()
             width = self._mask.shape[1]
             taken: list[Request] = []
+            cancelled: list[Request] = []
             while self._waiting and len(taken) < free:
                 request = self._waiting[0]
+                if request.cancelled:
+                    request.finish_reason = "cancelled"
+                    cancelled.append(self._waiting.popleft())
+                    continue
                 new_width = max(width, len(request.ids), *(len(r.ids) for r in taken))
                 if taken and self.max_batch_tokens and (live + len(taken) + 1) * new_width > self.max_batch_tokens:
                     break
                 taken.append(self._waiting.popleft())
         if not taken:
-            return []
-        return self._prefill(taken)
+            return cancelled
+        try:
+            return cancelled + self._prefill(taken)
+        except BaseException:  # the prompts wait again; the running batch is as it was
+            with self._lock:
+                self._waiting.extendleft(reversed(taken))
+            raise
 
     def _prefill(self, requests: list[Request]) -> list[Request]:
         """Prefill ``requests`` (each distinct prompt once), sample their first tokens and add their rows."""
@@ -259,14 +285,13 @@ class ContinuousBatcher:
         )
         check_layers(cache)
         pick = torch.tensor(source, device=self.device)
+        generators = [torch.Generator(self.device).manual_seed(r.seed) for r in requests]
+        tokens = self._sample(logits.index_select(0, pick), requests, generators)
         if len(unique) < len(requests) or source != list(range(len(unique))):
             cache.batch_select_indices(pick)
-        start = len(self._rows)
-        self._rows += requests
-        self._generators += [torch.Generator(self.device).manual_seed(r.seed) for r in requests]
         self._merge(cache, mask.index_select(0, pick), positions[:, -1].index_select(0, pick) + 1)
-        rows = list(range(start, len(self._rows)))
-        tokens = self._sample(logits.index_select(0, pick), rows)
+        self._rows += requests
+        self._generators += generators
         self._next = torch.cat([self._next, torch.tensor(tokens, dtype=torch.long, device=self.device)])
         return [request for request, token in zip(requests, tokens) if self._append(request, token)]
 

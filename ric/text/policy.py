@@ -390,14 +390,21 @@ class TextPolicy(ConditionalPolicy):
 
     def _continuous(self, settings: dict[str, Any]) -> bool:
         """Whether these settings decode on the continuous engine (see ``generation_batching``)."""
-        from ric.text.batching import ENGINE_SETTINGS
+        from ric.text.batching import ENGINE_SETTINGS, config_needs_static
 
         return (
             self.hparams.get("generation_batching", "continuous") == "continuous"
+            and self.hparams.generation_backend == "hf"
             and set(settings) <= ENGINE_SETTINGS
             and self.hparams.cache_implementation is None
+            and not config_needs_static(self.lm.generation_config)
             and not sharded_weights(attached_trainer(self))
         )
+
+    def streams(self, sampling: dict[str, Any]) -> bool:
+        settings = self.sampling_settings(sampling)
+        settings.pop("batch_size", None)
+        return self._continuous(settings)
 
     def batcher(self, batch_size: int | None = None) -> ContinuousBatcher:
         """A continuous-batching engine over this policy's model (``batch_size`` rows, default
@@ -415,14 +422,16 @@ class TextPolicy(ConditionalPolicy):
     def batching_requests(self, encoded: Sequence[list[int]], settings: dict[str, Any]) -> list[Request]:
         """Engine requests for prompt ids at these sampling settings (unset ones from the model's generation
         config, as ``generate`` takes them), each seeded from the global random stream in prompt order."""
-        from ric.text.batching import Request, Sampling
+        from ric.text.batching import DEFAULT_TOP_K, Request, Sampling
 
         config = self.lm.generation_config
         do_sample = bool(settings.get("do_sample", True))
         sampling = Sampling(
             temperature=float(settings.get("temperature", config.temperature or 1.0)) if do_sample else 1.0,
             top_p=float(settings.get("top_p", config.top_p or 1.0)) if do_sample else 1.0,
-            top_k=int(settings.get("top_k", config.top_k or 0)) if do_sample else 0,
+            top_k=int(settings.get("top_k", DEFAULT_TOP_K if config.top_k is None else config.top_k))
+            if do_sample
+            else 0,
             do_sample=do_sample,
         )
         seeds = torch.randint(0, 2**62, (len(encoded),)).tolist()
