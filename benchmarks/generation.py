@@ -44,12 +44,26 @@ def sweep_config(mode: str, rows: int, out: Path, prompts: int | None = None) ->
     return config
 
 
+def with_mode(checkpoint: Path, mode: str, folder: Path) -> Path:
+    """A copy of ``checkpoint`` whose recorded settings say ``mode``: ``ric test --ckpt_path`` takes the model's
+    settings from the checkpoint (Lightning's rule), over the config's."""
+    import torch
+
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    ckpt["hyper_parameters"]["generation_batching"] = mode
+    path = folder / f"{mode}.ckpt"
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(ckpt, path)
+    return path
+
+
 def run_sweep(checkpoint: Path, mode: str, rows: int, out: Path, prompts: int | None = None) -> dict:
     folder = out / f"sweep-{mode}"
     path = out / f"sweep-{mode}.yaml"
     path.write_text(yaml.safe_dump(sweep_config(mode, rows, folder, prompts)))
+    ckpt = with_mode(checkpoint, mode, folder)
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "ric.cli", "test", "--config", str(path), "--ckpt_path", str(checkpoint)],
+    subprocess.run([sys.executable, "-m", "ric.cli", "test", "--config", str(path), "--ckpt_path", str(ckpt)],
                    cwd=ROOT, check=True)  # fmt: skip
     wall = time.perf_counter() - start
     metrics = json.loads((folder / "sweep" / "metrics.json").read_text())

@@ -227,7 +227,12 @@ class ContinuousBatcher:
             for warper in warpers(sampling):
                 scores = warper(None, scores)
             probs = torch.softmax(scores, dim=-1)
-            picked += [torch.multinomial(probs[row], 1, generator=generators[k]) for row, k in enumerate(members)]
+            ids = None
+            if sampling.top_k and sampling.top_k < probs.shape[-1]:  # only the top k can be drawn: draw among them
+                probs, ids = probs.topk(sampling.top_k, dim=-1)
+            for row, k in enumerate(members):
+                draw = torch.multinomial(probs[row], 1, generator=generators[k])
+                picked.append(draw if ids is None else ids[row, draw])
         out = [0] * len(requests)
         for k, token in zip(order, torch.cat(picked).tolist()):  # one transfer from the device
             out[k] = token
