@@ -96,11 +96,19 @@ def online_round(checkpoint: Path, prompts: list[str], modes: list[tuple[str, in
     targets = np.random.default_rng(0).uniform(space.r_min, space.r_max, size=(n, len(space.reward_names)))
     out = []
     for mode, size in modes:
-        policy.hparams.generation_batching = mode
         torch.manual_seed(0)
         start = time.perf_counter()
-        answers = rollout(policy, prompts, targets, settings={"temperature": 0.7, "top_p": 0.9, "batch_size": size},
-                          chunk_size=chunk).samples  # fmt: skip
+        if mode == "transformers":
+            try:
+                answers = transformers_batching(policy, prompts, targets, size)
+            except Exception as err:  # noqa: BLE001 - recorded: the other modes still count
+                out.append({"mode": mode, "rows": size, "error": f"{type(err).__name__}: {err}"})
+                print(f"online round, {mode}: failed: {err}", flush=True)
+                continue
+        else:
+            policy.hparams.generation_batching = mode
+            settings = {"temperature": 0.7, "top_p": 0.9, "batch_size": size}
+            answers = rollout(policy, prompts, targets, settings=settings, chunk_size=chunk).samples
         seconds = time.perf_counter() - start
         tokens = answer_tokens(policy.tokenizer, answers)
         out.append({"mode": mode, "rows": size, "samples": n, "chunk_size": chunk, "seconds": seconds,
@@ -108,6 +116,71 @@ def online_round(checkpoint: Path, prompts: list[str], modes: list[tuple[str, in
                     "useful_tokens_per_s": float(tokens.sum() / seconds)})  # fmt: skip
         print(f"online round, {mode} ({size} rows): {n} samples in {seconds:.1f} s", flush=True)
     return out
+
+
+def prefill_share(checkpoint: Path, work: Path, rows: int) -> dict:
+    """Where a continuous sweep's time goes: one preference of the recorded continuous sweep generated again,
+    with the engine's prefills timed apart from its decoding steps."""
+    import torch
+
+    import ric
+    from ric.text.batching import ContinuousBatcher
+
+    samples = [
+        json.loads(line)
+        for line in (work / "sweep-continuous" / "sweep" / "samples.jsonl").read_text().splitlines()
+        if line
+    ]
+    w = samples[len(samples) // 2]["preference"]
+    chosen = [s for s in samples if s["preference"] == w]
+    policy = ric.load(checkpoint)
+    spent = {"prefill_s": 0.0, "prefill_calls": 0, "prefill_tokens": 0}
+    original = ContinuousBatcher._prefill
+
+    def timed(engine: ContinuousBatcher, requests: list) -> list:
+        start = time.perf_counter()
+        try:
+            return original(engine, requests)
+        finally:
+            spent["prefill_s"] += time.perf_counter() - start
+            spent["prefill_calls"] += 1
+            spent["prefill_tokens"] += sum(len(ids) for ids in {tuple(r.ids) for r in requests})
+
+    ContinuousBatcher._prefill = timed
+    try:
+        torch.manual_seed(0)
+        start = time.perf_counter()
+        policy.generate([s["prompt"] for s in chosen], np.array([s["desired"] for s in chosen]), temperature=0.7,
+                        top_p=0.9, batch_size=rows)  # fmt: skip
+        total = time.perf_counter() - start
+    finally:
+        ContinuousBatcher._prefill = original
+    print(f"one preference ({len(chosen)} answers): {total:.1f} s, prefills {spent['prefill_s']:.1f} s", flush=True)
+    return {
+        "preference": w,
+        "answers": len(chosen),
+        "seconds": total,
+        **spent,
+        "prefill_share": spent["prefill_s"] / total,
+    }
+
+
+def transformers_batching(policy, prompts: list[str], targets: np.ndarray, rows: int) -> list[str]:
+    """transformers' own continuous batching (``generate_batch``, paged attention) on the merged model, with
+    the settings that were its fastest on this CPU in a probe (pages of 32, 512 tokens a step)."""
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    ids = policy.prompt_ids(prompts, targets)
+    tok = policy.tokenizer
+    config = GenerationConfig(max_new_tokens=policy.hparams.max_new_tokens, do_sample=True, temperature=0.7, top_p=0.9,
+                              top_k=50, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
+    paged = ContinuousBatchingConfig(page_size=32, num_blocks=512, max_batch_tokens=512, max_requests_per_batch=rows)
+    base = policy.lm.get_base_model() if hasattr(policy.lm, "get_base_model") else policy.lm
+    policy.eval()
+    with policy.generation_session():
+        out = base.generate_batch(ids, generation_config=config, continuous_batching_config=paged)
+    ordered = sorted(out.items(), key=lambda item: int(str(item[0]).rsplit("_", 1)[-1]))
+    return [policy.decode_answer(list(result.generated_tokens)) for _, result in ordered]
 
 
 def summarize(run: dict, tokenizer) -> dict:
@@ -165,10 +238,17 @@ def plot(results: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path)
-    parser.add_argument("--static-rows", type=int, default=8, help="the recipe's static batch (8: its fastest)")
+    parser.add_argument("--static-rows", type=int, default=8, help="the static batch (8: the fastest before)")
     parser.add_argument("--continuous-rows", type=int, default=32)
     parser.add_argument("--prompts", type=int, default=None, help="fewer held-out prompts (a quick check)")
     parser.add_argument("--online", type=int, default=256, help="samples in the online round (0: skip it)")
+    parser.add_argument(
+        "--online-modes",
+        default="static,continuous",
+        help="modes of the online round: static, continuous, transformers (its own batching)",
+    )
+    parser.add_argument("--online-only", action="store_true", help="keep the sweeps of --out, time the round again")
+    parser.add_argument("--prefill-share", action="store_true", help="time one preference's prefills apart")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "generation_bench")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "generation_cpu.json")
     args = parser.parse_args()
@@ -179,22 +259,45 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     modes = [("static", args.static_rows), ("continuous", args.continuous_rows)]
     tokenizer = load_tokenizer("smollm2")
-    runs = [run_sweep(args.checkpoint, mode, rows, args.work, args.prompts) for mode, rows in modes]
-    sweeps = [summarize(r, tokenizer) for r in runs]
+    if args.online_only:  # the sweeps of an earlier run of this command, measured again: only the online round
+        earlier = json.loads(args.out.read_text())
+        sweeps = earlier["sweep"]
+        samples = (args.work / "sweep-static" / "sweep" / "samples.jsonl").read_text().splitlines()
+        prompts = sorted({json.loads(line)["prompt"] for line in samples if line})
+    else:
+        runs = [run_sweep(args.checkpoint, mode, rows, args.work, args.prompts) for mode, rows in modes]
+        sweeps = [summarize(r, tokenizer) for r in runs]
+        prompts = sorted({s["prompt"] for s in runs[0]["samples"]})
     for s in sweeps:
         print(f"sweep, {s['mode']} ({s['rows']} rows): {s['sweep_s']:.1f} s, {s['useful_tokens_per_s']:.1f} useful "
               f"tokens/s, answers {s['mean_answer_tokens']:.1f} tokens", flush=True)  # fmt: skip
-    prompts = sorted({s["prompt"] for s in runs[0]["samples"]})
-    online = online_round(args.checkpoint, prompts, modes, args.online) if args.online else []
+    split = prefill_share(args.checkpoint, args.work, args.continuous_rows) if args.prefill_share else None
+    rows = {"static": args.static_rows, "continuous": args.continuous_rows, "transformers": args.continuous_rows}
+    online_modes = [(mode, rows[mode]) for mode in args.online_modes.split(",") if mode]
+    online = online_round(args.checkpoint, prompts, online_modes, args.online) if args.online else []
+    if args.online_only:  # the modes not measured again keep their earlier numbers
+        again = {o["mode"] for o in online}
+        online = [o for o in earlier["online"] if o["mode"] not in again] + online
+        online.sort(key=lambda o: list(rows).index(o["mode"]))
+        split = split or earlier.get("continuous_sweep_split")
+    by_mode = {o["mode"]: o for o in online if "seconds" in o}
+    command = " ".join([Path(sys.executable).name, *sys.argv])
     results = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": f"{earlier['command']}; then {command}" if args.online_only else command,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
         "config": str(CONFIG.relative_to(ROOT)),
         "reward_names": sweeps[0]["reward_names"],
+        "transformers_batching": "ContinuousBatchingConfig(page_size=32, num_blocks=512, max_batch_tokens=512, "
+        "max_requests_per_batch=rows)"
+        if "transformers" in args.online_modes
+        else None,
         "sweep": sweeps,
         "sweep_speedup": sweeps[0]["sweep_s"] / sweeps[1]["sweep_s"],
         "online": online,
-        "online_speedup": online[0]["seconds"] / online[1]["seconds"] if online else None,
+        "continuous_sweep_split": split,
+        "online_speedup": by_mode["static"]["seconds"] / by_mode["continuous"]["seconds"]
+        if {"static", "continuous"} <= set(by_mode)
+        else None,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
