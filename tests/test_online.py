@@ -47,7 +47,7 @@ def _buffer(tmp_path):
 def test_one_online_iteration(tmp_path, tiny_llama, text_data):
     cli = RiCCLI(args=["fit", "--config", str(_config(tmp_path, tiny_llama, text_data))])
     assert cli.trainer.global_step == 4  # 2 offline + 2 online
-    rows = _buffer(tmp_path)
+    rows = sorted(_buffer(tmp_path), key=lambda r: r["index"])  # the file holds them as they finished
     assert sorted(r["index"] for r in rows) == list(range(16))
     summary = json.loads((tmp_path / "buffer" / "round0" / "summary.json").read_text())
     dm = cli.datamodule
@@ -108,7 +108,8 @@ def test_killed_round_resumes_without_loss_or_duplicates(tmp_path, tiny_llama, t
     resumed = RiCCLI(args=["fit", "--config", str(config), "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt")])
     rows = _buffer(tmp_path)
     assert sorted(r["index"] for r in rows) == list(range(16))
-    assert [r for r in rows if r["index"] < 8] == first  # finished samples were not regenerated
+    done = {r["index"] for r in first}
+    assert [r for r in rows if r["index"] in done] == first  # finished samples were not regenerated
     assert resumed.trainer.global_step == 4
 
 
@@ -247,7 +248,7 @@ def test_sweep_after_fit_runs_before_teardown_moves_the_model(tmp_path, tiny_lla
     from ric.text.policy import TextPolicy
 
     events = []
-    for name in ("cpu", "generate"):
+    for name in ("cpu", "generate_stream"):
         original = getattr(TextPolicy, name)
 
         def spy(self, *args, _name=name, _original=original, **kwargs):
@@ -270,8 +271,8 @@ def test_sweep_after_fit_runs_before_teardown_moves_the_model(tmp_path, tiny_lla
                              limit_val_batches=0)  # fmt: skip
     RiCCLI(args=["fit", "--config", str(config)])
     assert (tmp_path / "sweep" / "front.csv").is_file()
-    assert events.count("generate") >= 1 and "cpu" in events
-    assert events.index("cpu") > max(i for i, e in enumerate(events) if e == "generate")
+    assert events.count("generate_stream") >= 1 and "cpu" in events
+    assert events.index("cpu") > max(i for i, e in enumerate(events) if e == "generate_stream")
 
 
 LOCKSTEP_LAUNCHER = """
@@ -323,25 +324,32 @@ def test_sharded_weights_generate_in_lockstep(tmp_path, tiny_llama, text_data):
 
 
 def test_online_round_merges_the_adapter_once(tmp_path, tiny_llama, text_data, monkeypatch):
-    """16 prompts in chunks of 4 are 4 generate calls, all inside one generation session: one merge."""
+    """16 prompts handed on in chunks of 4 are one stream of samples (the continuous batch stays full across
+    the chunks) inside one generation session: one merge."""
     from ric.text.policy import TextPolicy
 
-    merges, calls = [], []
-    original_merge, original_generate = TextPolicy._mergeable_lora_layers, TextPolicy.generate
+    merges, calls, chunks = [], [], []
+    original_merge, original_generate = TextPolicy._mergeable_lora_layers, TextPolicy.generate_stream
+    original_store = TextPolicy.store_samples
 
     def counting_merge(self):
         merges.append(1)
         return original_merge(self)
 
     def counting_generate(self, *args, **kwargs):
-        calls.append(self._merged)  # generate runs on merged weights
+        calls.append(self._merged)  # generation runs on merged weights
         return original_generate(self, *args, **kwargs)
 
+    def counting_store(self, samples, *args):
+        chunks.append(len(samples))
+        return original_store(self, samples, *args)
+
     monkeypatch.setattr(TextPolicy, "_mergeable_lora_layers", counting_merge)
-    monkeypatch.setattr(TextPolicy, "generate", counting_generate)
+    monkeypatch.setattr(TextPolicy, "generate_stream", counting_generate)
+    monkeypatch.setattr(TextPolicy, "store_samples", counting_store)
     config = _config(tmp_path, tiny_llama, text_data, offline_steps=1, checkpoint_every=10)
     RiCCLI(args=["fit", "--config", str(config)])
-    assert calls == [True] * 4 and len(merges) == 1
+    assert calls == [True] and chunks == [4] * 4 and len(merges) == 1
 
 
 def test_each_rank_samples_from_its_own_stream_and_the_global_one_is_restored(monkeypatch):
