@@ -53,6 +53,7 @@ class Job:
     uid: str
     steering: Steering
     desired: list[float] | None
+    request_id: str = ""  # the HTTP process's id, which a cancellation names
     engine: Any = None  # ric.text.batching.Request
     sent: str = ""
     opened: bool = False  # a chunk was sent
@@ -92,7 +93,6 @@ class SteeringAPI(ls.LitAPI):
         info = read_model_info(self.model_path)
         self.policy = load_from_info(info, device=self.device_override or device)
         self.rewards = info.reward_space.build_rewards() if self.score else None
-        self.tokenizer = getattr(self.policy, "tokenizer", None)
         self.engine = None
         self._session = contextlib.ExitStack()
         if self.policy.streams({}) and not self.policy.weight_steered:  # the adapter stays merged for the server's life
@@ -123,7 +123,7 @@ class SteeringAPI(ls.LitAPI):
             self.policy.check_prompt(steering.prompt)
             if steering.sampling:
                 self.policy.check_sampling(steering.sampling, "request")
-            job = self._job(uid, steering)
+            job = self._job(uid, steering, str(request.get("id") or ""))
         except BadRequest as err:
             return self._answer(uid, {"ric": "error", "status": err.status, "data": err.body()})
         except ValueError as err:
@@ -132,13 +132,12 @@ class SteeringAPI(ls.LitAPI):
         except Exception as err:  # noqa: BLE001 - this request's 500; the loop that takes requests must go on
             log.exception("request %s could not be queued", uid)
             return self._answer(uid, self._server_error(err))
-        request_id = str(request.get("id") or "")
         with self._lock:
             self._jobs[uid] = job
-            if request_id:
-                self._by_id[request_id] = uid
-            gone = request_id in self._gone
-            self._gone.discard(request_id)
+            if job.request_id:
+                self._by_id[job.request_id] = uid
+            gone = job.request_id in self._gone
+            self._gone.discard(job.request_id)
         if job.engine is not None:
             if gone:
                 self.engine.cancel(job.engine)
@@ -180,8 +179,7 @@ class SteeringAPI(ls.LitAPI):
         with self._lock:
             jobs = [j for j in self._jobs.values() if j.engine is not None]
             for job in jobs:
-                self._jobs.pop(job.uid, None)
-            self._by_id = {k: v for k, v in self._by_id.items() if v in self._jobs}
+                self._forget(job)
         for job in jobs:
             self._answer(job.uid, self._server_error(err))
         self.engine = self.policy.batcher(self.max_batch_size)
@@ -192,7 +190,7 @@ class SteeringAPI(ls.LitAPI):
                 "data": error_body(f"generation failed: {type(err).__name__}: {err}", "server_error")}  # fmt: skip
 
     # ---- requests ------------------------------------------------------------------------------------------
-    def _job(self, uid: str, steering: Steering) -> Job:
+    def _job(self, uid: str, steering: Steering, request_id: str) -> Job:
         space = self.policy.reward_space
         desired = None
         if self.policy.conditioned:
@@ -200,7 +198,7 @@ class SteeringAPI(ls.LitAPI):
             if values is None:
                 values = space.desired(steering.preference, steering.method)
             desired = [float(v) for v in values]
-        job = Job(uid, steering, desired)
+        job = Job(uid, steering, desired, request_id)
         if self.engine is not None:
             from ric.rollout import random_stream
 
@@ -209,6 +207,11 @@ class SteeringAPI(ls.LitAPI):
             with random_stream(steering.seed):  # seeded as `steer` seeds its first prompt: the same sample
                 job.engine = self.policy.batching_requests(ids, settings)[0]
         return job
+
+    def _forget(self, job: Job) -> None:
+        """Drop a request that is answered (the caller holds the lock)."""
+        self._jobs.pop(job.uid, None)
+        self._by_id.pop(job.request_id, None)
 
     def _answer(self, uid: str, event: dict[str, Any]) -> None:
         with self._lock:
@@ -232,7 +235,11 @@ class SteeringAPI(ls.LitAPI):
     def _delta(self, job: Job) -> list[Output]:
         """The text decoded since the last chunk (held back while it ends inside a multi-byte character)."""
         text = self.policy.decode_answer(job.engine.tokens)
-        if text.endswith("\ufffd") or len(text) <= len(job.sent) or not text.startswith(job.sent):
+        return [] if text.endswith("\ufffd") else self._unsent(job, text)
+
+    def _unsent(self, job: Job, text: str) -> list[Output]:
+        """A chunk with the part of ``text`` not sent yet, if there is one."""
+        if len(text) <= len(job.sent) or not text.startswith(job.sent):
             return []
         delta, job.sent = text[len(job.sent) :], text
         return [Output(job.uid, {"ric": "chunk", "data": self._chunk(job, delta, None)}, LitAPIStatus.OK)]
@@ -241,8 +248,7 @@ class SteeringAPI(ls.LitAPI):
         """The end of a request: the whole body, or for a stream the text not sent yet and the last chunk
         (finish reason, usage, RiC's fields)."""
         with self._lock:
-            self._jobs.pop(job.uid, None)
-            self._by_id = {k: v for k, v in self._by_id.items() if v != job.uid}
+            self._forget(job)
         end = Output(job.uid, "", LitAPIStatus.FINISH_STREAMING)
         if job.engine.finish_reason == "cancelled":
             return [end]
@@ -254,15 +260,13 @@ class SteeringAPI(ls.LitAPI):
                                reason, job.id, job.created)  # fmt: skip
         if not s.stream:
             return [Output(job.uid, {"ric": "body", "data": body}, LitAPIStatus.OK), end]
-        out = []
-        if text.startswith(job.sent) and len(text) > len(job.sent):
-            chunk = self._chunk(job, text[len(job.sent) :], None)
-            out.append(Output(job.uid, {"ric": "chunk", "data": chunk}, LitAPIStatus.OK))
-        extra = {
-            k: v for k, v in body.items() if k in ("preference", "desired_rewards", "obtained_rewards", "batch_size")
+        rest = self._unsent(job, text)  # before the last chunk: a chat stream's first chunk names the role
+        last = {
+            **self._chunk(job, "", reason),
+            "usage": body["usage"],
+            **ric_fields(s, job.desired, obtained, job.rows),
         }
-        last = {**self._chunk(job, "", reason), "usage": body["usage"], **extra}
-        return out + [Output(job.uid, {"ric": "chunk", "data": last}, LitAPIStatus.OK), end]
+        return rest + [Output(job.uid, {"ric": "chunk", "data": last}, LitAPIStatus.OK), end]
 
     def _chunk(self, job: Job, delta: str, finish: str | None) -> dict[str, Any]:
         """One chunk in OpenAI's streaming shape; a chat stream's first chunk names the assistant role."""
@@ -308,12 +312,10 @@ class SteeringAPI(ls.LitAPI):
                 events = self._generate_group(group, len(waiting))
             except Exception as err:  # noqa: BLE001 - answered as these requests' 500
                 log.exception("generation failed")
-                body = error_body(f"generation failed: {type(err).__name__}: {err}", "server_error")
-                events = [{"ric": "error", "status": 500, "data": body}] * len(group)
+                events = [self._server_error(err)] * len(group)
             for job, event in zip(group, events):
                 with self._lock:
-                    self._jobs.pop(job.uid, None)
-                    self._by_id = {k: v for k, v in self._by_id.items() if v != job.uid}
+                    self._forget(job)
                 self._answer(job.uid, event)
 
     def _generate_group(self, group: list[Job], batch: int) -> list[dict[str, Any]]:
