@@ -3,15 +3,16 @@ round, MORLHF (one GRPO policy per preference) and Rewarded Soups (one GRPO expe
 the same held-out prompts, with the cost of each arm.
 
 hh-rlhf harmless-base from ``../shared/data``, SmolLM2-135M-Instruct, the offline rewards verbosity and
-readability. RiC is the steering recipe of ``benchmarks/steering.py`` (its ``BASE`` settings and config
-builder, so both benchmarks train the same model); SFT is the same fine-tuning without reward markers; the
-baselines take the RiC arm's policy settings, data split and reward space. Every arm is swept at the same 5
-preferences with the same sampling and seed; hypervolumes of every arm and seed share one reference point.
+readability. RiC is the steering recipe of ``benchmarks/steering.py`` (``configs/steer_hh_cpu.yaml`` with the
+scale's overrides, through the same config builder, so both benchmarks train the same model); SFT is the same
+fine-tuning without reward markers; the baselines take the RiC arm's policy settings, data split and reward
+space. Every arm is swept at the same 5 preferences with the same sampling and seed; hypervolumes of every arm
+and seed share one reference point.
 
-    .venv/bin/python benchmarks/front_quality.py --scale cpu      # 3 seeds; resumable, so it can run in parts
-    .venv/bin/python benchmarks/front_quality.py --scale cpu --seeds 0   # one seed (then the others)
-    .venv/bin/python benchmarks/front_quality.py --scale smoke    # wiring check, minutes
-    .venv/bin/python benchmarks/front_quality.py --scale gpu      # one GPU machine
+    .venv/bin/python -m benchmarks.front_quality --scale cpu      # 3 seeds; resumable, so it can run in parts
+    .venv/bin/python -m benchmarks.front_quality --scale cpu --seeds 0   # one seed (then the others)
+    .venv/bin/python -m benchmarks.front_quality --scale smoke    # wiring check, minutes
+    .venv/bin/python -m benchmarks.front_quality --scale gpu      # one GPU machine
 
 Everything finished (a trained arm, a sweep) is kept under ``--out`` and not rerun; the runs recorded in the
 results file count too, so a fresh checkout adds arms and seeds to them instead of starting over. Results:
@@ -34,11 +35,20 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import steering as recipe  # noqa: E402  (the recipe's settings and config builder)
-
-ROOT = recipe.ROOT
-RESULTS = recipe.RESULTS
+from benchmarks import steering as recipe  # the recipe's config builder
+from benchmarks.experiment import (
+    PATH_KEYS,
+    PREFERENCES,
+    RESULTS,
+    ROOT,
+    command,
+    flatten,
+    get,
+    load_config,
+    override,
+    write_config,
+    write_results,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +87,6 @@ SCALES = {
                  new_tokens=128, accelerator="gpu"),
 }  # fmt: skip
 
-PREFERENCES = recipe.PREFERENCES
 #: arm -> its label in tables and plots (the main comparison; the mappings are compared on their own)
 ARMS = {"base": "base", "sft": "plain SFT", "ric_linear": "RiC offline", "online": "RiC + 1 online",
         "morlhf": "MORLHF (5 policies)", "soups": "Rewarded Soups (2 experts)"}  # fmt: skip
@@ -85,8 +94,23 @@ MAPPINGS = {"ric_linear": "linear", "ric_p_norm": "p = 2", "ric_p_inf": "p = inf
 
 
 def settings(scale: Scale) -> dict[str, Any]:
-    """The recipe's settings at this scale."""
-    return {**recipe.BASE, "steps": scale.steps, "warmup": min(recipe.BASE["warmup"], max(1, scale.steps // 4))}
+    """Overrides of the recipe at this scale: its steps (and warmup), accelerator, held-out prompts and answer
+    length."""
+    warmup = get(load_config(recipe.RECIPE_CONFIG), "model.init_args.warmup_steps")
+    return {"trainer.max_steps": scale.steps, "model.init_args.warmup_steps": min(warmup, max(1, scale.steps // 4)),
+            "trainer.accelerator": scale.accelerator, "data.max_test_prompts": scale.prompts,
+            "model.init_args.max_new_tokens": scale.new_tokens,
+            **({"model.init_args.dtype": "bfloat16"} if scale.accelerator == "gpu" else {})}  # fmt: skip
+
+
+#: keys of a composed config that only say where a run reads and writes (left out when recipes are compared)
+PER_RUN = ("seed_everything", "trainer.callbacks", "trainer.default_root_dir", "data.output_dir", *PATH_KEYS)
+
+
+def recipe_settings(scale: Scale) -> dict[str, Any]:
+    """The RiC arm's settings at this scale, dotted key -> value (what a results file's runs were trained with)."""
+    config = recipe.recipe_config(Path("run"), settings(scale), 0)
+    return {k: v for k, v in flatten(config).items() if not k.startswith(PER_RUN)}
 
 
 def sweep(dest: Path, scale: Scale, seed: int, **extra: Any) -> dict:
@@ -97,23 +121,9 @@ def sweep(dest: Path, scale: Scale, seed: int, **extra: Any) -> dict:
         "output_dir": str(dest), "label": dest.name, "marker_responses": 64, **extra}}  # fmt: skip
 
 
-def scaled(scale: Scale) -> Callable[[dict], None]:
-    """Edits a recipe config for this scale: its accelerator, held-out prompts and answer length."""
-
-    def adjust(config: dict) -> None:
-        config["trainer"]["accelerator"] = scale.accelerator
-        config["data"]["max_test_prompts"] = scale.prompts
-        config["model"]["init_args"]["max_new_tokens"] = scale.new_tokens
-        if scale.accelerator == "gpu":
-            config["model"]["init_args"]["dtype"] = "bfloat16"
-
-    return adjust
-
-
-def fit_config(folder: Path, s: dict, scale: Scale, seed: int) -> dict:
-    config = recipe.train_config(folder, s, seed, [s["steps"]])
-    scaled(scale)(config)
-    return config
+def fit_config(folder: Path, overrides: dict, seed: int, callbacks: list[dict] = ()) -> dict:
+    """The recipe with ``overrides`` (a scale's settings and an arm's), run in ``folder``."""
+    return recipe.recipe_config(folder, overrides, seed, callbacks=callbacks)
 
 
 def run_cli(args: list[str]) -> None:
@@ -126,11 +136,7 @@ def test_sweep(folder: Path, config: dict, ckpt: Path | None, callback: dict) ->
     """``ric test`` of a config (no online loop, no checkpointing) with one sweep; skipped once written."""
     dest = Path(callback["init_args"]["output_dir"])
     if not (dest / "metrics.json").is_file():
-        config = json.loads(json.dumps(config))
-        config["trainer"]["callbacks"] = [callback]
-        path = folder / f"test-{dest.name}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(config))
+        path = write_config(folder / f"test-{dest.name}.yaml", override(config, {"trainer.callbacks": [callback]}))
         run_cli(["test", "--config", str(path), *(["--ckpt_path", str(ckpt)] if ckpt else [])])
     return dest
 
@@ -150,8 +156,9 @@ def run_seed(
     sweeps = out / "sweeps"
     groups = tuple(g for g in groups if not set(GROUPS[g]) <= recorded)  # recorded arms are finished arms
     s = settings(scale)
+    steps = s["trainer.max_steps"]
     arms: dict[str, Path] = {}
-    plain = {**s, "conditioned": False}
+    plain = {**s, "model.init_args.conditioned": False}
 
     # plain SFT: the same fine-tuning without markers; the base model is its config before any step. The
     # baselines start from it, as in the paper (appendix B: they fine-tune the SFT model with RL)
@@ -159,24 +166,23 @@ def run_seed(
     if "sft" in groups or baselines:
         train_arm(out / "sft", plain, scale, seed, "sft", recorded, arms)
     if "base" in groups:
-        arms["base"] = test_sweep(out / "base", fit_config(out / "base", plain, scale, seed), None,
+        arms["base"] = test_sweep(out / "base", fit_config(out / "base", plain, seed), None,
                                   sweep(sweeps / "base", scale, seed, unconditioned=True))  # fmt: skip
 
     # RiC offline, swept after training with the recipe's mapping, then with the other two
     ric = out / "ric"
-    ckpt = recipe.checkpoint_at(ric, s["steps"], s["steps"])
+    ckpt = recipe.checkpoint_at(ric, steps, steps)
     if {"ric", "mappings", "online"} & set(groups):
         train_arm(ric, s, scale, seed, "ric_linear", recorded, arms)
     if "mappings" in groups:
         for name, method in (("ric_p_norm", "p_norm"), ("ric_p_inf", "p_inf")):
-            arms[name] = test_sweep(ric, fit_config(ric, s, scale, seed), ckpt,
+            arms[name] = test_sweep(ric, fit_config(ric, s, seed), ckpt,
                                     sweep(sweeps / name, scale, seed, method=method))  # fmt: skip
 
     # one online round with MORS from the offline checkpoint, swept after it
     if "online" in groups:
-        recipe.online_round(ckpt, out / "online", s, seed, s["steps"], scale.online_generations,
-                            scale.online_steps, [sweep(sweeps / "online", scale, seed, after_fit=True)],
-                            scaled(scale))  # fmt: skip
+        recipe.online_round(ckpt, out / "online", s, seed, steps, scale.online_generations, scale.online_steps,
+                            [sweep(sweeps / "online", scale, seed, after_fit=True)])  # fmt: skip
         arms["online"] = sweeps / "online"
 
     for name in baselines:
@@ -191,7 +197,7 @@ def train_arm(folder: Path, s: dict, scale: Scale, seed: int, arm: str, recorded
     dest = folder.parent / "sweeps" / arm
     swept_before = arm in recorded and not (dest / "metrics.json").is_file()
     callbacks = [] if swept_before else [sweep(dest, scale, seed, after_fit=True)]
-    recipe.train(folder, s, seed, [s["steps"]], callbacks, scaled(scale))
+    recipe.train(folder, fit_config(folder, s, seed, callbacks))
     if not swept_before:
         arms[arm] = dest
 
@@ -201,7 +207,8 @@ def sft_model(folder: Path, s: dict) -> Path:
     export = folder / "merged"
     if not (export / "ric.json").is_file():
         shutil.rmtree(export, ignore_errors=True)  # a killed export: write it again
-        ckpt = recipe.checkpoint_at(folder, s["steps"], s["steps"])
+        steps = s["trainer.max_steps"]
+        ckpt = recipe.checkpoint_at(folder, steps, steps)
         subprocess.run([sys.executable, "-m", "ric.cli", "export", str(ckpt), str(export)], check=True, cwd=ROOT)
     return export
 
@@ -214,7 +221,7 @@ def baseline(name: str, out: Path, s: dict, scale: Scale, seed: int, start: Path
     dest = out / "sweeps" / name
     if (dest / "metrics.json").is_file():
         return dest
-    ric = fit_config(out / name, s, scale, seed)
+    ric = fit_config(out / name, s, seed)
     policy = {k: v for k, v in ric["model"]["init_args"].items() if k not in ("reward_names", "conditioned")}
     policy["model"] = str(start)
     grpo = {"steps": scale.rl_steps, "learning_rate": scale.rl_learning_rate, "max_new_tokens": scale.new_tokens,
@@ -331,7 +338,7 @@ def earlier_runs(path: Path, scale: Scale) -> dict:
     if not path.is_file():
         return NO_EARLIER
     previous = json.loads(path.read_text())
-    current = json.loads(json.dumps({"settings": dataclasses.asdict(scale), "recipe": settings(scale)}))
+    current = json.loads(json.dumps({"settings": dataclasses.asdict(scale), "recipe": recipe_settings(scale)}))
     for part, now in current.items():
         then = previous.get(part) or {}
         if changed := sorted(k for k in then.keys() | now.keys() if then.get(k) != now.get(k)):
@@ -459,13 +466,13 @@ def print_table(summary: dict, checks: dict) -> None:
         print(f"goal: {name}: {({True: 'met', False: 'not met', None: 'not measured'})[check['met']]}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
     parser.add_argument("--seeds", help="comma-separated seeds (default: the scale's)")
     parser.add_argument("--out", type=Path, help="default runs/front_quality-<scale>")
     parser.add_argument("--arms", default=",".join(GROUPS), help=f"comma-separated, of {', '.join(GROUPS)}")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     scale = SCALES[args.scale]
     seeds = [int(v) for v in args.seeds.split(",")] if args.seeds else list(scale.seeds)
     groups = tuple(args.arms.split(","))
@@ -493,11 +500,10 @@ def main() -> None:
     summary = summarize(out, seeds, per_seed, earlier)
     checks = goals(summary)
     print_table(summary, checks)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    result = {"scale": args.scale, "settings": dataclasses.asdict(scale), "recipe": settings(scale), "seeds": seeds,
-              **summary, "goals": checks, "wall_seconds_this_run": time.perf_counter() - start,
-              "command": " ".join([Path(sys.executable).name, *sys.argv])}  # fmt: skip
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2, default=float))
+    result = {"scale": args.scale, "settings": dataclasses.asdict(scale), "recipe": recipe_settings(scale),
+              "seeds": seeds, **summary, "goals": checks, "wall_seconds_this_run": time.perf_counter() - start,
+              "command": command()}  # fmt: skip
+    write_results(stem.name, result)
     for path in plot(summary, stem):
         print(path)
 

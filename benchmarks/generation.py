@@ -2,7 +2,7 @@
 recipe's preference sweep (``configs/steer_hh_cpu.yaml``: 64 held-out prompts x 2 answers x 5 preferences)
 and the generation of one online round (prompts at desired rewards drawn uniformly in the reward range).
 
-    .venv/bin/python benchmarks/generation.py runs/steer_hh_cpu/ckpt/last.ckpt
+    .venv/bin/python -m benchmarks.generation runs/steer_hh_cpu/ckpt/last.ckpt
 
 Each sweep is ``ric test`` of the shipped config with overrides (the generation mode, the sweep's rows at
 once, an output folder), so it runs exactly as a user's sweep does, same seed, same sampling; the online

@@ -18,7 +18,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/site
 fi
-export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}.:benchmarks PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}. PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
 python3 -c "import torch, transformers, peft, lightning, diffusers, deepspeed; print('torch', torch.__version__, 'transformers', transformers.__version__, 'lightning', lightning.__version__, 'diffusers', diffusers.__version__, 'deepspeed', deepspeed.__version__)"
 
@@ -61,7 +61,7 @@ step zero2_lora_bf16 75 "${TEXT[@]}" --trainer.strategy deepspeed_stage_2 --trai
 # full 8 x 512 rows (the tokens the reference HF numbers count), then on spread lengths (what packing and flex
 # attention are for). The generation targets were met on an earlier GPU (GEN=1 measures them again). The
 # JSON is rewritten after each variant, so a cut run still leaves what it measured.
-TP=(python3 benchmarks/throughput.py --shape "${SHAPE:-llama2-7b}" --tokenizer bytes --profile --gen-variants merged,merged+static)
+TP=(python3 -m benchmarks.throughput --shape "${SHAPE:-llama2-7b}" --tokenizer bytes --profile --gen-variants merged,merged+static)
 TAIL=40 step throughput_full "${FULL_LIMIT:-160}" "${TP[@]}" --sections sft --lengths full \
     --sft-variants "${FULL_VARIANTS:-compile,eager,liger+compile}" \
     --out "$OUT/throughput_full_cuda.json"
@@ -77,8 +77,8 @@ TAIL=40 step throughput "${THROUGHPUT_LIMIT:-150}" "${TP[@]}" --sections "${GEN:
 step zero2_speed_overlay "${OVERLAY_LIMIT:-240}" "${TEXT[@]}" --trainer.strategy deepspeed_stage_2 --config configs/speed/bf16_compiled.yaml \
     --trainer.default_root_dir /tmp/gpu_runs/zero2_fast
 # rollout decoding: static batches vs the continuous-batching engine on answers of hh-rlhf-like lengths
-TAIL=20 step generation 150 python3 benchmarks/gpu_generation.py --config "$LLAMA" --out "$OUT/generation_cuda.json"
-TAIL=30 step sd_throughput 80 python3 benchmarks/sd_throughput.py --shape sd15 --out "$OUT/sd_throughput_cuda.json"
+TAIL=20 step generation 150 python3 -m benchmarks.gpu_generation --config "$LLAMA" --out "$OUT/generation_cuda.json"
+TAIL=30 step sd_throughput 80 python3 -m benchmarks.sd_throughput --shape sd15 --out "$OUT/sd_throughput_cuda.json"
 step sd_zero2 75 python3 -m ric.cli fit --config configs/quickstart_sd.yaml --trainer.accelerator gpu \
     --trainer.strategy deepspeed_stage_2 --trainer.precision bf16-mixed --trainer.max_steps 200 \
     --model.init_args.vae_fit_steps 200 --trainer.logger false --trainer.default_root_dir "$OUT/sd_zero2" \

@@ -6,7 +6,7 @@ length, a static batch runs until its longest row's (what an end-of-sequence tok
 Useful tokens are the answers' own. Reports tokens/s and MFU against a bf16 matmul ceiling measured in the
 same run.
 
-    python3 benchmarks/gpu_generation.py --config .gpu/smollm2-shape/config.json --prompts 512
+    python3 -m benchmarks.gpu_generation --config .gpu/smollm2-shape/config.json --prompts 512
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ relevance), on the training split the steering recipe sees (the examples that fi
 - the Pearson correlation of every pair, over responses and over the differences within a prompt (a
   trade-off shows as a negative value).
 
-    .venv/bin/python benchmarks/reward_candidates.py          # about 3 min; hh-rlhf and the quickstart data
+    .venv/bin/python -m benchmarks.reward_candidates          # about 3 min; hh-rlhf and the quickstart data
 """
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ from __future__ import annotations
 import itertools
 import json
 import re
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from steering import BASE, RESULTS, ROOT, STUDIES, build_data_module, train_config
 
+from benchmarks.experiment import RESULTS, ROOT, build_data_module, command, pyplot, save_figure, write_results
+from benchmarks.steering import quickstart_data, recipe_config
 from ric.data import prompt_key
 from ric.text.rewards import Readability, Relevance, Sentiment, Verbosity
 
@@ -61,8 +61,7 @@ def examples(data: str) -> list[dict]:
     """The training split of ``data`` as the steering recipe reads it, filtered to its token budget."""
     from ric.text.policy import TextPolicy
 
-    settings = BASE if data == "hh-rlhf" else {**BASE, **STUDIES["control"][0]["quickstart data"]}
-    config = train_config(ROOT / "runs" / "steering", settings, 0, [1])
+    config = recipe_config(ROOT / "runs" / "steering", {} if data == "hh-rlhf" else quickstart_data(), 0)
     dm = build_data_module(config["data"])
     policy = TextPolicy(**config["model"]["init_args"])
     train, _, _ = dm.split(dm.dataset.load())
@@ -107,11 +106,7 @@ def candidates(records: list[dict]) -> dict[str, Any]:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     sets = list(results["data"])
     names = list(results["data"][sets[0]]["rewards"])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -126,18 +121,15 @@ def plot(results: dict, path: Path) -> None:
         ax.set_ylim(0, 1)
         ax.set_title(title)
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:
-    results: dict[str, Any] = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "data": {}}
+    results: dict[str, Any] = {"command": command(), "data": {}}
     for data in ("hh-rlhf", "quickstart"):
         results["data"][data] = candidates(examples(data))
         print(data, json.dumps(results["data"][data], indent=1), flush=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "reward_candidates.json").write_text(json.dumps(results, indent=2))
+    write_results("reward_candidates", results)
     plot(results, RESULTS / "reward_candidates.png")
     print(RESULTS / "reward_candidates.png")
 

@@ -8,7 +8,7 @@ checkpoint (default: the quickstart's last one).
    caps colourfulness whatever the UNet learns; ``spread_kept`` is the sd of the reconstructions' reward over the
    pictures'). ``benchmarks/sd_vae_fidelity.py`` compares VAE shapes without training a UNet.
 
-    .venv/bin/python benchmarks/sd_diagnosis.py [runs/quickstart_sd/lightning_logs/version_0/checkpoints/last.ckpt]
+    .venv/bin/python -m benchmarks.sd_diagnosis [runs/quickstart_sd/lightning_logs/version_0/checkpoints/last.ckpt]
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ For each guidance scale: the 5 preferences of the quickstart's sweep, ``--captio
 run's training split x ``--samples`` pictures, the same noise for every preference and scale; per reward, the
 Spearman of the obtained mean against its weight and the spread ratio (obtained range over desired range).
 
-    .venv/bin/python benchmarks/sd_guidance.py [CKPT] --guidance 3,5,7.5,10
+    .venv/bin/python -m benchmarks.sd_guidance [CKPT] --guidance 3,5,7.5,10
 
 Results: ``benchmarks/results/sd_guidance.json`` and ``.png`` (spread ratio per reward against the scale).
 """
@@ -13,19 +13,23 @@ Results: ``benchmarks/results/sd_guidance.json`` and ``.png`` (spread ratio per 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from steering import PREFERENCES, build_data_module  # noqa: E402
+from benchmarks.experiment import (
+    PREFERENCES,
+    RESULTS,
+    ROOT,
+    build_data_module,
+    command,
+    pyplot,
+    save_figure,
+    write_results,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 RUN = ROOT / "runs/quickstart_sd/lightning_logs/version_0"
 
 
@@ -41,8 +45,8 @@ def training_captions(config: Path, n: int) -> list[str]:
 def training_steering(policy: Any, captions: list[str], samples: int, steps: int, guidance: float) -> dict:
     """The quickstart's 5 preferences on ``captions`` x ``samples`` pictures (the same noise for every
     preference): desired and obtained normalized rewards, per reward Spearman and spread ratio, seconds."""
-    from ric.evaluation import steering_measures
-    from ric.interfaces import score_all
+    from ric.report import steering_measures
+    from ric.rewards import score_all
 
     space = policy.reward_space
     rewards = space.build_rewards()
@@ -59,7 +63,7 @@ def training_steering(policy: Any, captions: list[str], samples: int, steps: int
             "seconds": time.perf_counter() - start}  # fmt: skip
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("ckpt", nargs="?", type=Path, default=RUN / "checkpoints" / "last.ckpt")
     parser.add_argument("--config", type=Path, default=None, help="the run's config.yaml (default: beside the log)")
@@ -67,7 +71,7 @@ def main() -> None:
     parser.add_argument("--captions", type=int, default=6)
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps (the quickstart's sweep: 25)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     scales = [float(g) for g in args.guidance.split(",")]
     if not args.ckpt.is_file():
         raise FileNotFoundError(f"no checkpoint at {args.ckpt}: train one first (ric fit --config ...)")
@@ -87,23 +91,16 @@ def main() -> None:
     space = policy.reward_space
     results = {"checkpoint": str(args.ckpt), "captions": captions, "samples": args.samples, "steps": args.steps,
                "desired": rows[0]["desired"], "rows": rows,
-               "command": " ".join([Path(sys.executable).name, *sys.argv])}  # fmt: skip
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "sd_guidance.json").write_text(json.dumps(results, indent=2))
+               "command": command()}  # fmt: skip
+    write_results("sd_guidance", results)
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = pyplot().subplots(figsize=(5, 3.5))
     for name in space.reward_names:
         ax.plot(scales, [r["steering"][name]["spread_ratio"] for r in rows], "o-", label=name)
     ax.axhline(0.5, color="grey", ls=":", label="goal (0.5)")
     ax.set(xlabel="guidance scale", ylabel="spread ratio (training captions)", title="guidance vs steering")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(RESULTS / "sd_guidance.png", dpi=120)
+    save_figure(fig, RESULTS / "sd_guidance.png", dpi=120)
     print(RESULTS / "sd_guidance.png")
 
 

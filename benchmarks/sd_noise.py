@@ -11,7 +11,7 @@ captions (which a choice between the variants may look at):
 - ``zero_snr``: zero terminal SNR (rescaled betas, v-prediction, trailing DDIM steps; Lin et al. 2024);
 - ``offset``: offset noise 0.1 (a per-channel constant added to the training noise), the quickstart's.
 
-    .venv/bin/python benchmarks/sd_noise.py            # ~16 min per variant on 2 cores; finished ones are kept
+    .venv/bin/python -m benchmarks.sd_noise            # ~16 min per variant on 2 cores; finished ones are kept
 
 Results: ``benchmarks/results/sd_noise.json`` and ``.png`` (desired vs obtained per reward and variant).
 """
@@ -20,62 +20,47 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sd_guidance import training_captions, training_steering  # noqa: E402
+from benchmarks.experiment import RESULTS, ROOT, command, diagonal, fit, load_config, pyplot, save_figure, write_results
+from benchmarks.sd_guidance import training_captions, training_steering
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
-QUICKSTART = ROOT / "configs" / "quickstart_sd.yaml"
-
-#: variant -> its settings of DiffusionPolicy (merged over the quickstart's)
+QUICKSTART = "quickstart_sd"
+SCHEDULER = "model.init_args.tiny_config.scheduler"
+#: variant -> its overrides of the quickstart's config (DiffusionPolicy's settings)
 VARIANTS: dict[str, dict[str, Any]] = {
-    "none": {"noise_offset": 0.0},
-    "zero_snr": {"noise_offset": 0.0, "tiny_config": {"scheduler": {
-        "rescale_betas_zero_snr": True, "prediction_type": "v_prediction", "timestep_spacing": "trailing"}}},
-    "offset": {"noise_offset": 0.1},
+    "none": {"model.init_args.noise_offset": 0.0},
+    "zero_snr": {"model.init_args.noise_offset": 0.0, f"{SCHEDULER}.rescale_betas_zero_snr": True,
+                 f"{SCHEDULER}.prediction_type": "v_prediction", f"{SCHEDULER}.timestep_spacing": "trailing"},
+    "offset": {"model.init_args.noise_offset": 0.1},
 }  # fmt: skip
 
 
 def variant_config(name: str, folder: Path) -> dict:
-    """The quickstart's config with the variant's policy settings, writing everything under ``folder``."""
-    config = yaml.safe_load(QUICKSTART.read_text().replace("runs/quickstart_sd", str(folder)))
-    args = config["model"]["init_args"]
-    for key, value in VARIANTS[name].items():
-        if key == "tiny_config":
-            for part, overrides in value.items():
-                args["tiny_config"].setdefault(part, {}).update(overrides)
-        else:
-            args[key] = value
-    return config
+    """The quickstart's config with the variant's overrides, writing everything under ``folder``."""
+    paths = {"trainer.default_root_dir": str(folder), "trainer.logger.init_args.save_dir": str(folder),
+             "data.output_dir": str(folder)}  # fmt: skip
+    return load_config(QUICKSTART, {**paths, **VARIANTS[name]})
 
 
 def train(name: str, folder: Path) -> Path:
     """``ric fit`` of the variant (its sweep included), unless its run already finished; returns the log."""
     log = folder / "lightning_logs" / "version_0"
     if not (log / "sweep" / "metrics.json").is_file():
-        from ric.cli import RiCCLI
-
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / "config-in.yaml"
-        path.write_text(yaml.safe_dump(variant_config(name, folder)))
-        RiCCLI(args=["fit", "--config", str(path)])
+        fit(folder, variant_config(name, folder))
     return log
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "sd_noise")
     parser.add_argument("--captions", type=int, default=6, help="training captions for the second measure")
     parser.add_argument("--samples", type=int, default=4)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     names = args.variants.split(",")
     if unknown := [n for n in names if n not in VARIANTS]:
         parser.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
@@ -103,20 +88,13 @@ def main() -> None:
         seen = "  ".join(f"{n} {m['spearman']:+.2f}/{m['spread_ratio']:.2f}" for n, m in on_train["steering"].items())
         print(f"{name:<10} held-out (Spearman/spread): {held}   training captions: {seen}   "
               f"UNet training {train_seconds:.0f} s")  # fmt: skip
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "sd_noise.json").write_text(
-        json.dumps({"rows": rows, "command": " ".join([Path(sys.executable).name, *sys.argv])}, indent=2, default=float)
-    )
+    write_results("sd_noise", {"rows": rows, "command": command()})
     plot(rows, RESULTS / "sd_noise.png")
     print(RESULTS / "sd_noise.png")
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = list(rows[0]["held_out"])
     fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.8))
     for k, (ax, name) in enumerate(zip(axes, names, strict=True)):
@@ -124,12 +102,10 @@ def plot(rows: list[dict], path: Path) -> None:
             desired, obtained = np.array(row["desired"])[:, k], np.array(row["obtained"])[:, k]
             m = row["held_out"][name]
             ax.plot(desired, obtained, "o-", label=f"{row['variant']} (spread {m['spread_ratio']:.2f})")
-        lo, hi = ax.get_xlim()
-        ax.plot([lo, hi], [lo, hi], color="grey", ls="--", lw=1, label="obtained = desired")
+        diagonal(ax, *ax.get_xlim())
         ax.set(title=name, xlabel=f"desired {name} (normalized)", ylabel=f"obtained {name} (held-out)")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
 
 
 if __name__ == "__main__":

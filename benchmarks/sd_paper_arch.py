@@ -4,7 +4,7 @@ rewards. It trains one step with the text encoder frozen (the paper) and one wit
 the tiny quickstart needs), checks which weights moved, samples a picture per preference, and writes
 ``benchmarks/results/sd_paper_arch.json``.
 
-    .venv/bin/python benchmarks/sd_paper_arch.py   # 4 GB of random weights in a temporary folder; ~18 GB of memory
+    .venv/bin/python -m benchmarks.sd_paper_arch   # 4 GB of random weights in a temporary folder; ~18 GB of memory
 """
 
 from __future__ import annotations
@@ -18,10 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+from benchmarks.experiment import ROOT, command, load_config, write_config, write_results
 
 #: SD v1.5's component configurations (the hub's config.json files, written out)
 UNET = {
@@ -64,26 +62,36 @@ def write_random_sd15(folder: Path) -> dict[str, int]:
 
 def run_config(folder: Path, work: Path, train_text_encoder: bool) -> Path:
     """The shipped paper config with only what this machine needs changed."""
-    config = yaml.safe_load((ROOT / "configs" / "sd_aesthetic.yaml").read_text())
-    config["trainer"].update(accelerator="cpu", devices=1, strategy="auto", precision="32-true", max_steps=1,
-                             callbacks=[], logger=False, enable_checkpointing=False, limit_val_batches=0,
-                             num_sanity_val_steps=0, default_root_dir=str(work))  # fmt: skip
-    config["model"]["init_args"].update(
-        model=str(folder), resolution=64, reward_names=["compressibility", "colourfulness"],
-        train_text_encoder=train_text_encoder, generation_batch_size=2,
-    )  # fmt: skip
-    config["data"].update(
-        dataset={"class_path": "ric.diffusion.datasets.Shapes",
-                 "init_args": {"count": 16, "size": 64, "folder": str(work / "shapes")}},
-        rewards=[{"class_path": "ric.diffusion.rewards.JpegCompressibility", "init_args": {"size": None}},
-                 {"class_path": "ric.diffusion.rewards.Colourfulness"}],
-        batch_size=2, val_fraction=0.0, test_fraction=0.0, max_test_prompts=None, cache_dir=str(work / "cache"),
-        output_dir=str(work),
-    )  # fmt: skip
-    work.mkdir(parents=True, exist_ok=True)
-    path = work / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    trainer = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "strategy": "auto",
+        "precision": "32-true",
+        "max_steps": 1,
+        "callbacks": [],
+        "logger": False,
+        "enable_checkpointing": False,
+        "limit_val_batches": 0,
+        "num_sanity_val_steps": 0,
+        "default_root_dir": str(work),
+    }
+    model = {
+        "model": str(folder),
+        "resolution": 64,
+        "reward_names": ["compressibility", "colourfulness"],
+        "train_text_encoder": train_text_encoder,
+        "generation_batch_size": 2,
+    }
+    data = {"dataset": {"class_path": "ric.diffusion.datasets.Shapes",
+                        "init_args": {"count": 16, "size": 64, "folder": str(work / "shapes")}},
+            "rewards": [{"class_path": "ric.diffusion.rewards.JpegCompressibility", "init_args": {"size": None}},
+                        {"class_path": "ric.diffusion.rewards.Colourfulness"}],
+            "batch_size": 2, "val_fraction": 0.0, "test_fraction": 0.0, "max_test_prompts": None,
+            "cache_dir": str(work / "cache"), "output_dir": str(work)}  # fmt: skip
+    overrides = {**{f"trainer.{k}": v for k, v in trainer.items()},
+                 **{f"model.init_args.{k}": v for k, v in model.items()},
+                 **{f"data.{k}": v for k, v in data.items()}}  # fmt: skip
+    return write_config(work / "config.yaml", load_config("sd_aesthetic", overrides))
 
 
 def fingerprints(module: torch.nn.Module) -> dict[str, tuple[float, float]]:
@@ -122,14 +130,14 @@ def main() -> None:
     if len(sys.argv) == 4 and sys.argv[1] == "--one":  # one run in its own process (see below)
         print(json.dumps(check(Path(sys.argv[2]), Path(sys.argv[2]).parent / f"run-{sys.argv[3]}", sys.argv[3] == "1")))
         return
-    results: dict = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "runs": []}
+    results: dict = {"command": command(), "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "sd15-random"
         results["parameters"] = write_random_sd15(folder)
         for train_text_encoder in ("0", "1"):
             # a process per run: the allocator keeps a finished run's 16 GB of weights and optimizer state
-            one = [sys.executable, __file__, "--one", str(folder), train_text_encoder]
-            out = subprocess.run(one, check=True, stdout=subprocess.PIPE, text=True).stdout
+            one = [sys.executable, "-m", "benchmarks.sd_paper_arch", "--one", str(folder), train_text_encoder]
+            out = subprocess.run(one, check=True, stdout=subprocess.PIPE, text=True, cwd=ROOT).stdout
             run = json.loads(out.strip().splitlines()[-1])
             results["runs"].append(run)
             print(json.dumps(run), flush=True)
@@ -137,9 +145,7 @@ def main() -> None:
           and r["moved_share"]["vae"] == 0 and (r["moved_share"]["text_encoder"] > 0.9) == r["train_text_encoder"]
           for r in results["runs"]]  # fmt: skip
     results["passed"] = all(ok)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "sd_paper_arch.json").write_text(json.dumps(results, indent=2))
-    print("passed" if results["passed"] else "FAILED", RESULTS / "sd_paper_arch.json")
+    print("passed" if results["passed"] else "FAILED", write_results("sd_paper_arch", results))
     sys.exit(0 if results["passed"] else 1)
 
 

@@ -2,8 +2,8 @@
 architecture with random weights (no hub needed), plus MFU from FLOPs counted by torch's FlopCounterMode
 against a matmul ceiling measured in the same run.
 
-    PYTHONPATH=. python3 benchmarks/sd_throughput.py --shape sd15 --out benchmarks/results/sd_throughput_cuda.json
-    .venv/bin/python benchmarks/sd_throughput.py --shape tiny          # CPU smoke run
+    python3 -m benchmarks.sd_throughput --shape sd15 --out benchmarks/results/sd_throughput_cuda.json
+    .venv/bin/python -m benchmarks.sd_throughput --shape tiny          # CPU smoke run
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from measure import matmul_ceiling, timed
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks.measure import matmul_ceiling, timed
 from ric.diffusion.policy import DiffusionPolicy
 
 #: SD v1.5's component sizes, as overrides of the tiny builder (same classes, random weights)

@@ -4,7 +4,7 @@ reconstructions, for VAE shapes and fitting lengths (no UNet is trained).
 A reward the decoder cannot reproduce cannot be steered, however well the UNet reads its marker: the spread
 kept (sd of the reconstructions' normalized reward over the pictures') caps the sweep's spread ratio.
 
-    .venv/bin/python benchmarks/sd_vae_fidelity.py [--variants default "flat, 600 steps" ...]
+    .venv/bin/python -m benchmarks.sd_vae_fidelity [--variants default "flat, 600 steps" ...]
 """
 
 from __future__ import annotations
@@ -32,8 +32,7 @@ VARIANTS = {
 
 
 def main() -> None:
-    from sd_diagnosis import reconstruct
-
+    from benchmarks.sd_diagnosis import reconstruct
     from ric.diffusion.datasets import Shapes
     from ric.diffusion.policy import DiffusionPolicy
     from ric.diffusion.rewards import Colourfulness, JpegCompressibility
@@ -57,7 +56,7 @@ def main() -> None:
     out_path = ROOT / "benchmarks" / "results" / "sd_vae_fidelity.json"
     report = json.loads(out_path.read_text()) if out_path.is_file() else {}
     data = f"Shapes v{Shapes.version}: 1,000 pictures fitted, 200 held out"
-    report.update(command="python benchmarks/sd_vae_fidelity.py", data=data)
+    report.update(command="python -m benchmarks.sd_vae_fidelity", data=data)
     for name in names:
         steps, lr, vae = VARIANTS[name]
         start = time.perf_counter()

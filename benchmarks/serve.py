@@ -1,7 +1,7 @@
 """Serving throughput: ``ric serve`` under 1, 8 and 32 concurrent clients, each request with its own random
 preference, against the same requests sent one at a time (the 1-client level), in one run.
 
-    .venv/bin/python benchmarks/serve.py runs/quickstart_text/lightning_logs/version_0/checkpoints/last.ckpt
+    .venv/bin/python -m benchmarks.serve runs/quickstart_text/lightning_logs/version_0/checkpoints/last.ckpt
 
 Starts the server itself (``--max-batch-size`` = the largest client count), warms it up, then for each level
 sends the same prompts (``--requests`` of them, from ``examples/new_questions.jsonl``) with the official

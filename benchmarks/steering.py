@@ -1,17 +1,18 @@
 """Steering on real data: what limits RiC's control of each reward on hh-rlhf, one factor at a time, and a
 recipe that steers, measured over seeds on held-out prompts.
 
-SmolLM2-135M-Instruct, hh-rlhf harmless-base (``../shared/data``, both responses of every dialogue), the
-offline rewards verbosity and readability. Every run trains through ``ric fit`` (checkpoints at the steps a
-study asks for) and is evaluated through the public API (``ric.load`` + ``policy.steer``) on the held-out
-prompts of its split: 5 preferences, ``--prompts`` prompts x ``--samples`` answers each, the same seed for
-every preference. Per reward: Spearman of the obtained mean against the reward's weight, and the spread
-ratio (range of the obtained means over the range of the desired ones).
+The recipe is ``configs/steer_hh_cpu.yaml`` trained for 400 steps (SmolLM2-135M-Instruct, hh-rlhf
+harmless-base from ``../shared/data`` with both responses of every dialogue, the offline rewards verbosity and
+readability); a study's variant is a set of dotted overrides of it. Every run trains through ``ric fit``
+(checkpoints at the steps a study asks for) and is evaluated through the public API (``ric.load`` +
+``policy.steer``) on the held-out prompts of its split: 5 preferences, ``--prompts`` prompts x ``--samples``
+answers each, the same seed for every preference. Per reward: Spearman of the obtained mean against the
+reward's weight, and the spread ratio (range of the obtained means over the range of the desired ones).
 
-    .venv/bin/python benchmarks/steering.py --study length            # steering along training (one run)
-    .venv/bin/python benchmarks/steering.py --study lr|format|responses|layers|lora|range|online
-    .venv/bin/python benchmarks/steering.py --study control|alone|alone-long
-    .venv/bin/python benchmarks/steering.py --study recipe --seeds 0,1,2 --prompts 64 --samples 2
+    .venv/bin/python -m benchmarks.steering --study length            # steering along training (one run)
+    .venv/bin/python -m benchmarks.steering --study lr|format|responses|layers|lora|range|online
+    .venv/bin/python -m benchmarks.steering --study control|alone|alone-long
+    .venv/bin/python -m benchmarks.steering --study recipe --seeds 0,1,2 --prompts 64 --samples 2
 
 Every finished training run and evaluation is kept under ``--out`` (default ``runs/steering``) and skipped
 when the command is run again; results go to ``benchmarks/results/steering_<study>.json`` and ``.png``.
@@ -22,160 +23,150 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import subprocess
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-HH = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
-RESULTS = ROOT / "benchmarks" / "results"
-PREFERENCES = [[0.0, 1.0], [0.25, 0.75], [0.5, 0.5], [0.75, 0.25], [1.0, 0.0]]
+from benchmarks.experiment import (
+    PREFERENCES,
+    RESULTS,
+    ROOT,
+    build_data_module,
+    cached,
+    checkpoints,
+    command,
+    diagonal,
+    fit,
+    get,
+    load_config,
+    override,
+    pyplot,
+    rooted,
+    run_dir,
+    save_figure,
+    saved_config,
+    seeds,
+    write_results,
+)
+from ric.text.policy import LLAMA_PROJECTIONS
+
+#: the recipe is this shipped config (its settings are what the README reports) ...
+RECIPE_CONFIG = "steer_hh_cpu"
+#: ... trained twice as long as it ships: what the studies vary one at a time
+RECIPE: dict[str, Any] = {"trainer.max_steps": 400}
+#: the positive control's data, as the text quickstart ships it
+QUICKSTART_CONFIG = "quickstart_text"
+HH = (ROOT / get(load_config(RECIPE_CONFIG), "data.dataset.init_args.path")).resolve()
 #: sampling of every evaluation: the paper's online settings, answers up to 128 tokens (shorter would cap verbosity)
 EVAL: dict[str, Any] = {"temperature": 0.7, "top_p": 0.9, "max_new_tokens": 128}
-#: answers decoding at once on a continuous batch (on this CPU 2.4x faster than the static batches of 8 used
-#: before, benchmarks/generation.py)
+#: answers decoding at once on a continuous batch (faster than static batches of 8 on this CPU,
+#: benchmarks/generation.py)
 BATCH = 32
-
-#: the recipe: what the studies below vary one at a time
-BASE: dict[str, Any] = {
-    "steps": 400, "lr": 2.0e-3, "warmup": 20, "lora_r": 16, "lora_layers": None, "lora_modules": None,
-    "decimals": 1, "batch": 8,
-    "max_tokens": 192, "responses": "both", "reward_range": "data", "quantiles": [0.05, 0.95], "method": "linear",
-    "template": "{prompt} {rewards}\n\nAssistant:", "data": "hh", "rewards": ["verbosity", "readability"],
-    "conditioned": True,
-}  # fmt: skip
 #: reward name -> its class in ``ric.text.rewards``
 REWARDS = {"verbosity": "Verbosity", "readability": "Readability", "sentiment": "Sentiment", "relevance": "Relevance"}
 
-#: study -> (variants: name -> overrides of BASE, steps at which each variant is evaluated)
-SHORT = {"steps": 200}
+
+def rewards(*names: str) -> dict[str, Any]:
+    """Overrides training on the rewards ``names`` (the model's markers and the data's labels)."""
+    return {"model.init_args.reward_names": list(names),
+            "data.rewards": [{"class_path": f"ric.text.rewards.{REWARDS[n]}"} for n in names]}  # fmt: skip
+
+
+def quickstart_data() -> dict[str, Any]:
+    """Overrides training the recipe on the text quickstart's data: its data set, held-out share and longest
+    response, with room for its prompt and response in a row."""
+    quickstart = load_config(QUICKSTART_CONFIG)
+    return {"data.dataset": get(quickstart, "data.dataset"),
+            "data.test_fraction": get(quickstart, "data.test_fraction"),
+            "model.init_args.max_tokens": get(quickstart, "model.init_args.max_tokens"),
+            "model.init_args.max_length": 256}  # fmt: skip
+
+
+#: the shipped config's own length, half the recipe's
+SHORT = {"trainer.max_steps": 200}
+#: a wiring check of any study (``--smoke``): 4 steps
+SMOKE = {"trainer.max_steps": 4, "model.init_args.warmup_steps": 1}
+#: study -> (variants: name -> overrides of the recipe, steps at which each variant is evaluated)
 STUDIES: dict[str, tuple[dict[str, dict[str, Any]], list[int] | None]] = {
     "length": ({"recipe": {}}, [100, 200]),
-    "lr": ({"lr=5e-4": {**SHORT, "lr": 5.0e-4}, "lr=2e-3": SHORT, "lr=5e-3": {**SHORT, "lr": 5.0e-3}}, None),
+    "lr": ({"lr=5e-4": {**SHORT, "model.init_args.learning_rate": 5.0e-4}, "lr=2e-3": SHORT,
+            "lr=5e-3": {**SHORT, "model.init_args.learning_rate": 5.0e-3}}, None),
     "format": (
-        {"1 decimal": SHORT, "integers": {**SHORT, "decimals": 0},
-         "markers first": {**SHORT, "template": "{rewards} {prompt}\n\nAssistant:"}},
+        {"1 decimal": SHORT, "integers": {**SHORT, "model.init_args.decimals": 0},
+         "markers first": {**SHORT, "model.init_args.template": "{rewards} {prompt}\n\nAssistant:"}},
         None,
     ),
-    "responses": ({"both (2 per prompt)": SHORT, "chosen only (1 per prompt)": {**SHORT, "responses": "chosen"}}, None),
-    "layers": ({"all 30 layers": SHORT, "top 10 layers": {**SHORT, "lora_layers": list(range(20, 30))}}, None),
+    "responses": ({"both (2 per prompt)": SHORT,
+                   "chosen only (1 per prompt)": {**SHORT, "data.dataset.init_args.responses": "chosen"}}, None),
+    "layers": ({"all 30 layers": SHORT,
+                "top 10 layers": {**SHORT, "model.init_args.lora_layers": list(range(20, 30)),
+                                  "model.init_args.lora_target_modules": list(LLAMA_PROJECTIONS)}}, None),
     # the adapter's capacity: the paper's rank (alpha = r throughout, so the update's scale is unchanged), and
     # the authors' script's target modules
     "lora": (
-        {"r=16, all 7 projections (recipe)": SHORT, "r=64 (the paper's)": {**SHORT, "lora_r": 64},
-         "q_proj, v_proj only (the authors')": {**SHORT, "lora_modules": ["q_proj", "v_proj"]}},
+        {"r=16, all 7 projections (recipe)": SHORT,
+         "r=64 (the paper's)": {**SHORT, "model.init_args.lora_r": 64, "model.init_args.lora_alpha": 64},
+         "q_proj, v_proj only (the authors')": {**SHORT, "model.init_args.lora_target_modules": ["q_proj", "v_proj"]}},
         None,
     ),
-    "control": ({"quickstart data": {**SHORT, "data": "quickstart", "max_tokens": 256}}, None),
+    "control": ({"quickstart data": {**SHORT, **quickstart_data()}}, None),
     "recipe": ({"recipe": {}}, None),
     # is readability's marker ignored because verbosity's is easier to read, or on its own as well?
-    "alone": ({"readability alone": {**SHORT, "rewards": ["readability"]}}, None),
+    "alone": ({"readability alone": {**SHORT, **rewards("readability")}}, None),
     # trained twice as long (the quickstart's data needs ~4x its 120 steps before the marker is read)
-    "alone-long": ({"readability alone": {"rewards": ["readability"]}}, [200, 400]),
+    "alone-long": ({"readability alone": rewards("readability")}, [200, 400]),
 }  # fmt: skip
 
 
-def run_dir(out: Path, study: str, name: str, seed: int) -> Path:
-    safe = "".join(c if c.isalnum() or c in "-_=." else "_" for c in name)
-    return out / study / f"{safe}-seed{seed}"
+def studies(smoke: bool = False) -> dict[str, tuple[dict[str, dict[str, Any]], list[int] | None]]:
+    """:data:`STUDIES`, or at the wiring check's scale (every variant 4 steps, the length study at 2 and 4)."""
+    if not smoke:
+        return STUDIES
+    scaled = {study: ({name: {**o, **SMOKE} for name, o in variants.items()}, steps)
+              for study, (variants, steps) in STUDIES.items()}  # fmt: skip
+    scaled["length"] = (scaled["length"][0], [2, 4])
+    return scaled
 
 
-def train_config(
-    folder: Path, s: dict[str, Any], seed: int, save_steps: list[int], callbacks: list[dict] = ()
+def recipe_config(
+    folder: Path, overrides: dict[str, Any], seed: int, every: int | None = None, callbacks: list[dict] = ()
 ) -> dict[str, Any]:
-    """A ``ric fit`` config for settings ``s``: checkpoints at ``save_steps``, then ``callbacks`` (none: no
-    sweep, the studies evaluate below; ``front_quality.py`` adds its own)."""
-    dataset = (
-        {"class_path": "ric.text.datasets.HHRLHF", "init_args": {"path": str(HH), "responses": s["responses"]}}
-        if s["data"] == "hh"
-        else {"class_path": "ric.text.datasets.Quickstart"}
-    )
-    callbacks = [
-        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-         "init_args": {"dirpath": str(folder / "ckpt"), "filename": "step{step}",
-                       "every_n_train_steps": min(save_steps), "save_top_k": -1, "save_last": True,
-                       "auto_insert_metric_name": False}},
-        *callbacks,
-    ]  # fmt: skip
-    lora = {}
-    if s["lora_layers"] or s["lora_modules"]:
-        lora = {"lora_layers": s["lora_layers"], "lora_target_modules": list(s["lora_modules"] or LLAMA)}
-    return {
-        "seed_everything": seed,
-        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": s["steps"], "logger": False,
-                    "limit_val_batches": 0, "num_sanity_val_steps": 0, "default_root_dir": str(folder),
-                    "enable_progress_bar": False, "callbacks": callbacks},
-        "model": {"class_path": "ric.text.policy.TextPolicy", "init_args": {
-            "model": "smollm2", "reward_names": list(s["rewards"]), "template": s["template"],
-            "conditioned": s.get("conditioned", True),
-            "decimals": s["decimals"], "lora_r": s["lora_r"], "lora_alpha": s["lora_r"], "lora_dropout": 0.0,
-            "learning_rate": s["lr"], "warmup_steps": s["warmup"], "max_length": s["max_tokens"],
-            "max_tokens": s["max_tokens"], "max_new_tokens": 128, "generation_batch_size": 32, "packing": True,
-            **lora}},
-        "data": {"dataset": dataset,
-                 "rewards": [{"class_path": f"ric.text.rewards.{REWARDS[r]}"} for r in s["rewards"]],
-                 "batch_size": s["batch"], "val_fraction": 0.0, "test_fraction": 0.04 if s["data"] == "hh" else 0.15,
-                 "max_test_prompts": 64, "seed": 0, "cache_dir": str(ROOT / ".ric_cache"), "output_dir": str(folder),
-                 "reward_range": s["reward_range"], "range_quantiles": s["quantiles"], "method": s["method"],
-                 "progress": False},
-    }  # fmt: skip
+    """The recipe with a variant's ``overrides``, run in ``folder``: a checkpoint every ``every`` steps (default:
+    at the end), then ``callbacks`` (none: the shipped sweep is left out, the studies evaluate below;
+    ``front_quality.py`` adds its own)."""
+    config = load_config(RECIPE_CONFIG, {**RECIPE, **overrides})
+    every = every or get(config, "trainer.max_steps")
+    run = {"seed_everything": seed, "trainer.default_root_dir": str(folder), "trainer.enable_progress_bar": False,
+           "trainer.callbacks": [checkpoints(folder, every), *callbacks], "data.output_dir": str(folder),
+           "data.progress": False}  # fmt: skip
+    return rooted(override(config, run))
 
 
-LLAMA = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+def planned(study: str, out: Path, seed_list: list[int], smoke: bool = False) -> list[dict[str, Any]]:
+    """Every training run of a study: variant, seed, folder, its config and the steps it is evaluated at."""
+    variants, steps = studies(smoke)[study]
+    runs = []
+    for name, overrides in variants.items():
+        for seed in seed_list:
+            # the length study evaluates the recipe's own run along the way: one training run serves both
+            folder = run_dir(out, "recipe" if study == "length" else study, name, seed)
+            config = recipe_config(folder, overrides, seed, min(steps) if steps else None)
+            at = steps or [get(config, "trainer.max_steps")]
+            runs.append({"variant": name, "seed": seed, "folder": folder, "config": config, "at": at,
+                         "overrides": overrides})  # fmt: skip
+    return runs
 
 
-def train(
-    folder: Path,
-    s: dict[str, Any],
-    seed: int,
-    save_steps: list[int],
-    callbacks: list[dict] = (),
-    adjust: Callable[[dict], None] | None = None,
-) -> float:
-    """Train unless the final checkpoint exists; returns the training seconds (recorded on the first run).
-    ``adjust`` edits the config in place before it is written (another benchmark's scale)."""
-    done = folder / "trained.json"
-    if done.is_file():
-        return json.loads(done.read_text())["seconds"]
-    folder.mkdir(parents=True, exist_ok=True)
-    config = folder / "run.json"  # (LightningCLI writes its own config.yaml beside it)
-    settings = train_config(folder, s, seed, save_steps, callbacks)
-    if adjust is not None:
-        adjust(settings)
-    config.write_text(json.dumps(settings))
-    ckpt = folder / "ckpt" / "last.ckpt"
-    cmd = [sys.executable, "-m", "ric.cli", "fit", "--config", str(config)] + (
-        ["--ckpt_path", "last"] if ckpt.exists() else []
-    )
-    start = time.perf_counter()
-    subprocess.run(cmd, check=True, cwd=ROOT)
-    seconds = time.perf_counter() - start
-    done.write_text(json.dumps({"seconds": seconds, "steps": s["steps"]}))
-    return seconds
+def train(folder: Path, config: dict[str, Any]) -> float:
+    """Train unless the run finished; returns the training seconds (recorded on the first run)."""
+    return fit(folder, config, record={"steps": get(config, "trainer.max_steps")})
 
 
 def data_module(folder: Path) -> Any:
     """The run's data module as its config builds it (no model is loaded)."""
-    return build_data_module(json.loads((folder / "run.json").read_text())["data"])
-
-
-def build_data_module(config: dict[str, Any]) -> Any:
-    """A ``RelabelDataModule`` from the ``data`` section of a ``ric fit`` config."""
-    import importlib
-
-    from ric.data import RelabelDataModule
-
-    def build(spec: dict) -> Any:
-        module, _, name = spec["class_path"].rpartition(".")
-        return getattr(importlib.import_module(module), name)(**spec.get("init_args", {}))
-
-    settings = {k: v for k, v in config.items() if k not in ("dataset", "rewards")}
-    return RelabelDataModule(build(config["dataset"]), [build(r) for r in config["rewards"]], **settings)
+    return build_data_module(saved_config(folder)["data"])
 
 
 def held_out_prompts(folder: Path, n: int) -> list[str]:
@@ -187,9 +178,9 @@ def held_out_prompts(folder: Path, n: int) -> list[str]:
 def evaluate(ckpt: Path, prompts: list[str], samples: int, seed: int, space_override: dict | None = None) -> dict:
     """Steer the checkpoint at the 5 preferences and measure how each reward follows its weight."""
     import ric
-    from ric.evaluation import steering_measures
-    from ric.interfaces import score_all
     from ric.pareto import hypervolume
+    from ric.report import steering_measures
+    from ric.rewards import score_all
 
     policy = ric.load(ckpt)
     if space_override:
@@ -234,43 +225,40 @@ def checkpoint_at(folder: Path, step: int, final: int) -> Path:
 
 
 def run_study(args: argparse.Namespace) -> dict:
-    variants, steps = STUDIES.get(args.study, ({"recipe": {}}, None))
-    seeds = [int(v) for v in args.seeds.split(",")]
-    results: dict[str, Any] = {"study": args.study, "base": BASE, "prompts": args.prompts, "samples": args.samples,
-                               "seeds": seeds, "runs": []}  # fmt: skip
+    seed_list = seeds(args.seeds)
+    results: dict[str, Any] = {"study": args.study, "config": f"configs/{RECIPE_CONFIG}.yaml",
+                               "base": {**RECIPE, **(SMOKE if args.smoke else {})}, "prompts": args.prompts,
+                               "samples": args.samples, "seeds": seed_list, "runs": []}  # fmt: skip
     if args.study in ("range", "online"):
-        return derived_study(args, results, seeds)
-    for name, overrides in variants.items():
-        s = {**BASE, **overrides}
-        at = steps or [s["steps"]]
-        for seed in seeds:
-            # the length study evaluates the recipe's own run along the way: one training run serves both
-            folder = run_dir(args.out, "recipe" if args.study == "length" else args.study, name, seed)
-            seconds = train(folder, s, seed, at if steps else [s["steps"]])
-            prompts = held_out_prompts(folder, args.prompts)
-            for step in at:
-                path = folder / f"eval-step{step}-p{args.prompts}x{args.samples}.json"
-                ckpt = checkpoint_at(folder, step, s["steps"])
-                evaluation = cached(path, evaluate, ckpt, prompts, args.samples, seed)
-                results["runs"].append({"variant": name, "seed": seed, "step": step, "train_seconds": seconds,
-                                        "settings": s, **evaluation})  # fmt: skip
-                report(name, seed, step, evaluation)
+        return derived_study(args, results, seed_list)
+    for run in planned(args.study, args.out, seed_list, args.smoke):
+        name, seed, folder, config = run["variant"], run["seed"], run["folder"], run["config"]
+        seconds = train(folder, config)
+        prompts = held_out_prompts(folder, args.prompts)
+        for step in run["at"]:
+            path = folder / f"eval-step{step}-p{args.prompts}x{args.samples}.json"
+            ckpt = checkpoint_at(folder, step, get(config, "trainer.max_steps"))
+            evaluation = cached(path, evaluate, ckpt, prompts, args.samples, seed)
+            results["runs"].append({"variant": name, "seed": seed, "step": step, "train_seconds": seconds,
+                                    "overrides": run["overrides"], **evaluation})  # fmt: skip
+            report(name, seed, step, evaluation)
     return results
 
 
-def derived_study(args: argparse.Namespace, results: dict, seeds: list[int]) -> dict:
+def derived_study(args: argparse.Namespace, results: dict, seed_list: list[int]) -> dict:
     """Studies on the recipe's trained model: the reward range used for the desired values (evaluation only),
     and one online round with MORS (training continued from the recipe's final checkpoint)."""
-    s = results["base"] = dict(BASE)
-    for seed in seeds:
+    overrides = dict(results["base"])
+    steps = overrides["trainer.max_steps"]
+    for seed in seed_list:
         folder = run_dir(args.out, "recipe", "recipe", seed)
         if args.recipe_runs:  # another benchmark's runs of the recipe (front_quality's RiC arm), as trained there
             folder = Path(args.recipe_runs.format(seed=seed))
             if not (folder / "trained.json").is_file():
                 raise FileNotFoundError(f"--recipe-runs: no finished training run at {folder} (no trained.json)")
-            s["steps"] = json.loads((folder / "trained.json").read_text())["steps"]
-            results["recipe_runs"] = args.recipe_runs
-        seconds = train(folder, s, seed, [s["steps"]])
+            steps = overrides["trainer.max_steps"] = json.loads((folder / "trained.json").read_text())["steps"]
+            results["base"], results["recipe_runs"] = dict(overrides), args.recipe_runs
+        seconds = train(folder, recipe_config(folder, overrides, seed))
         prompts = held_out_prompts(folder, args.prompts)
         ckpt = folder / "ckpt" / "last.ckpt"
         if args.study == "range":
@@ -291,13 +279,13 @@ def derived_study(args: argparse.Namespace, results: dict, seeds: list[int]) -> 
                 path = folder / f"eval-range-{tag}-p{args.prompts}x{args.samples}.json"
                 evaluation = cached(path, evaluate, ckpt, prompts, args.samples, seed, override)
                 results["runs"].append({"variant": name, "seed": seed, "train_seconds": seconds, **evaluation})
-                report(name, seed, s["steps"], evaluation)
+                report(name, seed, steps, evaluation)
         else:
             # from the offline run as far as it was trained, against the same run's evaluation at that step
-            trained = json.loads((folder / "trained.json").read_text()).get("steps", s["steps"])
-            offline = checkpoint_at(folder, trained, s["steps"])
+            trained = json.loads((folder / "trained.json").read_text()).get("steps", steps)
+            offline = checkpoint_at(folder, trained, steps)
             online = folder.parent / f"recipe+online-step{trained}-seed{seed}"
-            extra = online_round(offline, online, s, seed, trained)
+            extra = online_round(offline, online, overrides, seed, trained)
             for name, path, secs in (
                 (f"offline (recipe, step {trained})", offline, seconds),
                 ("+1 online round", online / "ckpt" / "last.ckpt", seconds + extra),
@@ -319,46 +307,23 @@ def normalized_training_scores(folder: Path, space: Any) -> np.ndarray:
 def online_round(
     offline: Path,
     folder: Path,
-    s: dict[str, Any],
+    overrides: dict[str, Any],
     seed: int,
     offline_steps: int,
     generations: int = 256,
     steps: int = 60,
     callbacks: list[dict] = (),
-    adjust: Callable[[dict], None] | None = None,
 ) -> float:
-    """One online round with MORS continued from the ``offline`` checkpoint (saved at ``offline_steps``);
-    ``callbacks`` run after it (a sweep), ``adjust`` as in :func:`train`."""
-    done = folder / "trained.json"
-    if done.is_file():
-        return json.loads(done.read_text())["seconds"]
-    folder.mkdir(parents=True, exist_ok=True)
+    """One online round with MORS continued from the ``offline`` checkpoint (saved at ``offline_steps``) of the
+    recipe with ``overrides``; ``callbacks`` run after it (a sweep)."""
     online = {"class_path": "ric.online.OnlineLoop", "init_args": {
         "iterations": 1, "offline_steps": offline_steps, "steps_per_iteration": steps,
         "prompts_per_iteration": generations, "learning_rate": 2.0e-4, "chunk_size": 32,
         "buffer_dir": str(folder / "online"),
         "sampling": {"max_new_tokens": EVAL["max_new_tokens"], "batch_size": BATCH}}}  # fmt: skip
-    config = train_config(folder, {**s, "steps": offline_steps}, seed, [offline_steps + steps], [online, *callbacks])
-    if adjust is not None:
-        adjust(config)
-    (folder / "run.json").write_text(json.dumps(config))
-    resume = folder / "ckpt" / "last.ckpt"
-    start_from = resume if resume.exists() else offline
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "ric.cli", "fit", "--config", str(folder / "run.json"), "--ckpt_path",
-                    str(start_from)], check=True, cwd=ROOT)  # fmt: skip
-    seconds = time.perf_counter() - start
-    done.write_text(json.dumps({"seconds": seconds}))
-    return seconds
-
-
-def cached(path: Path, compute: Any, *args: Any) -> dict:
-    """``compute(*args)``, kept in ``path``: a finished evaluation is not run again."""
-    if path.is_file():
-        return json.loads(path.read_text())
-    value = compute(*args)
-    path.write_text(json.dumps(value, indent=2))
-    return value
+    config = recipe_config(folder, {**overrides, "trainer.max_steps": offline_steps}, seed, offline_steps + steps,
+                           [online, *callbacks])  # fmt: skip
+    return fit(folder, config, ckpt_path=offline)
 
 
 def report(name: str, seed: int, step: int, e: dict) -> None:
@@ -389,11 +354,7 @@ def summarize(results: dict) -> dict:
 
 
 def plot(results: dict, summary: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = summary["table"]
     rewards = list(results["runs"][0]["steering"])
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
@@ -421,8 +382,7 @@ def plot(results: dict, summary: dict, path: Path) -> None:
     desired, obtained = np.mean([r["desired"] for r in last], axis=0), np.mean([r["obtained"] for r in last], axis=0)
     for d, reward in enumerate(rewards):
         axes[2].plot(desired[:, d], obtained[:, d], "o-", label=reward)
-    lo, hi = float(min(desired.min(), obtained.min())), float(max(desired.max(), obtained.max()))
-    axes[2].plot([lo, hi], [lo, hi], color="grey", ls="--", lw=1, label="obtained = desired")
+    diagonal(axes[2], float(min(desired.min(), obtained.min())), float(max(desired.max(), obtained.max())))
     axes[2].set_title(f"desired vs obtained: {labels[-1]}")
     axes[2].set_xlabel("desired (normalized)")
     axes[2].set_ylabel("obtained (normalized)")
@@ -430,12 +390,10 @@ def plot(results: dict, summary: dict, path: Path) -> None:
     fig.suptitle(
         f"steering on hh-rlhf, study '{results['study']}' ({results['prompts']} prompts x {results['samples']})"
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--study", default="length", choices=[*STUDIES, "range", "online"])
     parser.add_argument("--seeds", default="0")
@@ -446,13 +404,8 @@ def main() -> None:
                         help="range/online: evaluate these finished recipe runs instead of training the recipe, "
                              "a folder with {seed} (e.g. runs/front_quality-cpu/seed{seed}/ric)")  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="wiring check: 4 steps, 4 prompts, short answers")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.smoke:
-        BASE.update(steps=4, warmup=1)
-        for variants, _ in STUDIES.values():
-            for overrides in variants.values():
-                overrides.pop("steps", None)
-        STUDIES["length"] = (STUDIES["length"][0], [2, 4])
         EVAL["max_new_tokens"] = 16
         args.prompts, args.out = 4, args.out.with_name(args.out.name + "-smoke")
     if not HH.is_file():
@@ -460,10 +413,9 @@ def main() -> None:
     results = run_study(args)
     summary = summarize(results)
     results["summary"] = summary
-    results["command"] = " ".join([Path(sys.executable).name, *sys.argv])
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    results["command"] = command()
     name = f"steering_{args.study}" + ("_smoke" if args.smoke else "")
-    (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2, default=float))
+    write_results(name, results)
     plot(results, summary, RESULTS / f"{name}.png")
     print(json.dumps(summary, indent=2))
     print(RESULTS / f"{name}.png")

@@ -13,10 +13,10 @@ Model (per checkpoint, held-out responses): the marker effect of reward k is how
 log-likelihood it loses when only reward k's marker is moved from the value the response earned to the far
 end of the desired range. Zero means the model ignores that marker.
 
-    .venv/bin/python benchmarks/steering_diagnosis.py \\
+    .venv/bin/python -m benchmarks.steering_diagnosis \\
         --hh runs/steering/recipe/recipe-seed0/ckpt/step50.ckpt,...step100.ckpt,...step200.ckpt \\
         --control runs/quickstart_text/lightning_logs/version_0/checkpoints/last.ckpt
-    .venv/bin/python benchmarks/steering_diagnosis.py --alone readability [--alone-steps 480] [--alone-set decimals=0]
+    .venv/bin/python -m benchmarks.steering_diagnosis --alone readability [--alone-steps 480] [--alone-set decimals=0]
 """
 
 from __future__ import annotations
@@ -24,24 +24,33 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from steering import BASE, RESULTS, REWARDS, ROOT, STUDIES, build_data_module, cached, evaluate, train_config
 
+from benchmarks.experiment import (
+    RESULTS,
+    ROOT,
+    build_data_module,
+    cached,
+    command,
+    fit,
+    load_config,
+    pyplot,
+    save_figure,
+)
+from benchmarks.steering import evaluate, quickstart_data, recipe_config, rewards
 from ric.data import RelabelDataModule, prompt_key
 from ric.text.rewards import Sentiment
 
 
 def data_modules() -> dict[str, RelabelDataModule]:
     """hh-rlhf as the steering recipe reads it, and the quickstart data (the positive control)."""
-    hh = train_config(ROOT / "runs" / "steering", BASE, 0, [1])["data"]
-    control = train_config(ROOT / "runs" / "steering", {**BASE, **STUDIES["control"][0]["quickstart data"]}, 0, [1])
-    return {"hh-rlhf": build_data_module(hh), "quickstart": build_data_module(control["data"])}
+    hh = recipe_config(ROOT / "runs" / "steering", {}, 0)
+    control = recipe_config(ROOT / "runs" / "steering", quickstart_data(), 0)
+    return {"hh-rlhf": build_data_module(hh["data"]), "quickstart": build_data_module(control["data"])}
 
 
 def grouped(records: list[dict], z: np.ndarray) -> list[np.ndarray]:
@@ -113,45 +122,35 @@ def marker_effects_of(ckpt: Path, dm: RelabelDataModule, n_prompts: int) -> dict
             "seconds": time.perf_counter() - start}  # fmt: skip
 
 
-def quickstart_alone(reward: str, steps: int | None = None, model: dict[str, Any] | None = None) -> list[Path]:
-    """The README's text quickstart trained with ``reward`` alone (no sweep), once: its marker effect beside
-    the two-reward quickstart's says whether a marker is ignored on its own or crowded out by the other.
-    ``steps`` trains longer than the quickstart's 120, with a checkpoint every 120 steps (a curve); ``model``
-    overrides the policy's settings (e.g. ``decimals``: how the value is written)."""
-    import yaml
-
+def quickstart_alone(
+    reward: str, steps: int | None = None, model: dict[str, Any] | None = None, out: Path | None = None
+) -> list[Path]:
+    """The README's text quickstart (``configs/quickstart_text.yaml``) trained with ``reward`` alone (no sweep),
+    once: its marker effect beside the two-reward quickstart's says whether a marker is ignored on its own or
+    crowded out by the other. ``steps`` trains longer than the quickstart's 120, with a checkpoint every 120
+    steps (a curve); ``model`` overrides the policy's settings (e.g. ``decimals``: how the value is written);
+    runs go under ``out`` (default ``runs/steering/alone``)."""
     tag = "".join(f"-{k}={v}" for k, v in (model or {}).items()) + (f"-{steps}steps" if steps else "")
-    folder = ROOT / "runs" / "steering" / "alone" / f"quickstart-{reward}{tag}"
+    folder = (out or ROOT / "runs" / "steering" / "alone") / f"quickstart-{reward}{tag}"
     saved = [folder / "checkpoints" / f"step{n}.ckpt" for n in range(120, steps + 1, 120)] if steps else []
-    if not (folder / "trained.json").is_file():
-        config = yaml.safe_load((ROOT / "configs" / "quickstart_text.yaml").read_text())
-        trainer = config["trainer"]
-        trainer.update(default_root_dir=str(folder), logger=False, max_steps=steps or trainer["max_steps"])
-        trainer["callbacks"] = [c for c in trainer["callbacks"] if not c["class_path"].endswith("PreferenceSweep")]
-        for c in trainer["callbacks"]:
-            if c["class_path"].endswith("ModelCheckpoint"):
-                c["init_args"]["dirpath"] = str(folder / "checkpoints")
-                if steps:
-                    c["init_args"].update(filename="step{step}", every_n_train_steps=120, save_top_k=-1,
-                                          auto_insert_metric_name=False)  # fmt: skip
-        config["model"]["init_args"].update(reward_names=[reward], **(model or {}))
-        config["data"]["rewards"] = [{"class_path": f"ric.text.rewards.{REWARDS[reward]}"}]
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.yaml").write_text(yaml.safe_dump(config))
-        start = time.perf_counter()
-        subprocess.run(
-            [sys.executable, "-m", "ric.cli", "fit", "--config", str(folder / "config.yaml")], check=True, cwd=ROOT
-        )
-        (folder / "trained.json").write_text(json.dumps({"seconds": time.perf_counter() - start, "steps": steps}))
+    callbacks = []
+    for c in load_config("quickstart_text")["trainer"]["callbacks"]:
+        if c["class_path"].endswith("ModelCheckpoint"):
+            c["init_args"]["dirpath"] = str(folder / "checkpoints")
+            if steps:
+                c["init_args"].update(filename="step{step}", every_n_train_steps=120, save_top_k=-1,
+                                      auto_insert_metric_name=False)  # fmt: skip
+        if not c["class_path"].endswith("PreferenceSweep"):
+            callbacks.append(c)
+    overrides = {"trainer.default_root_dir": str(folder), "trainer.logger": False, "trainer.callbacks": callbacks,
+                 **({"trainer.max_steps": steps} if steps else {}), **rewards(reward),
+                 **{f"model.init_args.{k}": v for k, v in (model or {}).items()}}  # fmt: skip
+    fit(folder, load_config("quickstart_text", overrides), record={"steps": steps})
     return saved or [folder / "checkpoints" / "last.ckpt"]
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(14, 5.5), gridspec_kw={"width_ratios": [1, 2.6]})
     sets = list(results["data"])
     names = list(results["data"][sets[0]]["rewards"])
@@ -172,12 +171,10 @@ def plot(results: dict, path: Path) -> None:
     axes[1].set_title("marker effect: nats lost when one marker is moved")
     axes[1].axhline(0, color="grey", lw=1)
     axes[1].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hh", default="", help="comma-separated checkpoints trained on hh-rlhf")
     parser.add_argument("--control", default="", help="comma-separated checkpoints trained on the quickstart data")
@@ -188,7 +185,7 @@ def main() -> None:
     parser.add_argument("--steer", default="", help="DATA:CKPT,... (DATA: hh-rlhf or quickstart): also steer these "
                         "at the benchmark's 5 points (one reward: its desired value swept over the range)")  # fmt: skip
     parser.add_argument("--samples", type=int, default=2, help="answers per held-out prompt when steering")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     import yaml
 
     import ric
@@ -204,10 +201,9 @@ def main() -> None:
     done = {(m["checkpoint"], m.get("prompts")): m for m in earlier}  # a measured checkpoint is not measured again
     dms = data_modules()
     # earlier measurements stay in the results (their checkpoints may be gone); this run's replace their twins
-    command = " ".join([Path(sys.executable).name, *sys.argv])
     commands = before.get("commands", [before["command"]] if "command" in before else [])
     results: dict[str, Any] = {
-        "commands": [*commands, command],
+        "commands": [*commands, command()],
         "data": before.get("data", {}),
         "models": list(earlier),
     }

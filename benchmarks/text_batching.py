@@ -4,7 +4,7 @@ Batch-1 is how the authors' scripts generate and score. Both arms produce exactl
 tokens (``min_new_tokens = max_new_tokens``) so tokens/s compare like for like. ``throughput.py`` covers
 training and GPU shapes.
 
-    .venv/bin/python benchmarks/text_batching.py --batch-size 16 --out benchmarks/results/text_batching.json
+    .venv/bin/python -m benchmarks.text_batching --batch-size 16 --out benchmarks/results/text_batching.json
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import platform
 from pathlib import Path
 
 import torch
-from measure import matmul_ceiling, scoring_speed, timed
 
+from benchmarks.measure import matmul_ceiling, scoring_speed, timed
 from ric.text.datasets import Quickstart
 from ric.text.policy import TextPolicy
 from ric.text.rewards import Relevance

@@ -25,11 +25,11 @@ Shapes: ``smollm2`` (the offline SmolLM2-135M weights, default on CPU), ``llama2
 Llama-2-7B shape in bf16, for a GPU), ``tiny`` (a smoke run in seconds). Random shapes need no network and no
 gguf: the SmolLM2 tokenizer is used when it loads, else a byte-level stand-in (prompts only need token ids).
 
-    .venv/bin/python benchmarks/throughput.py --sft-variants eager,compile \
+    .venv/bin/python -m benchmarks.throughput --sft-variants eager,compile \
         --gen-variants adapter,merged,merged+static --out benchmarks/results/throughput_cpu.json
-    PYTHONPATH=.:benchmarks python3 benchmarks/throughput.py --shape llama2-7b --sft-variants eager,liger,compile \
+    python3 -m benchmarks.throughput --shape llama2-7b --sft-variants eager,liger,compile \
         --gen-variants merged,merged+static --out benchmarks/results/throughput_cuda.json
-    .venv/bin/python benchmarks/throughput.py --shape llama2-7b --tokenizer bytes --dtype bfloat16 --sections anatomy \
+    .venv/bin/python -m benchmarks.throughput --shape llama2-7b --tokenizer bytes --dtype bfloat16 --sections anatomy \
         --lengths full --sft-variants eager,eager+peft-forward --tflops 781 --gbs 3350 --out anatomy.json
 """
 
@@ -51,10 +51,10 @@ from typing import Any
 import numpy as np
 import torch
 import transformers
-from anatomy import extrapolate, summarize, trace_step
-from measure import copy_bandwidth, matmul_ceiling, profile_step, scoring_speed, synchronize, timed
 from torch._dynamo.utils import counters
 
+from benchmarks.anatomy import extrapolate, summarize, trace_step
+from benchmarks.measure import copy_bandwidth, matmul_ceiling, profile_step, scoring_speed, synchronize, timed
 from ric.adapters import unfuse_adapters
 from ric.text.datasets import Quickstart
 from ric.text.models import load_causal_lm, load_tokenizer, resolve
@@ -333,7 +333,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)  # fmt: skip
-    args.command = shlex.join(["benchmarks/throughput.py", *(sys.argv[1:] if argv is None else argv)])
+    args.command = shlex.join(["-m", "benchmarks.throughput", *(sys.argv[1:] if argv is None else argv)])
     for key, value in DEFAULTS["cuda" if torch.device(args.device).type == "cuda" else "cpu"].items():
         if getattr(args, key) is None:
             setattr(args, key, value)

@@ -1,5 +1,6 @@
-"""The ``ric`` command: ``ric fit|validate|test --config ...`` (LightningCLI), ``ric export``, ``ric generate``,
-``ric chat``, ``ric serve``. ``python -m ric.cli ...`` is the same command.
+"""The ``ric`` command, one dispatcher for all of it: ``ric fit|validate|test --config ...`` (LightningCLI),
+``ric baseline``, and the commands on a trained model of :mod:`ric.commands` (``export``, ``generate``,
+``chat``, ``serve``, ``desired``, ``compare``). ``python -m ric.cli ...`` is the same command.
 
 LightningCLI runs over any :class:`~ric.interfaces.ConditionalPolicy` (``model.class_path``) and the shared
 :class:`~ric.data.RelabelDataModule`; ``ric fit --print_config`` shows every setting with its default. A
@@ -13,14 +14,14 @@ import importlib
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
 
 from ric.data import RelabelDataModule
 from ric.interfaces import ConditionalPolicy
-from ric.strategies import check_packages, check_strategy
+from ric.strategies import check_packages, check_strategy, setting
 
 #: subcommands that LightningCLI runs
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
@@ -59,7 +60,7 @@ class RiCCLI(LightningCLI):
                 reward_names = list(reward_names)
                 check_data_rewards(config.get("data.rewards") or [], reward_names)
                 for k, callback in enumerate(config.get("trainer.callbacks") or []):
-                    class_path = str(_get(callback, "class_path"))
+                    class_path = str(setting(callback, "class_path"))
                     if class_path.startswith("ric."):
                         instance = build(callback, f"trainer.callbacks[{k}]")
                         if hasattr(instance, "check_rewards"):
@@ -116,7 +117,7 @@ def quiet_dependencies() -> None:
 
 def check_data_rewards(rewards: Sequence[Any], reward_names: Sequence[str]) -> None:
     """The data's reward models, by the names their settings give, against the policy's ``reward_names``."""
-    names = [_get(_get(r, "init_args") or {}, "name") for r in rewards]
+    names = [setting(setting(r, "init_args") or {}, "name") for r in rewards]
     if len(names) != len(reward_names) or (None not in names and list(names) != list(reward_names)):
         raise ValueError(
             f"model.init_args.reward_names {list(reward_names)} and the data's rewards {names} must list the same "
@@ -127,13 +128,13 @@ def check_data_rewards(rewards: Sequence[Any], reward_names: Sequence[str]) -> N
 def build(component: Any, where: str) -> Any:
     """A configured class built from its ``class_path`` and ``init_args`` (its ``__init__`` checks them), with
     ``where`` (the setting's path) in any error."""
-    class_path = _get(component, "class_path")
+    class_path = setting(component, "class_path")
     module, _, name = str(class_path).rpartition(".")
     try:
         cls = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as err:
         raise ValueError(f"{where}: class {class_path!r} cannot be imported: {err}") from None
-    init_args = _get(component, "init_args")
+    init_args = setting(component, "init_args")
     kwargs = init_args.as_dict() if hasattr(init_args, "as_dict") else dict(init_args or {})
     return _prefixed(cls, f"{where} ({name})", **kwargs)
 
@@ -181,42 +182,50 @@ def _find_class(config: Any, class_path: str, prefix: str = "") -> str | None:
     return None
 
 
-def _get(obj: Any, key: str) -> Any:
-    if obj is None:
-        return None
-    if isinstance(obj, dict):
-        return obj.get(key)
-    return getattr(obj, key, None)
+def fit_validate_test(command: str, args: list[str], verbose: bool, from_command_line: bool) -> int:
+    """``ric fit|validate|test``: LightningCLI over the policy and the relabeling DataModule."""
+    if from_command_line:  # LightningCLI reads sys.argv itself (and warns when it is also given args)
+        sys.argv = [sys.argv[0], command, *args]
+    try:
+        RiCCLI(args=None if from_command_line else [command, *args])
+    except ConfigError as err:
+        if verbose:
+            raise
+        print(f"ric {command}: error: {err}\n(add --verbose, or set RIC_VERBOSE=1, for the traceback)", file=sys.stderr)
+        return 2
+    return 0
+
+
+def baseline(command: str, args: list[str], verbose: bool, from_command_line: bool) -> int:
+    """``ric baseline morlhf|soups --config FILE``: the RL baselines (TRL), an optional subpackage."""
+    from ric.baselines.methods import main as run_baseline
+
+    try:
+        return run_baseline(args)
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        if verbose:
+            raise
+        print(f"ric baseline: error: {err}", file=sys.stderr)
+        return 2
+
+
+#: commands whose arguments configure classes (jsonargparse): everything after the name goes to their parser
+CONFIG_COMMANDS: dict[str, Callable[[str, list[str], bool, bool], int]] = {
+    "fit": fit_validate_test,
+    "validate": fit_validate_test,
+    "test": fit_validate_test,
+    "baseline": baseline,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``ric`` console script."""
+    """The ``ric`` command (and ``python -m ric.cli``): every subcommand, ``ric --help`` lists them."""
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = "--verbose" in argv or os.environ.get("RIC_VERBOSE", "") not in ("", "0")
     argv = [a for a in argv if a != "--verbose"]
-    if argv and argv[0] in LIGHTNING_COMMANDS:
-        if from_command_line:  # LightningCLI reads sys.argv itself (and warns when it is also given args)
-            sys.argv = [sys.argv[0], *argv]
-        try:
-            RiCCLI(args=None if from_command_line else argv)
-        except ConfigError as err:
-            if verbose:
-                raise
-            print(f"ric {argv[0]}: error: {err}\n(add --verbose, or set RIC_VERBOSE=1, for the traceback)",
-                  file=sys.stderr)  # fmt: skip
-            return 2
-        return 0
-    if argv and argv[0] == "baseline":  # the RL baselines (TRL) are an optional subpackage
-        from ric.baselines.methods import main as baseline
-
-        try:
-            return baseline(argv[1:])
-        except (ValueError, FileNotFoundError, ImportError) as err:
-            if verbose:
-                raise
-            print(f"ric baseline: error: {err}", file=sys.stderr)
-            return 2
+    if argv and argv[0] in CONFIG_COMMANDS:
+        return CONFIG_COMMANDS[argv[0]](argv[0], argv[1:], verbose, from_command_line)
     from ric.commands import run
 
     return run(argv)

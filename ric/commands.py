@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import sys
 from collections.abc import Sequence
@@ -17,9 +18,11 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from ric.interfaces import ConditionalPolicy, Steered, score_all
+from ric.interfaces import ConditionalPolicy, Steered
 from ric.loading import ModelInfo, load_from_info, policy_class, read_model_info
 from ric.mapping import METHODS, validate_preference
+from ric.rewards import score_all
+from ric.space import check_desired, check_preference
 
 
 class UsageError(ValueError):
@@ -35,21 +38,6 @@ def parse_vector(text: str, what: str) -> list[float]:
         return [float(p) for p in parts]
     except ValueError:
         raise UsageError(f"{what} {text!r} is not a list of numbers (write it as 0.2,0.8)") from None
-
-
-def check_preference(values: list[float], info: ModelInfo) -> list[float]:
-    try:
-        return validate_preference(values, num_rewards=len(info.reward_names)).tolist()
-    except ValueError as err:
-        raise UsageError(f"{err}; rewards: {info.reward_names}") from None
-
-
-def check_desired(values: list[float], info: ModelInfo) -> list[float]:
-    if len(values) != len(info.reward_names) or not np.all(np.isfinite(values)):
-        raise UsageError(
-            f"desired rewards {values} need {len(info.reward_names)} finite values, one per reward {info.reward_names}"
-        )
-    return values
 
 
 def read_prompts(path: str) -> list[str]:
@@ -119,18 +107,35 @@ def export_command(args: argparse.Namespace) -> int:
     if front is not None and front.parent != out:  # the run's sweep front: the served page shows it
         shutil.copyfile(front, out / "front.csv")
     print(f"exported {info.path} to {out.resolve()} (ric.json, README.md{', front.csv' if front else ''})")
-    print(f"steer it: ric generate {out} --preference {','.join(['1'] + ['0'] * (len(info.reward_names) - 1))} "
-          '--prompt "..."')  # fmt: skip
+    print(steer_hint(out, len(info.reward_names)), flush=True)
     return 0
+
+
+def steer_hint(model: Path, num_rewards: int) -> str:
+    """The command that steers ``model`` (what a fit or an export prints last), written as the user can run it
+    from here: the environment's own ``ric`` when it is not on the path."""
+    script = Path(sys.executable).with_name("ric")
+    command = shlex.quote(_relative(script)) if script.is_file() else "ric"
+    preference = ",".join(["1"] + ["0"] * (num_rewards - 1))
+    return f'steer it: {command} generate {shlex.quote(_relative(model))} --preference {preference} --prompt "..."'
+
+
+def _relative(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 # ---- generate -----------------------------------------------------------------------------------
 def steering_inputs(args: argparse.Namespace, info: ModelInfo) -> tuple[list[float] | None, list[float] | None]:
     """``(preference, desired rewards)`` from the flags, checked against the model's rewards."""
-    preference = check_preference(parse_vector(args.preference, "preference"), info) if args.preference else None
-    desired = (
-        check_desired(parse_vector(args.desired_rewards, "desired rewards"), info) if args.desired_rewards else None
-    )
+    names = info.reward_names
+    preference = desired = None
+    if args.preference:
+        preference = check_preference(parse_vector(args.preference, "preference"), names).tolist()
+    if args.desired_rewards:
+        desired = check_desired(parse_vector(args.desired_rewards, "desired rewards"), names).tolist()
     if preference is None and desired is None and info.conditioned:
         raise UsageError(f"give --preference (weights on {info.reward_names}, summing to 1) or --desired-rewards")
     if preference is not None and info.reward_space is None:
@@ -233,7 +238,7 @@ def chat_command(args: argparse.Namespace, stdin: TextIO | None = None, stdout: 
     info = read_model_info(args.model)
     preference, desired = None, None
     if args.preference:
-        preference = check_preference(parse_vector(args.preference, "preference"), info)
+        preference = check_preference(parse_vector(args.preference, "preference"), info.reward_names).tolist()
     elif info.conditioned and info.reward_space is not None:
         preference = [1.0 / len(info.reward_names)] * len(info.reward_names)
     settings = policy_class(info.class_path).check_sampling(sampling_settings(args), "sampling flags")
@@ -267,10 +272,10 @@ def chat_command(args: argparse.Namespace, stdin: TextIO | None = None, stdout: 
                 if command == "/help":
                     say(CHAT_HELP)
                 elif command == "/w":
-                    preference, desired = check_preference(parse_vector(rest, "preference"), info), None
+                    preference, desired = check_preference(parse_vector(rest, "preference"), names).tolist(), None
                     say(f"preference w = {preference}")
                 elif command == "/rewards":
-                    desired, preference = check_desired(parse_vector(rest, "desired rewards"), info), None
+                    desired, preference = check_desired(parse_vector(rest, "desired rewards"), names).tolist(), None
                     say(f"desired rewards: {format_values(names, desired)}")
                 elif command == "/method":
                     if rest.strip() not in METHODS:
@@ -303,7 +308,7 @@ def desired_command(args: argparse.Namespace) -> int:
         space = info.reward_space
         if space is None:
             raise UsageError(f"{info.path} holds no reward space")
-        values = check_preference(values, info)
+        values = check_preference(values, info.reward_names).tolist()
         lo, hi, names = space.r_min, space.r_max, space.reward_names
         where = f"the reward space of {info.path} (default mapping {space.method})"
     else:
@@ -317,6 +322,14 @@ def desired_command(args: argparse.Namespace) -> int:
         result = desired_rewards(values, method, p=args.p, r_min=lo, r_max=hi)
         label = f"{method} (p={args.p:g})" if method in ("p_norm", "solver") else method
         print(f"{label:>16}: " + "  ".join(f"{n} = {v:+.3f}" for n, v in zip(names, result)))
+    return 0
+
+
+# ---- compare ------------------------------------------------------------------------------------
+def compare_command(args: argparse.Namespace) -> int:
+    from ric.compare import compare, print_summary
+
+    print_summary(compare(args.fronts, args.labels, args.out, args.reference), args.out)
     return 0
 
 
@@ -341,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(ric fit --help lists its settings).",
     )
     sub = parser.add_subparsers(
-        dest="command", metavar="{fit,validate,test,export,generate,chat,serve,desired,baseline}"
+        dest="command", metavar="{fit,validate,test,baseline,export,generate,chat,serve,desired,compare}"
     )
     for name in ("fit", "validate", "test"):
         sub.add_parser(name, help=f"LightningCLI {name} (ric {name} --help)", add_help=False)
@@ -387,6 +400,13 @@ def build_parser() -> argparse.ArgumentParser:
     desired.add_argument("--model", help="use this model's reward space (default: the paper's range)")
     desired.add_argument("--p", type=float, default=2.0, help="the norm of p_norm and solver")
     desired.set_defaults(handler=desired_command)
+
+    compare = sub.add_parser("compare", help="several runs' fronts on one plot, hypervolumes on one reference")
+    compare.add_argument("fronts", nargs="+", help="sweep folders or their front.csv files")
+    compare.add_argument("--labels", nargs="+", help="one name per run (default: the folder names)")
+    compare.add_argument("--out", default="compare", help="where front.png, compare.csv and compare.json go")
+    compare.add_argument("--reference", nargs="+", type=float, help="hypervolume reference point (default: shared)")
+    compare.set_defaults(handler=compare_command)
 
     serve = sub.add_parser("serve", help="an OpenAI-compatible server with a steering page")
     serve.add_argument("model", help="an export folder or a .ckpt file")

@@ -1,6 +1,6 @@
 """Compare several evaluated runs on one plot, with every hypervolume against one shared reference point.
 
-    python -m ric.compare runs/base/sweep runs/sft/sweep runs/ric/sweep --labels base SFT RiC --out runs/compare
+    ric compare runs/base/sweep runs/sft/sweep runs/ric/sweep --labels base SFT RiC --out runs/compare
 
 Each input is a sweep folder (or its ``front.csv``); runs must share reward names. Writes ``front.png``
 (all fronts on one axes), ``compare.csv`` and ``compare.json`` (hypervolume per run, the reference point).
@@ -8,7 +8,6 @@ Each input is a sweep folder (or its ``front.csv``); runs must share reward name
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 from collections.abc import Sequence
@@ -100,20 +99,10 @@ def compare(
     return summary
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Compare evaluated runs on one front plot.")
-    parser.add_argument("fronts", nargs="+", help="sweep folders or front.csv files")
-    parser.add_argument("--labels", nargs="+")
-    parser.add_argument("--out", default="compare")
-    parser.add_argument("--reference", nargs="+", type=float, help="hypervolume reference point")
-    args = parser.parse_args(argv)
-    summary = compare(args.fronts, args.labels, args.out, args.reference)
+def print_summary(summary: dict, out: str | Path) -> None:
+    """What ``ric compare`` prints: each run's hypervolume and cost, the shared reference, the plot's path."""
     for r in summary["runs"]:
         costs = ", ".join(f"{k.replace('_', ' ')} {r[k]:.0f}" for k in COST_FIELDS if r.get(k) is not None)
         print(f"{r['run']:>20}  hypervolume {r['hypervolume']:.4f}" + (f"  ({costs})" if costs else ""))
     print(f"reference point {summary['reference_point']}")
-    print(Path(args.out).resolve() / "front.png")
-
-
-if __name__ == "__main__":
-    main()
+    print(Path(out).resolve() / "front.png")

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ric.space import check_desired
+
 PROMPT_SLOT = "{prompt}"
 REWARDS_SLOT = "{rewards}"
 
@@ -83,15 +85,7 @@ class RewardConditioning:
         return len(self.reward_names)
 
     def _check_values(self, values: Sequence[float] | np.ndarray) -> np.ndarray:
-        arr = np.asarray(values, dtype=float).reshape(-1)
-        if arr.shape[0] != self.num_rewards:
-            raise ValueError(
-                f"got {arr.shape[0]} reward values {arr.tolist()} for {self.num_rewards} rewards "
-                f"{list(self.reward_names)}"
-            )
-        if not np.all(np.isfinite(arr)):
-            raise ValueError(f"reward values must be finite, got {arr.tolist()} for {list(self.reward_names)}")
-        return arr
+        return check_desired(np.ravel(np.asarray(values, dtype=object)).tolist(), self.reward_names, "reward values")
 
     def format_value(self, value: float) -> str:
         text = f"{value:.{self.decimals}f}"

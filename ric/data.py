@@ -22,8 +22,9 @@ import numpy as np
 from torch.utils.data import DataLoader, IterableDataset
 
 from ric.distributed import rank_and_world
-from ric.interfaces import ConditionalPolicy, RewardModel
+from ric.interfaces import ConditionalPolicy
 from ric.mapping import RewardRange, check_mapping
+from ric.rewards import RewardModel
 from ric.space import RewardSpace
 
 log = logging.getLogger(__name__)

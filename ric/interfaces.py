@@ -1,18 +1,14 @@
-"""The two abstractions everything else talks to.
+"""The policy interface: :class:`ConditionalPolicy` is a LightningModule that learns
+``pi(sample | prompt, rewards)`` with a conditioned training step and generates samples for prompts and
+desired rewards; its reward counterpart is :class:`ric.rewards.RewardModel`.
 
-* :class:`RewardModel` scores a batch of (prompt/condition, sample) pairs and returns one float per pair.
-  Add a reward by subclassing it and implementing :meth:`RewardModel.score_batch`.
-* :class:`ConditionalPolicy` is a LightningModule that learns ``pi(sample | prompt, rewards)`` with a
-  conditioned training step, and generates samples for prompts and desired rewards.
-
-The online loop, relabeling DataModule and evaluation only use these interfaces, which is why a new
+The online loop, the relabeling DataModule and evaluation only use these two interfaces, which is why a new
 modality is a subclass plus a config entry.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
@@ -23,157 +19,14 @@ from typing import Any, ClassVar
 import lightning as L
 import numpy as np
 import torch
-from torch import nn
 
 from ric.conditioning import RewardConditioning
-from ric.mapping import validate_preference
-from ric.space import RewardSpace
+from ric.rewards import RewardModel
+from ric.rollout import rollout
+from ric.space import RewardSpace, check_desired
 
-
-class RewardModel(nn.Module, ABC):
-    """A named reward: ``(prompts, samples) -> tensor [B]``, higher is better.
-
-    Subclasses implement :meth:`score_batch` for one batch; :meth:`score` handles splitting into batches,
-    progress, shape and NaN checks, and returns a float32 CPU tensor. Register weights as submodules so
-    ``.to(device)`` moves them; inputs are moved by the subclass (use :attr:`device`).
-
-    Example::
-
-        class Length(RewardModel):
-            def score_batch(self, prompts, samples):
-                return torch.tensor([len(s.split()) for s in samples], dtype=torch.float32)
-
-        Length("verbosity").score(["q1", "q2"], ["a b", "c"])  # tensor([2., 1.])
-
-    Args:
-        name: the reward's name; it names the conditioning dimension and every column of results.
-        batch_size: how many pairs :meth:`score` passes to :meth:`score_batch` at once.
-    """
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> RewardModel:
-        # the constructor's arguments, recorded so the reward can be rebuilt from a saved reward space
-        self = super().__new__(cls)
-        object.__setattr__(self, "_init_args", _keyword_arguments(cls.__init__, args, kwargs))
-        return self
-
-    def __init__(self, name: str, batch_size: int = 16) -> None:
-        super().__init__()
-        if not name or not isinstance(name, str):
-            raise ValueError(f"a reward needs a non-empty string name, got {name!r}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size} for reward {name!r}")
-        self.name = name
-        self.batch_size = batch_size
-
-    def train(self, mode: bool = True) -> RewardModel:
-        """Reward models only score: they stay in eval mode (no dropout), whatever a caller asks."""
-        return super().train(False)
-
-    @property
-    def device(self) -> torch.device:
-        for tensor in (*self.parameters(), *self.buffers()):
-            return tensor.device
-        return torch.device("cpu")
-
-    @abstractmethod
-    def score_batch(self, prompts: Sequence[Any], samples: Sequence[Any]) -> torch.Tensor:
-        """Scores of one batch, shape ``[len(samples)]``."""
-
-    @torch.no_grad()
-    def score(
-        self,
-        prompts: Sequence[Any],
-        samples: Sequence[Any],
-        batch_size: int | None = None,
-        progress: bool = False,
-    ) -> torch.Tensor:
-        """Score every pair, in batches; returns a float32 CPU tensor of shape ``[len(samples)]``."""
-        if len(prompts) != len(samples):
-            raise ValueError(f"reward {self.name!r}: {len(prompts)} prompts for {len(samples)} samples")
-        size = batch_size or self.batch_size
-        starts = range(0, len(samples), size)
-        if progress:
-            from tqdm.auto import tqdm
-
-            starts = tqdm(starts, desc=f"scoring {self.name}", unit="batch")
-        self.eval()
-        out = []
-        for start in starts:
-            batch_p, batch_s = prompts[start : start + size], samples[start : start + size]
-            scores = torch.as_tensor(self.score_batch(batch_p, batch_s)).detach().float().cpu().reshape(-1)
-            if scores.shape[0] != len(batch_s):
-                raise ValueError(
-                    f"reward {self.name!r} returned {scores.shape[0]} scores for a batch of {len(batch_s)}"
-                )
-            bad = ~torch.isfinite(scores)
-            if bad.any():
-                k = int(bad.nonzero()[0])
-                raise ValueError(
-                    f"reward {self.name!r} returned {scores[k].item()} for sample {start + k}: "
-                    f"{str(batch_s[k])[:120]!r}"
-                )
-            out.append(scores)
-        return torch.cat(out) if out else torch.zeros(0)
-
-    def extra_repr(self) -> str:
-        return f"name={self.name!r}, batch_size={self.batch_size}"
-
-    def config(self) -> dict[str, Any] | None:
-        """``{"class_path", "init_args"}`` that rebuild this reward, or ``None`` when its arguments are not
-        plain JSON values (a function, a module)."""
-        init_args = getattr(self, "_init_args", None)
-        try:
-            json.dumps(init_args)
-        except TypeError:
-            return None
-        if init_args is None:
-            return None
-        return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", "init_args": init_args}
-
-    def identity(self) -> str:
-        """Stable description of what this reward computes; keys the on-disk score cache. Include every
-        setting that changes scores (the default covers the class, the name and :meth:`extra_repr`)."""
-        return f"{type(self).__module__}.{type(self).__qualname__}({self.extra_repr()})"
-
-
-def _keyword_arguments(init: Callable, args: tuple, kwargs: dict) -> dict[str, Any] | None:
-    """A constructor call's arguments by keyword, defaults filled in; ``None`` when they cannot be bound
-    (copying and unpickling create objects without them) or include extra positional ones."""
-    signature = inspect.signature(init)
-    try:
-        bound = signature.bind(None, *args, **kwargs)
-    except TypeError:
-        return None
-    bound.apply_defaults()
-    out: dict[str, Any] = {}
-    for name, value in list(bound.arguments.items())[1:]:
-        kind = signature.parameters[name].kind
-        if kind is inspect.Parameter.VAR_KEYWORD:
-            out.update(value)
-        elif kind is inspect.Parameter.VAR_POSITIONAL:
-            if value:
-                return None
-        else:
-            out[name] = value
-    return out
-
-
-def score_all(rewards: Sequence[RewardModel], prompts: Sequence[Any], samples: Sequence[Any]) -> np.ndarray:
-    """Raw scores of every reward, shape ``[len(samples), len(rewards)]``."""
-    return np.stack([r.score(prompts, samples).numpy() for r in rewards], axis=1)
-
-
-class FunctionReward(RewardModel):
-    """A reward from a plain function ``(prompts, samples) -> sequence of floats``: the quickest way to
-    add a pure, weight-free reward."""
-
-    def __init__(self, name: str, fn: Callable[[Sequence[Any], Sequence[Any]], Any], batch_size: int = 64) -> None:
-        super().__init__(name, batch_size)
-        self.fn = fn
-
-    def score_batch(self, prompts: Sequence[Any], samples: Sequence[Any]) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(self.fn(prompts, samples), dtype=np.float32))
-
+#: ``RewardModel`` stays importable from here, where it lived before :mod:`ric.rewards`
+__all__ = ["ConditionalPolicy", "RewardModel", "Steered"]
 
 #: the dtype names policy settings accept
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -223,13 +76,16 @@ class ConditionalPolicy(L.LightningModule, ABC):
     reward_space: RewardSpace | None = None
     #: init arguments a policy loaded for inference sets: training-only switches off
     inference_overrides: ClassVar[dict[str, Any]] = {}
-    #: steered through its weights, not reward markers: a preference selects or mixes trained weights
-    #: (the RL baselines of :mod:`ric.baselines`), see :meth:`preference_context`
-    weight_steered: ClassVar[bool] = False
+
+    @property
+    def steerable(self) -> bool:
+        """Whether a preference changes this policy's samples (a sweep then evaluates every preference, not
+        one point). RiC's preference lives in the prompt's markers, so a policy trained without them is not."""
+        return self.conditioned
 
     def preference_context(self, preference: Sequence[float]) -> contextlib.AbstractContextManager:
-        """The policy for ``preference`` for the duration. RiC's preference lives in the prompt's markers, so
-        this does nothing; a ``weight_steered`` policy swaps in the weights trained (or mixed) for it."""
+        """The policy for ``preference`` for the duration, for policies steered by something other than the
+        prompt (the RL baselines swap in weights trained or mixed for it). RiC's markers need nothing here."""
         return contextlib.nullcontext()
 
     def set_reward_space(self, space: RewardSpace) -> None:
@@ -306,6 +162,12 @@ class ConditionalPolicy(L.LightningModule, ABC):
     def collate(self, examples: Sequence[dict]) -> Any:
         """Turn ``{"prompt": conditioned prompt, "response": sample}`` examples into a training batch."""
         return list(examples)
+
+    def training_cost(self, batch: Any) -> dict[str, int]:
+        """What one training batch cost, for :class:`ric.cost.TrainingCost`: ``training_examples`` and
+        ``training_tokens`` (tokens through the model). Only the policy knows its batch's layout; by default a
+        batch is a list of examples and tokens are not counted."""
+        return {"training_examples": len(batch) if isinstance(batch, (list, tuple)) else 0, "training_tokens": 0}
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         """Evaluation is a preference sweep run by :class:`ric.evaluation.PreferenceSweep`."""
@@ -447,10 +309,7 @@ class ConditionalPolicy(L.LightningModule, ABC):
             return None, None
         space = self.reward_space
         if desired_rewards is not None:
-            names = list(self.conditioning.reward_names)
-            values = np.asarray(
-                space.check_desired(desired_rewards) if space is not None else _finite(desired_rewards, names)
-            )
+            values = check_desired(desired_rewards, self.conditioning.reward_names)
             return None, _rows("desired_rewards", values, num_prompts)
         if preference is None:
             raise ValueError("steering needs a preference (weights on the simplex) or desired_rewards")
@@ -485,20 +344,8 @@ class ConditionalPolicy(L.LightningModule, ABC):
             self.check_prompt(prompt)
         prefs, desired = self.targets(len(prompts), preference, desired_rewards, method)
         rows = [i for i in range(len(prompts)) for _ in range(num_samples)]
-        from ric.rollout import rollout
-
         targets = None if desired is None else desired[rows]
-        context = contextlib.nullcontext()
-        if self.weight_steered:
-            if preference is None or np.asarray(preference, dtype=float).ndim != 1:
-                raise ValueError(
-                    f"{type(self).__name__} is steered by one preference for all prompts, got {preference!r}"
-                )
-            w = validate_preference(preference, num_rewards=self.conditioning.num_rewards)
-            prefs = _rows("preference", w, len(prompts))
-            context = self.preference_context(w)
-        with context:
-            samples = rollout(self, [prompts[i] for i in rows], targets, settings=sampling, seed=seed).samples
+        samples = rollout(self, [prompts[i] for i in rows], targets, settings=sampling, seed=seed).samples
         return [
             Steered(
                 prompt=prompts[i],
@@ -556,10 +403,3 @@ def _rows(name: str, values: np.ndarray, n: int) -> np.ndarray:
     if values.shape[0] != n:
         raise ValueError(f"{values.shape[0]} {name} rows for {n} prompts (give one for all, or one per prompt)")
     return values
-
-
-def _finite(values: Any, names: Sequence[str]) -> np.ndarray:
-    arr = np.asarray(values, dtype=float)
-    if arr.shape[-1:] != (len(names),) or not np.all(np.isfinite(arr)):
-        raise ValueError(f"desired rewards {arr.tolist()} need {len(names)} finite values (rewards {list(names)})")
-    return arr

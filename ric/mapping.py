@@ -82,9 +82,9 @@ class RewardRange:
             lo_n, hi_n = default_reward_range()
             lo, hi = np.full(num_rewards, lo_n), np.full(num_rewards, hi_n)
         if self.r_min is not None:
-            lo = _per_dim("r_min", self.r_min, num_rewards)
+            lo = per_reward("r_min", self.r_min, num_rewards)
         if self.r_max is not None:
-            hi = _per_dim("r_max", self.r_max, num_rewards)
+            hi = per_reward("r_max", self.r_max, num_rewards)
         if not np.all(hi > lo):
             raise ValueError(f"need r_min < r_max, got r_min {lo.tolist()} and r_max {hi.tolist()}")
         return lo, hi
@@ -138,7 +138,8 @@ def validate_preference(preference: Any, num_rewards: int | None = None) -> np.n
     return w
 
 
-def _per_dim(name: str, value: Any, n: int) -> np.ndarray:
+def per_reward(name: str, value: Any, n: int) -> np.ndarray:
+    """A setting given as one value for all ``n`` rewards or one per reward, as ``n`` floats."""
     arr = np.asarray(value, dtype=float)
     if arr.ndim == 0:
         arr = np.full(n, float(arr))
@@ -159,7 +160,7 @@ def _check_p(p: float, allow_inf: bool) -> float:
 def _check_lambda(lam: Any, w: np.ndarray, p: float) -> np.ndarray:
     """Theorem 3.1 needs lambda >= 1 and the reweighted preference ``w_i^(1/p) / lambda_i`` ordered like w."""
     n = w.size
-    lam = _per_dim("lam", lam, n)
+    lam = per_reward("lam", lam, n)
     if np.any(np.isnan(lam)) or np.any(lam < 1):
         raise ValueError(f"lam {lam.tolist()} must have every entry >= 1")
     ratio = (1.0 / lam) if np.isinf(p) else w ** (1.0 / p) / lam
@@ -325,8 +326,8 @@ def desired_rewards(
     z = preference_to_unit(preference, method, p=p, lam=lam, constraints=constraints)
     n = z.size
     lo_default, hi_default = default_reward_range()
-    lo = _per_dim("r_min", lo_default if r_min is None else r_min, n)
-    hi = _per_dim("r_max", hi_default if r_max is None else r_max, n)
+    lo = per_reward("r_min", lo_default if r_min is None else r_min, n)
+    hi = per_reward("r_max", hi_default if r_max is None else r_max, n)
     if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi)) and np.all(hi > lo)):
         raise ValueError(f"need finite r_min < r_max, got r_min {lo.tolist()} and r_max {hi.tolist()}")
     return (hi - lo) * z + lo

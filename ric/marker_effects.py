@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from ric.interfaces import ConditionalPolicy, score_all
+from ric.interfaces import ConditionalPolicy
+from ric.rewards import score_all
 
 
 def marker_effects(

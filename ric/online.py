@@ -26,11 +26,11 @@ import torch
 
 from ric.data import prompt_key, read_jsonl
 from ric.distributed import rank_and_world
-from ric.evaluation import moved_settings
 from ric.interfaces import ConditionalPolicy
 from ric.mors import mors_keep_mask, mors_thresholds, sample_original, sample_targets
 from ric.rollout import rollout
 from ric.signals import StopRequested, clear_stop
+from ric.space import RangeSettingsMoved
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     return read_jsonl(path, torn_tail=True) if path.is_file() else []
 
 
-class OnlineLoop(L.Callback):
+class OnlineLoop(RangeSettingsMoved, L.Callback):
     """The online iterations of RiC, configured in YAML like any callback.
 
     Args:
@@ -77,13 +77,9 @@ class OnlineLoop(L.Callback):
         chunk_size: int = 64,
         buffer_dir: str | None = None,
         seed: int = 0,
-        reward_range: str | None = None,
-        range_quantiles: tuple[float, float] | None = None,
-        r_min: float | list[float] | None = None,
-        r_max: float | list[float] | None = None,
+        **moved: Any,
     ) -> None:
-        moved_settings("OnlineLoop", reward_range=reward_range, range_quantiles=range_quantiles,
-                       r_min=r_min, r_max=r_max)  # fmt: skip
+        super().__init__(**moved)
         for key, value, low in (
             ("iterations", iterations, 0),
             ("steps_per_iteration", steps_per_iteration, 1),

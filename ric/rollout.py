@@ -16,14 +16,17 @@ import contextlib
 import signal
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from ric.distributed import attached_trainer, gather_objects, rank_and_world, seed_for_rank, sharded_weights
-from ric.interfaces import ConditionalPolicy, RewardModel, score_all
+from ric.rewards import RewardModel, score_all
 from ric.signals import check_stop, graceful_stop
+
+if TYPE_CHECKING:  # (the policy interface imports this module to steer)
+    from ric.interfaces import ConditionalPolicy
 
 #: ``(indices, samples, raw scores or None)`` of a finished chunk
 ChunkCallback = Callable[[list[int], list[Any], "np.ndarray | None"], None]

@@ -19,7 +19,14 @@ from typing import Any
 
 import numpy as np
 
-from ric.mapping import RewardRange, check_mapping, default_reward_range, desired_rewards, validate_preference
+from ric.mapping import (
+    RewardRange,
+    check_mapping,
+    default_reward_range,
+    desired_rewards,
+    per_reward,
+    validate_preference,
+)
 
 #: schema 1 stored the normalization alone (``normalization.json``); schema 2 is the whole reward space
 SCHEMA_VERSION = 2
@@ -69,8 +76,8 @@ class RewardSpace:
         if not (np.all(np.isfinite(self.mean)) and np.all(np.isfinite(self.std)) and np.all(self.std > 0)):
             raise ValueError(f"invalid statistics for {self.reward_names}: mean {self.mean}, std {self.std}")
         lo_default, hi_default = default_reward_range()
-        self.r_min = np.full(n, lo_default) if self.r_min is None else _per_reward("r_min", self.r_min, n)
-        self.r_max = np.full(n, hi_default) if self.r_max is None else _per_reward("r_max", self.r_max, n)
+        self.r_min = np.full(n, lo_default) if self.r_min is None else per_reward("r_min", self.r_min, n)
+        self.r_max = np.full(n, hi_default) if self.r_max is None else per_reward("r_max", self.r_max, n)
         if not (
             np.all(np.isfinite(self.r_min)) and np.all(np.isfinite(self.r_max)) and np.all(self.r_max > self.r_min)
         ):
@@ -150,23 +157,16 @@ class RewardSpace:
         lam = self.lam if lam is None and method == self.method else lam
         if is_batch(preference):
             return np.stack([self.desired(w, method, p, lam) for w in preference])
-        w = validate_preference(preference, num_rewards=self.num_rewards)
+        w = self.check_preference(preference)
         return desired_rewards(w, method, p=p, lam=lam, r_min=self.r_min, r_max=self.r_max)
 
+    def check_preference(self, preference: Any) -> np.ndarray:
+        """One preference over these rewards, or an error naming it (:func:`check_preference`)."""
+        return check_preference(preference, self.reward_names)
+
     def check_desired(self, values: Any) -> np.ndarray:
-        """Explicit desired rewards ``[N]`` or ``[B, N]`` as finite floats, or an error naming them."""
-        try:
-            arr = np.asarray(values, dtype=float)
-        except (TypeError, ValueError):
-            raise ValueError(f"desired rewards {values!r} are not numbers") from None
-        if arr.ndim not in (1, 2) or arr.shape[-1] != self.num_rewards:
-            raise ValueError(
-                f"desired rewards {arr.tolist()} need {self.num_rewards} values per prompt (one per reward "
-                f"{self.reward_names})"
-            )
-        if not np.all(np.isfinite(arr)):
-            raise ValueError(f"desired rewards {arr.tolist()} must be finite")
-        return arr
+        """Explicit desired rewards over these rewards, or an error naming them (:func:`check_desired`)."""
+        return check_desired(values, self.reward_names)
 
     # ---- reward models --------------------------------------------------------------------------
     def build_rewards(self) -> list[Any]:
@@ -273,6 +273,44 @@ class RewardSpace:
         return "\n".join([*lines, f"mapping: {self.method}{p}; range from {self.range_source}"])
 
 
+def check_preference(preference: Any, reward_names: Sequence[str]) -> np.ndarray:
+    """The one check of a user's preference (the CLI, the Python API and the server all call it): one
+    non-negative weight per reward summing to 1; the error names the value and the rewards."""
+    try:
+        return validate_preference(preference, num_rewards=len(reward_names))
+    except ValueError as err:
+        raise ValueError(f"{err}; rewards: {list(reward_names)}") from None
+
+
+def check_desired(values: Any, reward_names: Sequence[str], what: str = "desired rewards") -> np.ndarray:
+    """The one check of reward values written into a prompt (``[N]``, or ``[B, N]`` one row per prompt): finite
+    numbers, one per reward (the CLI, the Python API, the server and the conditioning format all call it).
+    Returns them as floats; the error names the values (``what``) and the rewards."""
+    if not all(_is_number(v) for v in _leaves(values)):
+        raise ValueError(f"{what} {values!r} are not numbers")
+    n = len(reward_names)
+    problem = f"{what} {values!r} need {n} finite values, one per reward {list(reward_names)}"
+    try:
+        arr = np.asarray(values, dtype=float)
+    except ValueError:  # rows of different lengths
+        raise ValueError(problem) from None
+    if arr.ndim not in (1, 2) or arr.shape[-1] != n or not np.all(np.isfinite(arr)):
+        raise ValueError(f"{what} {arr.tolist()} need {n} finite values, one per reward {list(reward_names)}")
+    return arr
+
+
+def _leaves(values: Any) -> list[Any]:
+    if isinstance(values, np.ndarray):
+        return values.reshape(-1).tolist()
+    if isinstance(values, (list, tuple)):
+        return [leaf for v in values for leaf in _leaves(v)]
+    return [values]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
 def check_scores(scores: np.ndarray | Sequence[Sequence[float]], names: Sequence[str]) -> np.ndarray:
     """Scores as a finite ``[n, N]`` float array, or an error naming the first bad value."""
     arr = np.asarray(scores, dtype=float)
@@ -287,17 +325,29 @@ def check_scores(scores: np.ndarray | Sequence[Sequence[float]], names: Sequence
     return arr
 
 
-def _per_reward(name: str, value: Any, n: int) -> np.ndarray:
-    arr = np.asarray(value, dtype=float)
-    if arr.ndim == 0:
-        arr = np.full(n, float(arr))
-    if arr.shape != (n,):
-        raise ValueError(f"{name} {arr.tolist()} has shape {arr.shape}, expected a scalar or {n} values")
-    return arr
-
-
 def is_batch(value: Any) -> bool:
     """Whether preferences or desired rewards come one row per prompt (a sequence of sequences)."""
     if isinstance(value, np.ndarray):
         return value.ndim == 2
     return isinstance(value, (list, tuple)) and bool(value) and isinstance(value[0], (list, tuple, np.ndarray))
+
+
+class RangeSettingsMoved:
+    """Refuses the reward-range settings callbacks once took, naming where they live now: the reward space
+    is saved with the model, so the sweep, the online loop and inference share one range. A callback inherits
+    this and passes its ``**moved`` keyword arguments on."""
+
+    def __init__(
+        self,
+        reward_range: str | None = None,
+        range_quantiles: tuple[float, float] | None = None,
+        r_min: float | list[float] | None = None,
+        r_max: float | list[float] | None = None,
+    ) -> None:
+        given = {"reward_range": reward_range, "range_quantiles": range_quantiles, "r_min": r_min, "r_max": r_max}
+        for key, value in given.items():
+            if value is not None:
+                raise ValueError(
+                    f"{type(self).__name__}.{key} moved to the reward space: set data.init_args.{key} (it is saved "
+                    "with the model, so the sweep, the online loop and inference use the same range)"
+                )

@@ -28,11 +28,11 @@ def resolve_strategy(strategy: Any) -> tuple[type | None, dict[str, Any]]:
             return None, {}
         entry = StrategyRegistry[strategy]
         return entry["strategy"], dict(entry["init_params"])
-    class_path = _get(strategy, "class_path")
+    class_path = setting(strategy, "class_path")
     if isinstance(class_path, str):
         module, _, name = class_path.rpartition(".")
-        init_args = _get(strategy, "init_args") or {}
-        return getattr(importlib.import_module(module), name), {k: _get(init_args, k) for k in _keys(init_args)}
+        init_args = setting(strategy, "init_args") or {}
+        return getattr(importlib.import_module(module), name), {k: setting(init_args, k) for k in _keys(init_args)}
     if isinstance(strategy, DeepSpeedStrategy):
         return type(strategy), {"stage": strategy.config.get("zero_optimization", {}).get("stage")}
     return type(strategy), {}
@@ -48,7 +48,7 @@ def zero_stage(cls: type | None, init_args: Mapping[str, Any]) -> int | None:
     config = init_args.get("config")
     if isinstance(config, (str, Path)) and Path(config).is_file():
         config = json.loads(Path(config).read_text())
-    stage = (_get(config, "zero_optimization") or {}).get("stage") if config is not None else None
+    stage = (setting(config, "zero_optimization") or {}).get("stage") if config is not None else None
     return int(stage if stage is not None else init_args.get("stage") or 2)
 
 
@@ -98,7 +98,8 @@ def check_packages(strategy: Any) -> None:
         )
 
 
-def _get(obj: Any, key: str) -> Any:
+def setting(obj: Any, key: str) -> Any:
+    """``key`` of a parsed config node, whether jsonargparse gives it as a mapping or a namespace."""
     if obj is None:
         return None
     if isinstance(obj, Mapping):

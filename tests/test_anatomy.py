@@ -1,20 +1,17 @@
 import json
-from pathlib import Path
 
 import pytest
 import torch
 import transformers
 from peft import LoraConfig, get_peft_model
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--shape", "tiny", "--device", "cpu", "--dtype", "bfloat16", "--matmul-size", "256", "--repeats", "1",
         "--batch-size", "4", "--seq-len", "32", "--sections", "anatomy", "--tflops", "10", "--gbs", "100"]  # fmt: skip
 
 
 @pytest.fixture
-def anatomy(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    import anatomy
+def anatomy():
+    from benchmarks import anatomy
 
     return anatomy
 
@@ -86,11 +83,10 @@ def test_writes_of_in_place_and_out_ops_count(anatomy):
     assert ("forward", "matmul", "addmm_ (thin)") in trace.table
 
 
-def test_throughput_anatomy_section(tmp_path, monkeypatch):
+def test_throughput_anatomy_section(tmp_path):
     """The section traces HF + peft and our eager variants (compiled ones are left out); keeping peft's float32
     copies of adapter inputs moves more bytes for the same FLOPs, and adapting q / v only does less work."""
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    import throughput
+    from benchmarks import throughput
 
     stacks = {}
     for targets in ("all", "authors"):

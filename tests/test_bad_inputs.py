@@ -198,7 +198,7 @@ def test_python_api_inputs(tmp_path, trained):
     with pytest.raises(ValueError, match="scores must have shape"):
         space.normalize([[1.0, 2.0, 3.0]])
     policy = ric.load(trained["ckpt"])
-    with pytest.raises(ValueError, match="need 2 values per prompt"):
+    with pytest.raises(ValueError, match=r"desired rewards \[1.0\] need 2 finite values, one per reward"):
         policy.steer("q", desired_rewards=[1.0])
     with pytest.raises(ValueError, match="num_samples must be a positive integer, got 0"):
         policy.steer("q", [1.0, 0.0], num_samples=0)

@@ -59,7 +59,10 @@ def test_round_trip_any_n(n, prompt, data, decimals, template):
 
 def test_errors_name_the_problem():
     c = RewardConditioning(["harmless", "helpful"])
-    with pytest.raises(ValueError, match=r"3 reward values .* 2 rewards \['harmless', 'helpful'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"reward values \[1.0, 2.0, 3.0\] need 2 finite values, one per reward \['harmless', 'helpful'\]",
+    ):
         c.format("x", [1, 2, 3])
     with pytest.raises(ValueError, match="finite"):
         c.format("x", [1, np.nan])

@@ -223,11 +223,10 @@ def test_shapes_are_deterministic_and_rewards_conflict(tmp_path):
     assert np.corrcoef(jpeg, colour)[0, 1] < 0
 
 
-def test_shapes_leave_the_rewards_to_the_markers(tmp_path, monkeypatch):
+def test_shapes_leave_the_rewards_to_the_markers(tmp_path):
     """The caption (main shape and colour) explains little of either reward: pictures with one caption range
     from plain to busy and vivid, which only the markers can ask for."""
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from sd_diagnosis import caption_share
+    from benchmarks.sd_diagnosis import caption_share
 
     records = Shapes(240, 16, folder=str(tmp_path / "s")).load()
     prompts = [r["prompt"] for r in records]

@@ -37,9 +37,8 @@ def write_sweep(folder: Path, means: np.ndarray, prefs: list | None, cost: dict,
 
 
 @pytest.fixture
-def front_quality(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    import front_quality
+def front_quality():
+    from benchmarks import front_quality
 
     return front_quality
 
@@ -161,7 +160,7 @@ def test_recorded_runs_count_after_a_fresh_checkout(front_quality, tmp_path, cap
     scale = front_quality.SCALES["cpu"]
     first = front_quality.summarize(tmp_path / "first", [0], {0: fake_seed(tmp_path / "first", 0, 0.0)})
     path = tmp_path / "front_quality_cpu.json"
-    settings = {"settings": front_quality.dataclasses.asdict(scale), "recipe": front_quality.settings(scale)}
+    settings = {"settings": front_quality.dataclasses.asdict(scale), "recipe": front_quality.recipe_settings(scale)}
     path.write_text(json.dumps({**settings, **first}, default=float))
     earlier = front_quality.earlier_runs(path, scale)
     assert sorted(earlier["runs"]) == sorted((0, arm) for arm in first["arms"])
@@ -172,9 +171,10 @@ def test_recorded_runs_count_after_a_fresh_checkout(front_quality, tmp_path, cap
         assert later["arms"][arm]["hypervolume_mean"] == pytest.approx(row["hypervolume_mean"])
         assert later["arms"][arm]["train_seconds_mean"] == pytest.approx(row["train_seconds_mean"])
 
-    path.write_text(json.dumps({**settings, "recipe": {**settings["recipe"], "lr": 1.0}, **first}, default=float))
+    lr = "model.init_args.learning_rate"
+    path.write_text(json.dumps({**settings, "recipe": {**settings["recipe"], lr: 1.0}, **first}, default=float))
     assert front_quality.earlier_runs(path, scale)["runs"] == {}
-    assert "not merged, its recipe differ in ['lr']" in capsys.readouterr().out
+    assert f"not merged, its recipe differ in ['{lr}']" in capsys.readouterr().out
 
 
 def test_online_after_a_fresh_checkout_pays_for_the_recorded_offline_training(front_quality, tmp_path, monkeypatch):
@@ -182,8 +182,8 @@ def test_online_after_a_fresh_checkout_pays_for_the_recorded_offline_training(fr
     sweep is recorded): run_seed trains RiC with no sweep callback, and the online arm's cost still includes
     the offline training, taken from the recorded run."""
     trained = []
-    monkeypatch.setattr(front_quality.recipe, "train", lambda folder, s, seed, steps, callbacks, adjust: trained.append(
-        (folder.name, callbacks)))  # fmt: skip
+    monkeypatch.setattr(front_quality.recipe, "train", lambda folder, config: trained.append(
+        (folder.name, config["trainer"]["callbacks"][1:])))  # fmt: skip
     monkeypatch.setattr(front_quality.recipe, "online_round", lambda *a, **k: 0.0)
     scale = front_quality.SCALES["smoke"]
     arms = front_quality.run_seed(tmp_path / "seed0", scale, 0, ("online",), frozenset({"ric_linear"}))
@@ -205,8 +205,8 @@ def test_baselines_start_from_the_sft_model(front_quality, tmp_path, monkeypatch
     """MORLHF and Rewarded Soups fine-tune the SFT arm's model (appendix B), exported once with its LoRA merged;
     a fresh checkout trains SFT again without sweeping it twice, and the baselines' cost includes it."""
     trained, exported, ran = [], [], []
-    monkeypatch.setattr(front_quality.recipe, "train", lambda folder, s, seed, steps, callbacks, adjust: trained.append(
-        (folder.name, callbacks)))  # fmt: skip
+    monkeypatch.setattr(front_quality.recipe, "train", lambda folder, config: trained.append(
+        (folder.name, config["trainer"]["callbacks"][1:])))  # fmt: skip
 
     def export(cmd: list[str], **kwargs) -> None:
         exported.append(cmd[-3:])
@@ -250,29 +250,25 @@ def test_unknown_arm_is_refused(front_quality, monkeypatch, capsys):
 
 
 def test_shipped_recipe_is_the_benchmarked_arm(front_quality, tmp_path):
-    """configs/steer_hh_cpu.yaml is what the README reports: front_quality's cpu RiC arm, setting for setting
-    (paths, progress display, checkpoint cadence and the sweep's output folder aside)."""
-    import yaml
+    """configs/steer_hh_cpu.yaml is what the README reports: front_quality's cpu RiC arm is that config, its
+    scale's overrides changing no setting (where the run writes, its progress display, checkpoint cadence and
+    the sweep's output folder aside)."""
+    from benchmarks.experiment import PATH_KEYS, flatten, load_config
 
-    shipped = yaml.safe_load((ROOT / "configs" / "steer_hh_cpu.yaml").read_text())
+    shipped = load_config("steer_hh_cpu")
     scale = front_quality.SCALES["cpu"]
-    s = front_quality.settings(scale)
     seed = shipped["seed_everything"]
     sweep = front_quality.sweep(tmp_path / "sweep", scale, seed, after_fit=True)
-    arm = front_quality.recipe.train_config(tmp_path, s, seed, [s["steps"]], [sweep])
-    front_quality.scaled(scale)(arm)
-    assert arm["model"]["init_args"].pop("conditioned")  # TextPolicy's default, not repeated in the YAML
+    arm = front_quality.fit_config(tmp_path, front_quality.settings(scale), seed, [sweep])
 
-    assert shipped["model"] == arm["model"]
-    # a user sees progress bars that the benchmark turns off
-    data_ignored = {"dataset", "cache_dir", "output_dir", "progress"}
-    trainer_ignored = {"callbacks", "default_root_dir", "enable_progress_bar"}
-    for section, ignored in (("data", data_ignored), ("trainer", trainer_ignored)):
-        assert {k: v for k, v in shipped[section].items() if k not in ignored} == {
-            k: v for k, v in arm[section].items() if k not in ignored
-        }
-    assert shipped["data"]["dataset"]["init_args"]["responses"] == arm["data"]["dataset"]["init_args"]["responses"]
-    assert (ROOT / shipped["data"]["dataset"]["init_args"]["path"]).resolve() == front_quality.recipe.HH.resolve()
+    per_run = ("trainer.callbacks", "trainer.default_root_dir", "trainer.enable_progress_bar", "data.output_dir",
+               "data.progress", *PATH_KEYS)  # fmt: skip
+    assert {k: v for k, v in flatten(shipped).items() if not k.startswith(per_run)} == {
+        k: v for k, v in flatten(arm).items() if not k.startswith(per_run)
+    }
+    for key in PATH_KEYS:  # the same files, found from the checkout's root
+        assert Path(flatten(arm)[key]) == (ROOT / flatten(shipped)[key]).resolve()
+    assert front_quality.recipe.HH == Path(flatten(arm)["data.dataset.init_args.path"])
 
     def sweep_of(config: dict) -> dict:
         (callback,) = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("PreferenceSweep")]

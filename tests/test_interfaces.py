@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from ric.conditioning import RewardConditioning
-from ric.interfaces import ConditionalPolicy, FunctionReward, RewardModel
+from ric.interfaces import ConditionalPolicy
+from ric.rewards import FunctionReward, RewardModel
 
 
 class WordCount(RewardModel):

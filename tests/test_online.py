@@ -228,7 +228,7 @@ def test_contiguous_shares_cover_every_prompt_once():
 @pytest.mark.parametrize("n, world", [(7, 3), (2, 3), (6, 2), (1, 1)])
 def test_sweep_shares_reassemble_in_prompt_order(n, world):
     from ric.distributed import contiguous_share
-    from ric.evaluation import assemble
+    from ric.sweep import assemble
 
     parts = []
     for rank in range(world):

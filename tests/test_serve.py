@@ -186,7 +186,10 @@ def test_a_client_that_goes_away_frees_its_row(server):
         ({"messages": [{"role": "user", "content": "hi " * 3000}]}, "tokens with its markers, over the"),
         ({"messages": []}, "messages must be a non-empty list"),
         ({"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, "temperature must be a number > 0"),
-        ({"messages": [{"role": "user", "content": "hi"}], "desired_rewards": [1, "x"]}, "desired_rewards must be 2"),
+        (
+            {"messages": [{"role": "user", "content": "hi"}], "desired_rewards": [1, "x"]},
+            "desired_rewards [1, 'x'] are not numbers",
+        ),
         ([1, 2], "must be a JSON object"),
         ({"messages": [{"role": "user", "content": "hi"}], "seed": 1e20}, "seed must be an integer >= 0 and <="),
     ],

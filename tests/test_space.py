@@ -103,10 +103,17 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="schema_version 99"):
         RewardSpace.load(bad)
     space = RewardSpace.fit(["a", "b"], np.eye(2) + 1)
-    with pytest.raises(ValueError, match="need 2 values per prompt"):
+    with pytest.raises(ValueError, match=r"desired rewards \[1.0, 2.0, 3.0\] need 2 finite values, one per reward"):
         space.check_desired([1.0, 2.0, 3.0])
-    with pytest.raises(ValueError, match="must be finite"):
+    with pytest.raises(ValueError, match=r"desired rewards \[1.0, nan\] need 2 finite values"):
         space.check_desired([1.0, float("nan")])
+    with pytest.raises(ValueError, match=r"desired rewards \[True, 1.0\] are not numbers"):
+        space.check_desired([True, 1.0])
+    with pytest.raises(ValueError, match=r"desired rewards \[\[1.0, 2.0\], \[3.0\]\] need 2 finite values"):
+        space.check_desired([[1.0, 2.0], [3.0]])
+    np.testing.assert_array_equal(space.check_desired([[1, 2], [3, 4]]), [[1.0, 2.0], [3.0, 4.0]])
+    with pytest.raises(ValueError, match=r"preference \[0.5, 0.6\] sums to 1.1.*; rewards: \['a', 'b'\]"):
+        space.check_preference([0.5, 0.6])
 
 
 def test_constant_reward_stays_finite():
@@ -118,6 +125,6 @@ def test_reward_config_records_constructor_arguments():
     assert Verbosity("words", batch_size=8).config() == {
         "class_path": "ric.text.rewards.Verbosity", "init_args": {"name": "words", "batch_size": 8}
     }  # fmt: skip
-    from ric.interfaces import FunctionReward
+    from ric.rewards import FunctionReward
 
     assert FunctionReward("f", lambda p, s: [0.0] * len(s)).config() is None  # a function cannot be saved

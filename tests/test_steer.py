@@ -49,6 +49,33 @@ def test_steer_gives_the_sweeps_samples_for_its_seed(trained):
     assert [s.sample for s in again] == [s.sample for s in steered]  # the same seed, the same samples
 
 
+def test_run_sweep_is_a_plain_function_with_a_result_and_a_report(trained, tmp_path, capsys):
+    """The sweep without a Trainer: a result object in prompt order (what steer gives for the seed), resumable
+    from its kept preferences, and the report written from it."""
+    from ric.report import print_report, write_front
+    from ric.sweep import run_sweep
+
+    policy = ric.load(trained["ckpt"])
+    rewards = policy.reward_space.build_rewards()
+    prompts = ["how do I water a fern?", "how do I water a cactus?"]
+    prefs = [[1.0, 0.0], [0.0, 1.0]]
+    result = run_sweep(policy, rewards, prompts, prefs, tmp_path / "sweep", settings=SWEEP_SAMPLING, seed=5)
+    assert result.means.shape == (2, 2) and not result.unconditioned and result.method == "linear"
+    assert result.samples[0] == [s.sample for s in policy.steer(prompts, [1.0, 0.0], seed=5, **SWEEP_SAMPLING)]
+    np.testing.assert_allclose(result.obtained[1], policy.reward_space.normalize(result.raw[1]))
+    again = run_sweep(policy, rewards, prompts, prefs, tmp_path / "sweep", settings=SWEEP_SAMPLING, seed=5)
+    assert "preference 2 of 2 was finished before, reusing it" in capsys.readouterr().out
+    assert again.samples == result.samples and again.seconds >= result.seconds * 0.5
+    metrics = write_front(tmp_path / "report", result.reward_names, result.preferences, result.desired,
+                          result.obtained, result.records(), {"label": "mine"})  # fmt: skip
+    print_report(metrics, result.reward_names, result.preferences, result.desired, result.means)
+    assert "hypervolume" in capsys.readouterr().out and metrics["num_preferences"] == 2
+    rows = [json.loads(line) for line in (tmp_path / "report" / "samples.jsonl").read_text().splitlines()]
+    assert [r["response"] for r in rows] == result.samples[0] + result.samples[1]
+    plain = run_sweep(policy, rewards, prompts, None, tmp_path / "plain", settings=SWEEP_SAMPLING, seed=5)
+    assert plain.unconditioned and plain.method is None and len(plain.samples) == 1
+
+
 def test_the_sweep_records_the_cost_of_training_and_evaluation(trained):
     cost = json.loads((trained["sweep"] / "metrics.json").read_text())["cost"]
     assert cost["training_steps"] == 3 and cost["train_seconds"] > 0
@@ -63,39 +90,41 @@ def test_the_training_ledger_survives_a_checkpoint():
     checkpoint written without a ledger starts the count at its step; a test from a checkpoint carries none."""
     from types import SimpleNamespace as At
 
-    from ric.evaluation import PreferenceSweep
+    from ric.cost import TrainingCost
+    from ric.text.policy import TextPolicy
 
     def trainer(step, fn="fit"):
         return At(global_step=step, state=At(fn=fn))
 
-    batch = {"input_ids": torch.ones(2, 5, dtype=torch.long), "attention_mask": torch.ones(2, 5)}
-    first = PreferenceSweep()
-    first.on_load_checkpoint(trainer(10), None, {})  # started from step 10 of a run that kept no ledger
-    first.on_train_start(trainer(10), None)
-    first.on_train_batch_end(trainer(11), None, None, batch, 0)
+    policy = At(training_cost=lambda batch: TextPolicy.training_cost(None, batch))  # counts as a TextPolicy does
+    # two packed rows of 5 positions, 3 examples in all, one padding position
+    batch = {"input_ids": torch.ones(2, 5, dtype=torch.long), "attention_mask": torch.tensor([[1] * 5, [1] * 4 + [0]]),
+             "position_ids": torch.tensor([[0, 1, 0, 1, 2], [0, 1, 2, 3, 0]])}  # fmt: skip
+    first = TrainingCost()
+    first.on_load_checkpoint(trainer(10), policy, {})  # started from step 10 of a run that kept no ledger
+    first.on_train_start(trainer(10), policy)
+    first.on_train_batch_end(trainer(11), policy, None, batch, 0)
     saved = {}
-    first.on_save_checkpoint(trainer(11), None, saved)  # a checkpoint at step 11
-    assert saved["ric_training_ledger"]["training_steps"] == 1 and saved["ric_training_ledger"]["training_tokens"] == 10
-    resumed = PreferenceSweep()
-    resumed.on_load_checkpoint(trainer(11), None, saved)
-    resumed.on_train_start(trainer(11), None)
+    first.on_save_checkpoint(trainer(11), policy, saved)  # a checkpoint at step 11
+    assert saved["ric_training_ledger"]["training_steps"] == 1 and saved["ric_training_ledger"]["training_tokens"] == 9
+    resumed = TrainingCost()
+    resumed.on_load_checkpoint(trainer(11), policy, saved)
+    resumed.on_train_start(trainer(11), policy)
     for step in (12, 13):
-        resumed.on_train_batch_end(trainer(step), None, None, batch, 0)
-    resumed.end_training(trainer(13))
-    ledger = resumed.ledger()
-    assert ledger["training_steps"] == 3 and ledger["training_tokens"] == 30 and ledger["training_examples"] == 6
+        resumed.on_train_batch_end(trainer(step), policy, None, batch, 0)
+    ledger = resumed.finish(trainer(13))
+    assert ledger["training_steps"] == 3 and ledger["training_tokens"] == 27 and ledger["training_examples"] == 3 * 4
     assert ledger["train_seconds"] >= saved["ric_training_ledger"]["train_seconds"] > 0
     assert ledger["counted_from_step"] == 10
+    assert resumed.finish(trainer(13)) == ledger  # the clock stopped at the first finish
     final = {}
-    resumed.on_save_checkpoint(trainer(13), None, final)
-    finished = PreferenceSweep()  # resumed from the final checkpoint: nothing trains, all of it is carried
-    finished.on_load_checkpoint(trainer(13), None, final)
-    finished.end_training(trainer(13))
-    assert finished.ledger() == ledger
-    tested = PreferenceSweep()
-    tested.on_load_checkpoint(trainer(13, fn="test"), None, final)
-    tested.end_training(trainer(13))
-    assert tested.ledger() == {}
+    resumed.on_save_checkpoint(trainer(13), policy, final)
+    finished = TrainingCost()  # resumed from the final checkpoint: nothing trains, all of it is carried
+    finished.on_load_checkpoint(trainer(13), policy, final)
+    assert finished.finish(trainer(13)) == ledger
+    tested = TrainingCost()
+    tested.on_load_checkpoint(trainer(13, fn="test"), policy, final)
+    assert tested.finish(trainer(13)) == {}
 
 
 def test_steer_per_prompt_preferences_and_explicit_rewards(trained):
@@ -214,7 +243,7 @@ def test_ric_generate_scores_and_writes_jsonl(trained, tmp_path):
     # the obtained rewards are the responses' own scores, normalized by the model's reward space
     policy = ric.load(trained["ckpt"])
     rewards = policy.reward_space.build_rewards()
-    from ric.interfaces import score_all
+    from ric.rewards import score_all
 
     raw = score_all(rewards, [r["prompt"] for r in lines], [r["response"] for r in lines])
     np.testing.assert_allclose(

@@ -12,9 +12,10 @@ from hypothesis import strategies as st
 
 from ric.cli import ConfigError, RiCCLI
 from ric.data import JsonlExamples, RelabelDataModule, ScoreCache
-from ric.evaluation import PreferenceSweep, default_preferences
+from ric.evaluation import PreferenceSweep
 from ric.interfaces import ConditionalPolicy
 from ric.online import OnlineLoop
+from ric.sweep import default_preferences
 from ric.text.datasets import HHRLHF, RedditTLDR, split_dialogue
 from ric.text.policy import TextPolicy
 from ric.text.rewards import HFRewardModel, PaperRewardModel, Readability, Relevance, Sentiment, Verbosity

@@ -25,8 +25,8 @@ def test_tiny_throughput_without_gpu_machine_missing_packages(tmp_path):
     out = tmp_path / "throughput.json"
     block = "".join(f"sys.modules[{name!r}] = None; " for name in ABSENT)
     code = f"import runpy, sys; {block}sys.argv = ['throughput.py', *sys.argv[1:]]; "
-    code += f"runpy.run_path({str(ROOT / 'benchmarks' / 'throughput.py')!r}, run_name='__main__')"
-    paths = {"PYTHONPATH": f"{ROOT}:{ROOT / 'benchmarks'}", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    code += "runpy.run_module('benchmarks.throughput', run_name='__main__', alter_sys=True)"
+    paths = {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env = {**os.environ, **paths}
     run = subprocess.run(
         [sys.executable, "-c", code, *TINY, "--out", str(out)], env=env, capture_output=True, text=True
@@ -51,11 +51,10 @@ def test_tiny_throughput_without_gpu_machine_missing_packages(tmp_path):
         assert profile["groups_ms"]["matmul"] > 0 and 0 < profile["busy_share"] and profile["top"]
 
 
-def test_full_length_sft_section_alone(tmp_path, monkeypatch):
+def test_full_length_sft_section_alone(tmp_path):
     """``--lengths full`` fills every row (batch x seq real tokens, as the reference HF numbers count), and
     ``--sections sft`` measures nothing else."""
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    import throughput
+    from benchmarks import throughput
 
     out = tmp_path / "full.json"
     sft_only = ["--sections", "sft", "--lengths", "full", "--sft-variants", "eager", "--out", str(out)]
@@ -67,9 +66,8 @@ def test_full_length_sft_section_alone(tmp_path, monkeypatch):
     assert sft["ours"]["tokens_per_s"] > 0 and sft["hf_peft"]["profile"] is None
 
 
-def test_unknown_names_fail_before_any_work(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    import throughput
+def test_unknown_names_fail_before_any_work():
+    from benchmarks import throughput
 
     for option, value in (("--sections", "sft,gen"), ("--sft-variants", "eager,turbo"), ("--gen-variants", "")):
         with pytest.raises(SystemExit, match=f"{option}: unknown"):

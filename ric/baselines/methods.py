@@ -9,19 +9,18 @@ calls and training tokens, summed over the method's RL runs.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
+import torch
 
 from ric.baselines.grpo import GRPOSettings, train_adapter
 from ric.baselines.policy import AdapterPolicy, MORLHFPolicy, SoupPolicy
 from ric.baselines.rewards import NormalizedReward
 from ric.data import RelabelDataModule, prompt_key
-from ric.evaluation import PreferenceSweep
-from ric.mapping import validate_preference
+from ric.evaluation import DEFAULT_LABEL, PreferenceSweep
+from ric.space import check_preference
 
 
 class Baseline:
@@ -64,9 +63,6 @@ class Baseline:
         self.sweep.check_rewards(data.reward_names)
         self.output_dir = Path(output_dir or f"runs/{type(self).__name__.lower()}")
         self.max_train_prompts = max_train_prompts
-        self.sweep.output_dir = self.sweep.output_dir or str(self.output_dir / "sweep")
-        if self.sweep.label == "RiC":
-            self.sweep.label = self.label
 
     def training_preferences(self) -> list[np.ndarray]:
         raise NotImplementedError
@@ -95,26 +91,25 @@ class Baseline:
             base.add_trained_adapter(path)
         if isinstance(base, MORLHFPolicy):
             base.trained_preferences = list(prefs)
-        trainer = L.Trainer(accelerator="auto", devices=1, logger=False, callbacks=[self.sweep],
-                            enable_checkpointing=False, enable_progress_bar=False,
-                            default_root_dir=str(self.output_dir))  # fmt: skip
-        trainer.test(base, datamodule=self.data, verbose=False)
-        front = self.sweep.front_csv
-        metrics_path = Path(self.sweep.output_dir) / "metrics.json"
-        metrics = json.loads(metrics_path.read_text())
-        metrics["cost"] = {
-            **metrics.get("cost", {}),
+        cost = {
             "method": self.label,
             "rl_runs": len(costs),
             "train_seconds": sum(c["train_seconds"] for c in costs),
             "generated_samples_training": sum(c["generated_samples"] for c in costs),
             "reward_calls_training": sum(c["reward_calls"] for c in costs),
             "training_tokens": sum(c["training_tokens"] for c in costs),
-            "sweep_points": metrics["num_preferences"],
             "per_run": costs,
         }
-        metrics_path.write_text(json.dumps(metrics, indent=2, default=float))
-        return front
+        base.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+        return self.sweep.evaluate(
+            base, self.data, self.sweep.output_dir or self.output_dir / "sweep", training_cost=cost,
+            label=self.label if self.sweep.label == DEFAULT_LABEL else self.sweep.label,
+            preferences=self.sweep_preferences(),
+        )  # fmt: skip
+
+    def sweep_preferences(self) -> list[list[float]] | None:
+        """The preferences the sweep evaluates (``None``: its own)."""
+        return None
 
 
 class MORLHF(Baseline):
@@ -132,15 +127,16 @@ class MORLHF(Baseline):
     ) -> None:
         """``preferences``: one RL run for each (default: the sweep's); the rest as :class:`Baseline`."""
         super().__init__(policy, data, **kwargs)
-        n = len(self.data.reward_names)
         if preferences is not None:
-            self.preferences = [validate_preference(w, num_rewards=n) for w in preferences]
-            self.sweep.preferences = [w.tolist() for w in self.preferences]
+            self.preferences = [check_preference(w, self.data.reward_names) for w in preferences]
         else:
             self.preferences = list(self.sweep.resolve_preferences(self.data.reward_names))
 
     def training_preferences(self) -> list[np.ndarray]:
         return self.preferences
+
+    def sweep_preferences(self) -> list[list[float]]:
+        return [w.tolist() for w in self.preferences]  # each evaluated with the policy trained for it
 
     def build_policy(self, adapters: list[str], preferences: list[np.ndarray]) -> AdapterPolicy:
         return MORLHFPolicy(adapters, preferences, **self.policy_args)
@@ -166,7 +162,8 @@ def from_args(argv: list[str]) -> Baseline:
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     if not argv or argv[0] not in METHODS:
-        raise ValueError(f"name a baseline: ric baseline {{{'|'.join(METHODS)}}} --config FILE (got {argv[:1]})")
+        raise ValueError(f"name a baseline: ric baseline {{{'|'.join(METHODS)}}} --config FILE (got {argv[:1]}); "
+                         f"ric baseline {next(iter(METHODS))} --help lists its settings")  # fmt: skip
     cls = METHODS[argv[0]]
     parser = ArgumentParser(prog=f"ric baseline {argv[0]}", description=cls.__doc__.splitlines()[0])
     parser.add_argument("--config", action=ActionConfigFile)
@@ -178,5 +175,11 @@ def from_args(argv: list[str]) -> Baseline:
 
 def main(argv: list[str]) -> int:
     """``ric baseline morlhf|soups --config FILE``: train and sweep; prints the sweep's front.csv."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage: ric baseline {{{'|'.join(METHODS)}}} --config FILE [--key value ...]\n")
+        for name, cls in METHODS.items():
+            print(f"  {name:<8} {cls.__doc__.splitlines()[0]}")
+        print("\nric baseline NAME --help lists a baseline's settings.")
+        return 0 if argv else 2
     print(from_args(argv).run(), flush=True)
     return 0

@@ -6,10 +6,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
+import torch
 
+from ric.interfaces import Steered
+from ric.space import check_preference
 from ric.text.policy import TextPolicy, trainable_flags_kept
 
 
@@ -18,16 +21,41 @@ class AdapterPolicy(TextPolicy):
     targets as its own, which stays unused) are the RL-trained policies. ``adapters``: folders saved by peft
     (``adapter_config.json`` + weights), loaded frozen under the names ``policy0``, ``policy1``, ..."""
 
-    weight_steered: ClassVar[bool] = True
-
     def __init__(self, adapters: Sequence[str] = (), **kwargs: Any) -> None:
         kwargs["conditioned"] = False
         if kwargs.get("lora_r", 64) <= 0:
             raise ValueError(f"{type(self).__name__} holds LoRA adapters: set lora_r > 0, got {kwargs['lora_r']}")
         super().__init__(**kwargs)
         self.adapter_names: list[str] = []
+        self._preference_active = False
         for path in adapters:
             self.add_trained_adapter(path)
+
+    @property
+    def steerable(self) -> bool:
+        return True  # through its weights: preference_context
+
+    def streams(self, sampling: dict[str, Any]) -> bool:
+        """Only inside :meth:`preference_context`: one engine over requests of different preferences (a
+        server's) would run them all with the weights of none."""
+        return self._preference_active and super().streams(sampling)
+
+    @torch.no_grad()
+    def steer(self, prompts: str | Sequence[Any], preference: Any = None, **kwargs: Any) -> list[Steered]:
+        """Samples with the weights for ``preference``: one preference for all prompts (the weights are the
+        policy's), no desired rewards (nothing is written into the prompt)."""
+        if (
+            preference is None
+            or np.asarray(preference, dtype=float).ndim != 1
+            or kwargs.get("desired_rewards") is not None
+        ):
+            raise ValueError(f"{type(self).__name__} is steered by one preference for all prompts, got {preference!r}")
+        w = check_preference(preference, self.conditioning.reward_names)
+        with self.preference_context(w):
+            results = super().steer(prompts, None, **kwargs)
+        for result in results:
+            result.preference = w.tolist()
+        return results
 
     def add_trained_adapter(self, path: str | Path) -> str:
         """Load one trained adapter (frozen); returns its name."""
@@ -44,9 +72,11 @@ class AdapterPolicy(TextPolicy):
     def active_adapter(self, name: str) -> Iterator[None]:
         with trainable_flags_kept(self.lm):
             self.lm.set_adapter(name)
+            self._preference_active = True
             try:
                 yield
             finally:
+                self._preference_active = False
                 self.lm.set_adapter("default")
 
 

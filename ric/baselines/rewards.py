@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from ric.interfaces import RewardModel
+from ric.rewards import RewardModel
 from ric.space import RewardSpace
 
 

@@ -210,6 +210,10 @@ class DiffusionPolicy(ConditionalPolicy):
             "input_ids": self.tokenize([e["prompt"] for e in examples]),
         }
 
+    def training_cost(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
+        # an image and its caption's tokens (CLIP's full 77: the text encoder reads them all)
+        return {"training_examples": int(batch["pixels"].shape[0]), "training_tokens": int(batch["input_ids"].numel())}
+
     # ---- training -----------------------------------------------------------------------------
     def loss(self, batch: dict[str, torch.Tensor], dropout: float) -> torch.Tensor:
         """The denoising loss (epsilon or v target, as the scheduler predicts) on a conditioned batch."""

@@ -18,7 +18,7 @@ from PIL import Image
 from torch import nn
 
 from ric.diffusion.images import as_image
-from ric.interfaces import RewardModel
+from ric.rewards import RewardModel
 
 
 def jpeg_kilobytes(image: Image.Image, quality: int = 95, size: int | None = 512) -> float:

@@ -95,7 +95,7 @@ class SteeringAPI(ls.LitAPI):
         self.rewards = info.reward_space.build_rewards() if self.score else None
         self.engine = None
         self._session = contextlib.ExitStack()
-        if self.policy.streams({}) and not self.policy.weight_steered:  # the adapter stays merged for the server's life
+        if self.policy.streams({}):  # the adapter stays merged for the server's life
             self.policy.eval()
             self._session.enter_context(self.policy.generation_session())
             self.engine = self.policy.batcher(self.max_batch_size)
@@ -286,7 +286,7 @@ class SteeringAPI(ls.LitAPI):
     def _obtained(self, prompts: list[str], samples: list[Any]) -> list[dict[str, float] | None]:
         if self.rewards is None:
             return [None] * len(prompts)
-        from ric.interfaces import score_all
+        from ric.rewards import score_all
 
         space = self.policy.reward_space
         raw = score_all(self.rewards, prompts, samples)

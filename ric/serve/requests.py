@@ -15,7 +15,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from ric.mapping import METHODS, check_mapping, validate_preference
+from ric.mapping import METHODS, check_mapping
+from ric.space import check_desired, check_preference
 
 #: the endpoints a client calls, and what kind of request each takes
 ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completion", "/v1/images/generations": "image"}
@@ -135,20 +136,20 @@ def parse_request(kind: str, body: Any, card: ModelCard) -> Steering:
         steering.method = method
     if preference is not None:
         try:
-            steering.preference = validate_preference(preference, num_rewards=len(names)).tolist()
+            steering.preference = check_preference(preference, names).tolist()
         except ValueError as err:
-            raise BadRequest(f"{err}; rewards: {names}", "preference") from None
+            raise BadRequest(str(err), "preference") from None
         if card.reward_space is None:
             raise BadRequest("this model has no reward space to map a preference: send desired_rewards", "preference")
     elif desired is not None:
-        if (
-            not isinstance(desired, list)
-            or len(desired) != len(names)
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in desired)
-        ):
-            raise BadRequest(f"desired_rewards must be {len(names)} finite numbers (rewards {names}), got {desired!r}",
+        try:
+            values = check_desired(desired, names, "desired_rewards")
+        except ValueError as err:
+            raise BadRequest(str(err), "desired_rewards") from None
+        if values.ndim != 1:
+            raise BadRequest(f"desired_rewards must be one list of {len(names)} numbers, got {desired!r}",
                              "desired_rewards")  # fmt: skip
-        steering.desired_rewards = [float(v) for v in desired]
+        steering.desired_rewards = values.tolist()
     elif card.conditioned:
         # no preference: equal weights, so a plain OpenAI request still gets an answer
         steering.preference = [1.0 / len(names)] * len(names)

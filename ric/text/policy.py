@@ -57,39 +57,25 @@ class TextPolicy(ConditionalPolicy):
         min_tokens, max_tokens: examples outside this token range are dropped (paper: 8..512).
         max_new_tokens, temperature, top_p, do_sample, generation_batch_size: sampling defaults.
 
-    Speed switches (defaults keep the plain behaviour):
+    Speed switches (defaults keep the plain behaviour; measurements in ``benchmarks/README.md``):
         attn_implementation: ``sdpa``, ``eager``, ``flex_attention`` (block masks for packed rows) or
-            ``flash_attention_2`` (needs flash-attn; best with packing).
+            ``flash_attention_2`` (needs flash-attn).
         gradient_checkpointing: recompute activations in backward (non-reentrant, works with LoRA).
-        liger_kernel: Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy that
-            never materializes the logits); needs ``pip install liger-kernel`` and CUDA. Liger patches
-            transformers' module for the model type process-wide, so Llama models built later in the same
-            process get its kernels too. On one H100 (7B shape, 8x512, LoRA) it was 6% slower than eager.
-        compile: ``torch.compile`` each decoder layer (regional compilation: one layer's code serves them all,
-            so a 7B model compiles in seconds, not minutes); generation runs the layers uncompiled, and with
-            ``cache_implementation: static`` transformers compiles the whole decoding step (CUDA).
-        compile_mode: ``torch.compile`` mode for the layers (``max-autotune-no-cudagraphs`` searches matmul
-            kernels; ``reduce-overhead`` adds CUDA graphs, which pays off when the host cannot keep up, and
-            records graphs for each new batch shape: best with fixed shapes).
-        packing: a batch's examples are packed into as few rows as fit the longest one; ``position_ids``
-            restart per example so attention stays within examples. Same loss as padded batches, less padding.
-        packing_width: pack into rows of up to this many tokens instead (at least ``max_length``; rows are
-            trimmed to what they hold, rounded up to a multiple of 8): with ``flex_attention`` a batch becomes
-            one row with no padding, and its block mask skips the attention between examples; with dense
-            masks (sdpa, eager) wide rows cost quadratic attention.
+        liger_kernel: Liger's fused Triton kernels (CUDA, ``pip install liger-kernel``); it patches
+            transformers' module for the model type, so it holds for the whole process.
+        compile, compile_mode: ``torch.compile`` each decoder layer (regional: one layer's code serves them
+            all, so large models compile in seconds); generation runs the layers uncompiled.
+        packing, packing_width: pack a batch's examples into as few rows as fit the longest one (or rows of
+            ``packing_width`` tokens), ``position_ids`` restarting per example: the same loss, less padding.
         cache_implementation: KV cache for generation (``static``: preallocated, compilable); ``None`` = dynamic.
-        merge_lora_for_generation: generate with the adapter added into the base weights, which removes the
-            adapter's extra matmuls from every decoding step; the base weights are copied aside first (on their
-            GPU if it has room, else in host memory) and restored bit for bit afterwards (skipped for
-            quantized or sharded weights and under vLLM).
-        generation_batching: ``continuous`` (a finished answer's row is given to a waiting prompt at once, see
-            :mod:`ric.text.batching`) or ``static`` (transformers ``generate`` on left-padded batches, which
-            decode until their longest answer ends). ``generation_batch_size`` is the rows decoding at once
-            either way; ``max_batch_tokens`` caps the continuous batch's cache (rows x padded width). Settings
-            the engine does not implement (e.g. ``repetition_penalty``), a static ``cache_implementation``
-            and weights sharded across ranks use the static path.
-        generation_backend: ``hf`` (transformers ``generate``) or ``vllm`` (needs vLLM and LoRA; the engine
-            serves the base model, the current adapter goes with each call; ``vllm_kwargs`` go to ``vllm.LLM``).
+        merge_lora_for_generation: generate with the adapter added into the base weights (restored bit for bit
+            afterwards), which removes its extra matmuls from every decoding step.
+        generation_batching: ``continuous`` (a finished answer's row goes to a waiting prompt at once,
+            :mod:`ric.text.batching`) or ``static`` (transformers ``generate`` on left-padded batches);
+            ``max_batch_tokens`` caps the continuous batch's cache. Settings the engine does not implement use
+            the static path.
+        generation_backend: ``hf`` (transformers) or ``vllm`` (needs vLLM and LoRA; ``vllm_kwargs`` go to
+            ``vllm.LLM``).
     """
 
     inference_overrides: ClassVar[dict[str, Any]] = INFERENCE_SETTINGS
@@ -294,6 +280,11 @@ class TextPolicy(ConditionalPolicy):
     def forward(self, **batch: torch.Tensor) -> torch.Tensor:
         # no KV cache in training; transformers also only detects packed rows when there is none
         return self.lm(**batch, use_cache=False).loss
+
+    def training_cost(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
+        # every position of a row goes through the model (a packed row's too), padding aside
+        tokens = batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()
+        return {"training_examples": num_examples(batch), "training_tokens": int(tokens)}
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self(**batch)

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 import torch
 
-from ric.interfaces import RewardModel
+from ric.rewards import RewardModel
 
 InputFormat = Literal["pair", "response", "summary", "faithful"]
 
