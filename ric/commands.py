@@ -22,7 +22,7 @@ from ric.interfaces import ConditionalPolicy, Steered
 from ric.loading import ModelInfo, load_from_info, policy_class, read_model_info
 from ric.mapping import METHODS, validate_preference
 from ric.rewards import score_all
-from ric.space import check_desired, check_preference
+from ric.space import GUIDANCE_REFERENCES, check_desired, check_preference
 
 
 class UsageError(ValueError):
@@ -64,7 +64,8 @@ def read_prompts(path: str) -> list[str]:
 def sampling_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The sampling flags that were given (the model's own settings apply to the others)."""
     out: dict[str, Any] = {}
-    for flag in ("max_new_tokens", "temperature", "top_p", "num_inference_steps", "guidance_scale"):
+    for flag in ("max_new_tokens", "temperature", "top_p", "guidance", "guidance_reference", "num_inference_steps",
+                 "guidance_scale"):  # fmt: skip
         value = getattr(args, flag, None)
         if value is not None:
             out[flag] = value
@@ -79,6 +80,9 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--temperature", type=float, help="text: sampling temperature")
     group.add_argument("--top-p", type=float, help="text: nucleus sampling mass")
     group.add_argument("--greedy", action="store_true", help="text: greedy decoding")
+    group.add_argument("--guidance", type=float, help="text: reward guidance g, l + g (l - l_ref) (0 = none)")
+    group.add_argument("--guidance-reference", choices=GUIDANCE_REFERENCES,
+                       help="text: what guidance steers away from (default neutral)")  # fmt: skip
     group.add_argument("--num-inference-steps", type=int, help="images: DDIM steps")
     group.add_argument("--guidance-scale", type=float, help="images: classifier-free guidance scale")
 
@@ -171,7 +175,8 @@ def generate_command(args: argparse.Namespace) -> int:
         add_scores(results, rewards, policy)
     w = f" for w = ({', '.join(f'{v:.2f}' for v in preference)})" if preference is not None else ""
     method = args.method or (policy.reward_space.method if policy.reward_space else "-")
-    print(f"desired rewards{w} [{method} mapping]: {format_values(names, results[0].desired_rewards)}")
+    guided = f", reward guidance g = {settings['guidance']:g}" if settings.get("guidance") else ""
+    print(f"desired rewards{w} [{method} mapping{guided}]: {format_values(names, results[0].desired_rewards)}")
     image_dir = Path(args.image_dir)
     stored = policy.store_samples(
         [r.sample for r in results], image_dir, [f"sample{k:04d}" for k in range(len(results))]

@@ -23,7 +23,7 @@ import torch
 from ric.conditioning import RewardConditioning
 from ric.rewards import RewardModel
 from ric.rollout import rollout
-from ric.space import RewardSpace, check_desired
+from ric.space import GUIDANCE_REFERENCES, RewardSpace, check_desired
 
 #: ``RewardModel`` stays importable from here, where it lived before :mod:`ric.rewards`
 __all__ = ["ConditionalPolicy", "RewardModel", "Steered"]
@@ -283,6 +283,20 @@ class ConditionalPolicy(L.LightningModule, ABC):
         (diffusion) do not give one."""
         raise NotImplementedError(f"{type(self).__name__} does not give response log-likelihoods")
 
+    def reference_rewards(self, desired_rewards: np.ndarray | None, reference: str) -> np.ndarray | None:
+        """The condition reward guidance steers away from, for each row of ``desired_rewards`` (``None``: no
+        markers). See :data:`GUIDANCE_REFERENCES`."""
+        if desired_rewards is None or not self.conditioned:
+            raise ValueError("reward guidance needs reward markers: give desired rewards to a conditioned policy")
+        values = np.asarray(desired_rewards, dtype=float)
+        if reference == "neutral":
+            return np.zeros_like(values)
+        if reference == "mirror":
+            return -values
+        if reference == "none":
+            return None
+        raise ValueError(f"guidance_reference must be one of {list(GUIDANCE_REFERENCES)}, got {reference!r}")
+
     def condition(self, prompts: Sequence[Any], desired_rewards: np.ndarray | None) -> list[Any]:
         """Raw prompts -> conditioned prompts, through the one conditioning format; without markers for an
         unconditioned policy (plain SFT, the base model) or ``desired_rewards=None``."""
@@ -374,6 +388,8 @@ def _is_number(value: Any) -> bool:
 
 #: checks of common sampling settings: name -> (test, what it must be)
 SAMPLING_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "guidance": (lambda v: _is_number(v) and v >= 0, "a number >= 0 (0 = no reward guidance)"),
+    "guidance_reference": (lambda v: v in GUIDANCE_REFERENCES, f"one of {list(GUIDANCE_REFERENCES)}"),
     "temperature": (lambda v: _is_number(v) and v > 0, "a number > 0"),
     "top_p": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
     "top_k": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),

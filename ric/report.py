@@ -164,6 +164,10 @@ def print_report(metrics: dict[str, Any], reward_names: Sequence[str], preferenc
     """The table and the one-line measures a run prints after its sweep (``metrics`` as :func:`write_front`
     returns it)."""
     names = list(reward_names)
+    sampling = metrics.get("sampling") or {}
+    if sampling.get("guidance"):
+        reference = sampling.get("guidance_reference", "neutral")
+        print(f"reward guidance g = {sampling['guidance']:g} against the {reference} reference")
     print(format_table(names, preferences, desired, means))
     for key, value in metrics.get("steering", {}).items():
         print(

@@ -30,6 +30,9 @@ from ric.mapping import (
 
 #: schema 1 stored the normalization alone (``normalization.json``); schema 2 is the whole reward space
 SCHEMA_VERSION = 2
+#: the conditions reward guidance contrasts the desired rewards with: the space's neutral point (0 in
+#: normalized units), the desired rewards mirrored through it, or no markers at all
+GUIDANCE_REFERENCES = ("neutral", "mirror", "none")
 
 
 @dataclass

@@ -159,3 +159,106 @@ def test_sampling_defaults_follow_generate_and_unsupported_config_entries_use_th
     assert not policy.streams({})
     continuous, static = both(policy, PROMPTS[:3], np.zeros((3, 2)), do_sample=False)
     assert continuous == static
+
+
+# ---- reward guidance ------------------------------------------------------------------------------------
+def manual_guided_greedy(policy, prompt, desired, reference, g, max_new_tokens):
+    """Greedy decoding from ``(1 + g) l(y | x, R) - g l(y | x, R_ref)``, each logit from its own full forward."""
+    cond = policy.prompt_ids([prompt], desired[None])[0]
+    ref = policy.prompt_ids([prompt], None if reference is None else reference[None])[0]
+    out = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            lc = policy.lm(input_ids=torch.tensor([cond + out])).logits[0, -1].float()
+            lr = policy.lm(input_ids=torch.tensor([ref + out])).logits[0, -1].float()
+            token = int(((1 + g) * lc - g * lr).argmax())
+            if token == policy.tokenizer.eos_token_id:
+                break
+            out.append(token)
+    return policy.decode_answer(out)
+
+
+@pytest.mark.parametrize("reference", ["neutral", "mirror", "none"])
+def test_guided_greedy_answers_follow_the_guided_logits(policy, reference):
+    """Every prompt with its own desired rewards in one batch; the engine's answer is the one the formula gives."""
+    prompts = PROMPTS[:4]
+    desired = np.random.default_rng(2).normal(size=(len(prompts), 2)) * 2
+    g = 1.5
+    with policy.generation_session():
+        got = policy.generate(prompts, desired, do_sample=False, guidance=g, guidance_reference=reference,
+                              batch_size=5, max_new_tokens=8)  # fmt: skip
+        refs = {"neutral": np.zeros_like(desired), "mirror": -desired, "none": [None] * len(prompts)}[reference]
+        expected = [manual_guided_greedy(policy, p, d, r, g, 8) for p, d, r in zip(prompts, desired, refs)]
+    assert got == expected
+    plain = policy.generate(prompts, desired, do_sample=False, batch_size=5, max_new_tokens=8)
+    assert plain != got  # guidance changed something
+
+
+def test_zero_guidance_gives_todays_samples(policy):
+    desired = np.random.default_rng(3).normal(size=(len(PROMPTS), 2))
+    torch.manual_seed(9)
+    today = policy.generate(PROMPTS, desired, batch_size=4)
+    torch.manual_seed(9)
+    zero = policy.generate(PROMPTS, desired, batch_size=4, guidance=0.0, guidance_reference="mirror")
+    torch.manual_seed(9)
+    guided = policy.generate(PROMPTS, desired, batch_size=4, guidance=2.0)
+    assert zero == today and guided != today
+
+
+def test_guided_and_reference_rows_share_one_forward_pass(policy, monkeypatch):
+    prompts = PROMPTS[:3]
+    desired = np.random.default_rng(4).normal(size=(3, 2))
+    rows = []
+    forward = policy.lm.forward
+
+    def counting(*args, **kwargs):
+        rows.append((kwargs["input_ids"].shape[0], kwargs["input_ids"].shape[1]))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(policy.lm, "forward", counting)
+    torch.manual_seed(0)
+    policy.generate(prompts, desired, guidance=1.0, batch_size=6, max_new_tokens=5)
+    guided_calls = list(rows)
+    rows.clear()
+    torch.manual_seed(0)
+    policy.generate(prompts, desired, batch_size=6, max_new_tokens=5)
+    assert guided_calls[0] == (6, guided_calls[0][1])  # one prefill: 3 prompts and their 3 references
+    decode = [n for n, width in guided_calls[1:] if width == 1]
+    assert decode and all(n % 2 == 0 for n in decode) and decode[0] == 6  # a row and its reference, together
+    assert len(guided_calls) <= len(rows) + 5  # no second pass per step: as many forwards as plain decoding
+
+
+def test_engine_mixes_guided_and_plain_requests(policy):
+    ids = policy.prompt_ids(PROMPTS[:3], np.ones((3, 2)))
+    refs = policy.prompt_ids(PROMPTS[:3], np.zeros((3, 2)))
+    greedy = Sampling(do_sample=False)
+    with policy.generation_session():
+        alone = policy.batcher(4).run([Request(list(i), 6, greedy) for i in ids])
+        engine = policy.batcher(8)
+        mixed = engine.run([Request(list(ids[0]), 6, greedy), Request(list(ids[1]), 6, greedy, reference_ids=refs[1],
+                            guidance=2.0), Request(list(ids[2]), 6, greedy)])  # fmt: skip
+    assert mixed[0].tokens == alone[0].tokens and mixed[2].tokens == alone[2].tokens
+    assert mixed[1].partner is not None and mixed[1].partner.tokens == mixed[1].tokens  # fed the same tokens
+    assert not engine.busy()
+
+
+def test_guidance_settings_are_checked(policy):
+    desired = np.zeros((1, 2))
+    with pytest.raises(ValueError, match="guidance must be a number >= 0"):
+        policy.check_sampling({"guidance": -1.0})
+    with pytest.raises(ValueError, match=r"guidance_reference must be one of \['neutral', 'mirror', 'none'\]"):
+        policy.check_sampling({"guidance_reference": "opposite"})
+    with pytest.raises(ValueError, match="reward guidance needs reward markers"):
+        policy.generate(["q"], None, guidance=1.0)
+    policy.hparams.generation_batching = "static"
+    try:
+        with pytest.raises(ValueError, match="reward guidance decodes on the continuous engine"):
+            policy.generate(["q"], desired, guidance=1.0)
+        assert policy.generate(["q"], desired, guidance=0.0, max_new_tokens=2)  # 0: nothing to refuse
+    finally:
+        policy.hparams.generation_batching = "continuous"
+    with pytest.raises(ValueError, match="max_batch_size must be >= 2"):
+        policy.batcher(1).submit(Request([1, 2], 3, reference_ids=[1], guidance=1.0))
+    none = policy.reference_ids(["q"], np.array([[1.0, -1.0]]), {"guidance": 1.0, "guidance_reference": "none"})
+    mirror = policy.reference_ids(["q"], np.array([[1.0, -1.0]]), {"guidance": 1.0, "guidance_reference": "mirror"})
+    assert "<R1>" not in policy.tokenizer.decode(none[0]) and "<R1> -1.0 <R2> 1.0" in policy.tokenizer.decode(mirror[0])

@@ -273,3 +273,14 @@ def test_images_endpoint_on_the_tiny_diffusion_model(trained_sd, tmp_path):
         assert status == 404 and "generates images" in json.loads(raw)["error"]["message"]
     finally:
         server.stop()
+
+
+def test_reward_guidance_fields_of_a_request():
+    from ric.serve.requests import BadRequest, sampling_settings
+
+    body = {"messages": [{"role": "user", "content": "hi"}], "guidance": 1.5, "guidance_reference": "none"}
+    assert sampling_settings("chat", body) == {"guidance": 1.5, "guidance_reference": "none"}
+    with pytest.raises(BadRequest, match="guidance_reference must be one of"):
+        sampling_settings("chat", {**body, "guidance_reference": "opposite"})
+    with pytest.raises(BadRequest, match="guidance"):
+        sampling_settings("chat", {**body, "guidance": -2})

@@ -256,6 +256,22 @@ def test_ric_generate_scores_and_writes_jsonl(trained, tmp_path):
     assert [s.sample for s in steered] == [r["response"] for r in lines]
 
 
+def test_ric_generate_with_reward_guidance(trained, capsys):
+    """--guidance reaches the engine: the same seed gives the same answers as steer with the same guidance."""
+    args = ("generate", trained["ckpt"], "--prompt", "how do I cook rice?", "--preference", "1,0", "--seed", "3",
+            "--max-new-tokens", "6", "--guidance", "1.5", "--guidance-reference", "mirror")  # fmt: skip
+    code, stdout, stderr = ric_here(capsys, *args)
+    assert code == 0, stderr
+    assert "[linear mapping, reward guidance g = 1.5]" in stdout
+    policy = ric.load(trained["ckpt"])
+    guided = policy.steer("how do I cook rice?", [1.0, 0.0], seed=3, max_new_tokens=6, guidance=1.5,
+                          guidance_reference="mirror")[0].sample  # fmt: skip
+    assert guided in stdout
+    with pytest.raises(SystemExit) as exited:  # argparse's refusal of a choice it does not offer
+        ric_here(capsys, *args[:-2], "--guidance-reference", "opposite")
+    assert exited.value.code == 2 and "invalid choice: 'opposite'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -267,6 +283,7 @@ def test_ric_generate_scores_and_writes_jsonl(trained, tmp_path):
         (["--preference", "1,0", "--method", "p_two"], "invalid choice: 'p_two'"),
         (["--preference", "1,0", "--num-samples", "0"], "--num-samples must be >= 1, got 0"),
         (["--preference", "1,0", "--temperature", "-1"], "temperature must be a number > 0, got -1.0"),
+        (["--preference", "1,0", "--guidance", "-1"], "guidance must be a number >= 0"),
         ([], "give --preference"),
     ],
 )

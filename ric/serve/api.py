@@ -203,9 +203,11 @@ class SteeringAPI(ls.LitAPI):
             from ric.rollout import random_stream
 
             settings = self.policy.sampling_settings(steering.sampling)
-            ids = self.policy.prompt_ids([steering.prompt], None if desired is None else np.array([desired]))
+            values = None if desired is None else np.array([desired])
+            ids = self.policy.prompt_ids([steering.prompt], values)
+            references = self.policy.reference_ids([steering.prompt], values, settings)
             with random_stream(steering.seed):  # seeded as `steer` seeds its first prompt: the same sample
-                job.engine = self.policy.batching_requests(ids, settings)[0]
+                job.engine = self.policy.batching_requests(ids, settings, references)[0]
         return job
 
     def _forget(self, job: Job) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ric.mapping import METHODS, check_mapping
-from ric.space import check_desired, check_preference
+from ric.space import GUIDANCE_REFERENCES, check_desired, check_preference
 
 #: the endpoints a client calls, and what kind of request each takes
 ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completion", "/v1/images/generations": "image"}
@@ -184,6 +184,13 @@ def sampling_settings(kind: str, body: dict[str, Any]) -> dict[str, Any]:
             out["temperature"] = temperature
     if body.get("top_p") is not None:
         out["top_p"] = _number(body["top_p"], "top_p", 0, 1)
+    if body.get("guidance") is not None:
+        out["guidance"] = _number(body["guidance"], "guidance", 0, 100)
+    if body.get("guidance_reference") is not None:
+        if body["guidance_reference"] not in GUIDANCE_REFERENCES:
+            raise BadRequest(f"guidance_reference must be one of {list(GUIDANCE_REFERENCES)}, got "
+                             f"{body['guidance_reference']!r}", "guidance_reference")  # fmt: skip
+        out["guidance_reference"] = body["guidance_reference"]
     return out
 
 

@@ -8,7 +8,9 @@ together (identical prompts once) and their cache rows are padded to the batch's
 rows are dropped with an index select, and columns no live row uses are trimmed away.
 
 Every request samples from a ``torch.Generator`` of its own, seeded when it is submitted, so its sample
-depends on its prompt, its settings and its seed, not on which other requests share its batch. Callers
+depends on its prompt, its settings and its seed, not on which other requests share its batch. A request with
+reward guidance brings a reference prompt: it decodes in a row of its own beside the request's, fed the same
+tokens, and the request samples from ``l + g * (l - l_ref)`` (both rows in the same forward pass). Callers
 outside the decoding thread may :meth:`ContinuousBatcher.submit` and :meth:`ContinuousBatcher.cancel` at any
 time (a server does); :meth:`ContinuousBatcher.step` runs one decoding step.
 """
@@ -24,10 +26,17 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
-from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers.generation.logits_process import (
+    ClassifierFreeGuidanceLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 #: sampling settings the engine implements itself; others need the static path (transformers ``generate``)
-ENGINE_SETTINGS = frozenset({"max_new_tokens", "temperature", "top_p", "top_k", "do_sample"})
+ENGINE_SETTINGS = frozenset(
+    {"max_new_tokens", "temperature", "top_p", "top_k", "do_sample", "guidance", "guidance_reference"}
+)
 #: generation-config entries the engine does not implement, with the value that leaves sampling unchanged (a
 #: model whose config sets another value uses the static path, where ``generate`` applies it)
 NEUTRAL_CONFIG: dict[str, object] = {
@@ -60,16 +69,27 @@ class Sampling:
 class Request:
     """One prompt to continue: its token ids, limits, sampling and seed; ``tokens`` grows as it decodes.
     ``on_token(request)`` is called after each new token (from the decoding thread), ``finish_reason`` is
-    set when it ends: ``stop`` (end-of-sequence token), ``length`` (``max_new_tokens``) or ``cancelled``."""
+    set when it ends: ``stop`` (end-of-sequence token), ``length`` (``max_new_tokens``) or ``cancelled``.
+    ``reference_ids`` with ``guidance > 0``: reward guidance against that prompt (see the module)."""
 
     ids: list[int]
     max_new_tokens: int
     sampling: Sampling = Sampling()
     seed: int = 0
     on_token: Callable[[Request], None] | None = None
+    reference_ids: list[int] | None = None
+    guidance: float = 0.0
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     cancelled: bool = False
+    #: the row decoding ``reference_ids`` beside this request (set by the engine), or the request a
+    #: reference row serves
+    partner: Request | None = field(default=None, repr=False)
+    is_reference: bool = False
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance > 0 and self.reference_ids is not None and not self.is_reference
 
     @property
     def finished(self) -> bool:
@@ -123,6 +143,13 @@ class ContinuousBatcher:
             raise ValueError("a request needs at least one prompt token")
         if request.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}")
+        if request.guidance < 0 or (request.guidance > 0 and not request.reference_ids):
+            raise ValueError(f"guidance {request.guidance} needs a number >= 0 and, above 0, reference prompt ids")
+        if request.guided:
+            if self.max_batch_size < 2:
+                raise ValueError("reward guidance decodes two rows per request: max_batch_size must be >= 2")
+            request.partner = Request(list(request.reference_ids), request.max_new_tokens, request.sampling,
+                                      is_reference=True, partner=request)  # fmt: skip
         with self._lock:
             self._waiting.append(request)
         return request
@@ -133,6 +160,7 @@ class ContinuousBatcher:
 
     @property
     def running(self) -> int:
+        """Rows decoding (a guided request's reference row included: it takes a row)."""
         return sum(not r.finished for r in self._rows)
 
     @property
@@ -161,11 +189,13 @@ class ContinuousBatcher:
             if request.cancelled and not request.finished:
                 request.finish_reason = "cancelled"
                 done.append(request)
+                if request.partner is not None:
+                    request.partner.finish_reason = "cancelled"
         done += self._admit()
         live = [i for i, r in enumerate(self._rows) if not r.finished]
         if not live:
             self._drop_finished()
-            return done
+            return [r for r in done if not r.is_reference]
         width = self._mask.shape[1]
         mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)
         logits, self._cache = self._forward(
@@ -188,7 +218,7 @@ class ContinuousBatcher:
         finished = sum(r.finished for r in self._rows)
         if finished and finished * 4 >= len(self._rows):  # dropping rows copies the cache: not for every one
             self._drop_finished()
-        return done
+        return [r for r in done if not r.is_reference]
 
     def _forward(self, cache: DynamicCache, **inputs: torch.Tensor | int) -> tuple[torch.Tensor, DynamicCache]:
         """The model's last-position logits and its cache; the cache argument is named ``cache`` from
@@ -210,11 +240,14 @@ class ContinuousBatcher:
 
     def _sample(self, logits: torch.Tensor, requests: list[Request], generators: list[torch.Generator]) -> list[int]:
         """One token for each request (``logits[k]`` are ``requests[k]``'s), each from its own generator;
-        requests with the same settings are warped together with transformers' logits warpers."""
-        logits = logits.float()
+        requests with the same settings are warped together with transformers' logits warpers. A guided
+        request samples from its guided logits; its reference row (which must be among ``requests``) is given
+        the same token."""
+        logits = guide(logits.float(), requests)
         groups: dict[Sampling, list[int]] = {}
         for k, request in enumerate(requests):
-            groups.setdefault(request.sampling, []).append(k)
+            if not request.is_reference:
+                groups.setdefault(request.sampling, []).append(k)
         picked: list[torch.Tensor] = []
         order: list[int] = []
         for sampling, members in groups.items():
@@ -234,8 +267,12 @@ class ContinuousBatcher:
                 draw = torch.multinomial(probs[row], 1, generator=generators[k])
                 picked.append(draw if ids is None else ids[row, draw])
         out = [0] * len(requests)
-        for k, token in zip(order, torch.cat(picked).tolist()):  # one transfer from the device
+        for k, token in zip(order, torch.cat(picked).tolist() if picked else []):  # one transfer from the device
             out[k] = token
+        position = {id(request): k for k, request in enumerate(requests)}
+        for k, request in enumerate(requests):
+            if request.is_reference:
+                out[k] = out[position[id(request.partner)]]
         return out
 
     # ---- joining and leaving ------------------------------------------------------------------------------
@@ -259,17 +296,22 @@ class ContinuousBatcher:
                     request.finish_reason = "cancelled"
                     cancelled.append(self._waiting.popleft())
                     continue
-                new_width = max(width, len(request.ids), *(len(r.ids) for r in taken))
-                if taken and self.max_batch_tokens and (live + len(taken) + 1) * new_width > self.max_batch_tokens:
+                group = [request] if request.partner is None else [request, request.partner]
+                if len(taken) + len(group) > free:
                     break
-                taken.append(self._waiting.popleft())
+                new_width = max(width, *(len(r.ids) for r in (*taken, *group)))
+                rows = live + len(taken) + len(group)
+                if taken and self.max_batch_tokens and rows * new_width > self.max_batch_tokens:
+                    break
+                self._waiting.popleft()
+                taken += group
         if not taken:
             return cancelled
         try:
             return cancelled + self._prefill(taken)
         except BaseException:  # the prompts wait again; the running batch is as it was
             with self._lock:
-                self._waiting.extendleft(reversed(taken))
+                self._waiting.extendleft(reversed([r for r in taken if not r.is_reference]))
             raise
 
     def _prefill(self, requests: list[Request]) -> list[Request]:
@@ -298,7 +340,8 @@ class ContinuousBatcher:
         self._rows += requests
         self._generators += generators
         self._next = torch.cat([self._next, torch.tensor(tokens, dtype=torch.long, device=self.device)])
-        return [request for request, token in zip(requests, tokens) if self._append(request, token)]
+        ended = [request for request, token in zip(requests, tokens) if self._append(request, token)]
+        return [request for request in ended if not request.is_reference]
 
     def _merge(self, cache: DynamicCache, mask: torch.Tensor, positions: torch.Tensor) -> None:
         """Append prefilled rows to the running batch, left-padding whichever side is narrower."""
@@ -334,6 +377,26 @@ class ContinuousBatcher:
             layer.values = layer.values.index_select(0, index)[:, :, first:]
         self._positions = self._positions.index_select(0, index)
         self._next = self._next.index_select(0, index)
+
+
+def guide(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    """Reward guidance: each guided request's row becomes ``l + g * (l - l_ref)`` with ``l_ref`` its reference
+    row's (transformers' classifier-free guidance processor, whose scale is ``1 + g``); other rows unchanged."""
+    position = {id(request): k for k, request in enumerate(requests)}
+    pairs: dict[float, list[tuple[int, int]]] = {}
+    for k, request in enumerate(requests):
+        if request.guided and request.partner is not None and id(request.partner) in position:
+            pairs.setdefault(request.guidance, []).append((k, position[id(request.partner)]))
+    if not pairs:
+        return logits
+    logits = logits.clone()
+    for g, members in pairs.items():
+        rows = torch.tensor([k for k, _ in members], device=logits.device)
+        references = torch.tensor([r for _, r in members], device=logits.device)
+        both = torch.cat([logits.index_select(0, rows), logits.index_select(0, references)])
+        guided = ClassifierFreeGuidanceLogitsProcessor(1.0 + g)(rows[:, None], both)
+        logits.index_copy_(0, rows, guided)
+    return logits
 
 
 def warpers(sampling: Sampling) -> list:

@@ -327,6 +327,14 @@ class TextPolicy(ConditionalPolicy):
         settings = self.sampling_settings(sampling)
         batch_size = int(settings.pop("batch_size", self.hparams.generation_batch_size))
         encoded = self.prompt_ids(prompts, desired_rewards)
+        references = self.reference_ids(prompts, desired_rewards, settings)
+        if references is not None and not self._continuous(settings):
+            raise ValueError(
+                "reward guidance decodes on the continuous engine, which these settings or this model do not use "
+                f"(generation_batching {self.hparams.get('generation_batching')!r}, backend "
+                f"{self.hparams.generation_backend!r}, settings {sorted(settings)})"
+            )
+        guidance = {key: settings.pop(key) for key in ("guidance", "guidance_reference") if key in settings}
         if self.hparams.generation_backend == "vllm":
             yield from enumerate(
                 self.decode_answer(new) for new in self._vllm_engine().generate(encoded, self.lm, settings)
@@ -354,7 +362,7 @@ class TextPolicy(ConditionalPolicy):
                         self._generate_sorted(encoded, order, batch_size, device, settings, compiled_decoding)
                     )
                     return
-                requests = self.batching_requests(encoded, settings)
+                requests = self.batching_requests(encoded, {**settings, **guidance}, references)
                 position = {id(r): i for i, r in enumerate(requests)}
                 engine = self.batcher(batch_size)
                 for i in order:
@@ -378,6 +386,19 @@ class TextPolicy(ConditionalPolicy):
     def prompt_ids(self, prompts: Sequence[str], desired_rewards: np.ndarray | None) -> list[list[int]]:
         """Token ids of the conditioned prompts, as generation feeds them."""
         return [self._encode(text)[0] for text in self.condition(prompts, desired_rewards)]
+
+    def reference_ids(
+        self, prompts: Sequence[str], desired_rewards: np.ndarray | None, settings: dict[str, Any]
+    ) -> list[list[int]] | None:
+        """Token ids of the prompts at reward guidance's reference condition (``guidance_reference``, default
+        ``neutral``); ``None`` without guidance (``guidance`` 0 or unset)."""
+        if not settings.get("guidance"):
+            return None
+        reference = settings.get("guidance_reference", "neutral")
+        values = self.reference_rewards(desired_rewards, reference)
+        if values is not None and values.ndim == 1:
+            values = np.broadcast_to(values, (len(prompts), values.shape[0]))
+        return self.prompt_ids(prompts, values)
 
     def _continuous(self, settings: dict[str, Any]) -> bool:
         """Whether these settings decode on the continuous engine (see ``generation_batching``)."""
@@ -410,9 +431,12 @@ class TextPolicy(ConditionalPolicy):
             max_batch_tokens=self.hparams.get("max_batch_tokens"),
         )
 
-    def batching_requests(self, encoded: Sequence[list[int]], settings: dict[str, Any]) -> list[Request]:
+    def batching_requests(
+        self, encoded: Sequence[list[int]], settings: dict[str, Any], references: Sequence[list[int]] | None = None
+    ) -> list[Request]:
         """Engine requests for prompt ids at these sampling settings (unset ones from the model's generation
-        config, as ``generate`` takes them), each seeded from the global random stream in prompt order."""
+        config, as ``generate`` takes them), each seeded from the global random stream in prompt order;
+        ``references`` (one per prompt) are their reward-guidance reference prompts at ``settings["guidance"]``."""
         from ric.text.batching import DEFAULT_TOP_K, Request, Sampling
 
         config = self.lm.generation_config
@@ -427,7 +451,11 @@ class TextPolicy(ConditionalPolicy):
         )
         seeds = torch.randint(0, 2**62, (len(encoded),)).tolist()
         limit = int(settings["max_new_tokens"])
-        return [Request(list(ids), limit, sampling, seed) for ids, seed in zip(encoded, seeds)]
+        if references is None:
+            return [Request(list(ids), limit, sampling, seed) for ids, seed in zip(encoded, seeds)]
+        guidance = float(settings["guidance"])
+        return [Request(list(ids), limit, sampling, seed, reference_ids=list(ref), guidance=guidance)
+                for ids, ref, seed in zip(encoded, references, seeds)]  # fmt: skip
 
     def _generate_sorted(
         self,
