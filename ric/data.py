@@ -201,6 +201,11 @@ class RelabelDataModule(L.LightningDataModule):
             (scalars or per-reward lists) override either. Inference, the sweep and online targets use it.
         method, p, lam: the default preference-to-reward mapping of the reward space (see
             :mod:`ric.mapping`); the sweep and ``ric generate`` may override it per call.
+        marker_dropout: the share of training examples shown without their rewards, so the model also
+            learns the condition reward guidance contrasts with (0: the paper's training, every example
+            conditioned); drawn per example from ``seed`` and the pool (each online round draws afresh).
+        marker_dropout_reference: what a dropped example's prompt carries instead: ``none`` (no markers) or
+            ``neutral`` (every reward at the space's neutral point, 0).
     """
 
     def __init__(
@@ -225,8 +230,14 @@ class RelabelDataModule(L.LightningDataModule):
         method: Literal["linear", "p_norm", "p_inf", "solver"] = "p_inf",
         p: float = 2.0,
         lam: list[float] | None = None,
+        marker_dropout: float = 0.0,
+        marker_dropout_reference: Literal["none", "neutral"] = "none",
     ) -> None:
         super().__init__()
+        if not 0 <= marker_dropout < 1:
+            raise ValueError(f"marker_dropout must be in [0, 1), got {marker_dropout}")
+        if marker_dropout_reference not in ("none", "neutral"):
+            raise ValueError(f"marker_dropout_reference must be 'none' or 'neutral', got {marker_dropout_reference!r}")
         if not rewards:
             raise ValueError("rewards is empty: RiC needs at least one reward model")
         names = [r.name for r in rewards]
@@ -256,6 +267,8 @@ class RelabelDataModule(L.LightningDataModule):
         self.normalization = normalization
         self.output_dir = output_dir
         self.seed = seed
+        self.marker_dropout = marker_dropout
+        self.marker_dropout_reference = marker_dropout_reference
         self.num_workers = num_workers
         self.progress = progress
         self.train_records: list[dict[str, Any]] = []
@@ -380,9 +393,15 @@ class RelabelDataModule(L.LightningDataModule):
         if len(records) != len(scores):
             raise ValueError(f"{len(records)} records but {len(scores)} score rows")
         z = np.asarray(scores, dtype=float) if normalized or not len(records) else self.space.normalize(scores)
+        values: list[np.ndarray | None] = list(z)
+        if self.marker_dropout > 0:  # (none drawn at 0: the paper's examples exactly)
+            dropped = np.random.default_rng([self.seed, self.pool_version]).random(len(records)) < self.marker_dropout
+            blank = None if self.marker_dropout_reference == "none" else np.zeros(z.shape[1])
+            values = [blank if drop else v for v, drop in zip(values, dropped)]
+            log.info("marker dropout: %d of %d examples shown without their rewards", int(dropped.sum()), len(records))
         return [
             {"prompt": self.policy.training_prompt(r["prompt"], v), "response": r["response"]}
-            for r, v in zip(records, z)
+            for r, v in zip(records, values)
         ]
 
     def state_dict(self) -> dict[str, Any]:

@@ -103,8 +103,9 @@ class ConditionalPolicy(L.LightningModule, ABC):
             return self.conditioning.format_unconditioned(prompt)
         return self.conditioning.format(prompt, values)
 
-    def training_prompt(self, prompt: Any, normalized_rewards: np.ndarray) -> Any:
-        """The prompt a training example is shown with: markers carry the rewards its sample earned."""
+    def training_prompt(self, prompt: Any, normalized_rewards: np.ndarray | None) -> Any:
+        """The prompt a training example is shown with: markers carry the rewards its sample earned (``None``:
+        no markers, for marker dropout)."""
         return self.format_prompt(prompt, normalized_rewards if self.conditioned else None)
 
     #: sampling settings this policy's ``generate`` takes (``None``: any, e.g. passed on to transformers)

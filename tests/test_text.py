@@ -378,3 +378,31 @@ def test_split_never_puts_one_prompt_in_two_splits(prompts, val, test, seed):
     assert not (train_p & val_p) and not (train_p & set(held_out)) and not (val_p & set(held_out))
     assert len(train) + len(valid) + sum(r["prompt"] in held_out for r in records) == len(records)
     assert len(held_out) == len(set(held_out))
+
+
+def test_marker_dropout_shows_a_share_of_examples_without_their_rewards(policy, tmp_path):
+    from types import SimpleNamespace
+
+    records = [{"prompt": f"question {i}", "response": "answer"} for i in range(400)]
+    z = np.tile([[1.0, -1.0]], (400, 1))
+
+    (tmp_path / "unused.jsonl").write_text("")
+
+    def data(**settings):
+        dm = RelabelDataModule(JsonlExamples(str(tmp_path / "unused.jsonl")), [Verbosity(), Readability()],
+                               cache_dir=None, seed=3, **settings)  # fmt: skip
+        dm.trainer = SimpleNamespace(lightning_module=policy)
+        return [e["prompt"] for e in dm.examples(records, z, normalized=True)]
+
+    plain = data()
+    assert all("<R1> 1.0" in p for p in plain)  # 0: every example conditioned, as the paper trains
+    dropped = data(marker_dropout=0.25)
+    bare = [i for i, p in enumerate(dropped) if "<R1>" not in p]
+    assert 60 < len(bare) < 140  # about a quarter of 400
+    assert all(dropped[i] == policy.format_prompt(records[i]["prompt"], None) for i in bare)
+    assert all(dropped[i] == plain[i] for i in set(range(400)) - set(bare))
+    assert dropped == data(marker_dropout=0.25)  # drawn from the seed: the same examples every time
+    neutral = data(marker_dropout=0.25, marker_dropout_reference="neutral")
+    assert [p for p in neutral if "<R1> 0.0 <R2> 0.0" in p] and not [p for p in neutral if "<R1>" not in p]
+    with pytest.raises(ValueError, match=r"marker_dropout must be in \[0, 1\), got 1.0"):
+        data(marker_dropout=1.0)
