@@ -183,3 +183,24 @@ def test_a_finished_run_is_not_run_again(ric_fit, tmp_path):
     experiment.fit(tmp_path, config)
     assert len(ric_fit) == 1
     assert experiment.saved_config(tmp_path) == ric_fit[0]
+
+
+def test_guidance_study_quality_guard_and_choice_rule():
+    from benchmarks.guidance import choose, degenerate
+
+    assert degenerate("") and degenerate("   ")
+    assert degenerate("water it well water it well water it well and then stop")  # a loop
+    assert degenerate("Keep the soil moist. <R1> 0.3") and degenerate("Use a watering can. -1.0")  # leaked markers
+    assert not degenerate("Water it twice a week, about 2 cups each time.")
+    steering = {"a": {"spearman": 1.0, "spread_ratio": 0.4}, "b": {"spearman": 0.95, "spread_ratio": 0.2}}
+    cells = [
+        {"guidance": 0.0, "reference": None, "degenerate": 0.0, "steering": steering},
+        {"guidance": 1.0, "reference": "neutral", "degenerate": 0.02,
+         "steering": {"a": {"spearman": 1.0, "spread_ratio": 0.9}, "b": {"spearman": 0.9, "spread_ratio": 0.5}}},
+        {"guidance": 4.0, "reference": "neutral", "degenerate": 0.2,  # spreads most, but degenerate
+         "steering": {"a": {"spearman": 1.0, "spread_ratio": 2.0}, "b": {"spearman": 1.0, "spread_ratio": 1.0}}},
+        {"guidance": 2.0, "reference": "mirror", "degenerate": 0.0,  # spreads, but a reward falls out of order
+         "steering": {"a": {"spearman": 1.0, "spread_ratio": 1.5}, "b": {"spearman": 0.5, "spread_ratio": 0.9}}},
+    ]  # fmt: skip
+    assert choose(cells)["guidance"] == 1.0
+    assert choose(cells[2:]) is None

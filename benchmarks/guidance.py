@@ -1,0 +1,183 @@
+"""Reward guidance: how far ``l + g (l - l_ref)`` moves each reward, at what cost in quality and time.
+
+A trained checkpoint is swept at the 5 preferences for every ``g`` and reference (neutral point, mirror, no
+markers), with the sampling of its config's sweep, on its split's validation prompts: that is where the
+setting is chosen, by a rule fixed here in advance (every reward's Spearman >= 0.9 and at most 5% degenerate
+answers; among those, the largest mean spread ratio). The chosen setting and ``g = 0`` are then measured once
+on the held-out prompts. Per cell: Spearman and spread ratio per reward, the share of degenerate answers
+(empty, a repeated 3-word loop, or reward markers and marker-like numbers leaking into the answer), the
+answers' perplexity under the base model (the adapter switched off, no markers), and seconds per sample.
+
+    python -m benchmarks.guidance --config quickstart_text \
+        --checkpoint runs/quickstart_text/lightning_logs/version_0/checkpoints/last.ckpt --name quickstart
+
+Every finished cell is kept under ``--out`` and reused; results go to ``benchmarks/results/guidance_<name>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.experiment import (
+    PREFERENCES,
+    build_data_module,
+    cached,
+    command,
+    get,
+    load_config,
+    pyplot,
+    rooted,
+    save_figure,
+    write_results,
+)
+
+GUIDANCE = [0.0, 0.5, 1.0, 2.0, 4.0]
+REFERENCES = ["neutral", "mirror", "none"]
+#: the rule that chooses a setting on validation prompts, fixed before any run
+MIN_SPEARMAN, MAX_DEGENERATE = 0.9, 0.05
+MARKER_LEAK = re.compile(r"<R\d+>|(^|\s)[-+]?\d\.\d(\s|$)")
+
+
+def degenerate(answer: str) -> bool:
+    """Empty, a loop (some 3-word run three times or more), or markers / marker-like values in the answer."""
+    words = answer.split()
+    if not words:
+        return True
+    runs = collections.Counter(tuple(words[i : i + 3]) for i in range(len(words) - 2))
+    return (bool(runs) and max(runs.values()) >= 3) or bool(MARKER_LEAK.search(answer))
+
+
+def base_perplexity(policy: Any, prompts: list[str], answers: list[str]) -> float:
+    """Perplexity of the answers (with their end token) under the base model, prompted without markers."""
+    with policy.lm.disable_adapter():
+        nats = -policy.log_likelihood(prompts, answers, None).sum()
+    tokens = sum(len(policy.tokenizer(a, add_special_tokens=False).input_ids) + 1 for a in answers)
+    return float(np.exp(nats / tokens))
+
+
+def measure(policy: Any, prompts: list[str], folder: Path, sampling: dict, g: float, reference: str) -> dict:
+    """One sweep at one setting and what it gives."""
+    from ric.report import steering_measures
+    from ric.sweep import run_sweep
+
+    settings = {**sampling, "guidance": g, "guidance_reference": reference} if g else dict(sampling)
+    rewards = policy.reward_space.build_rewards()
+    start = time.perf_counter()
+    result = run_sweep(policy, rewards, prompts, PREFERENCES, folder, settings=settings, seed=0)
+    seconds = time.perf_counter() - start
+    answers = [a for stored in result.samples for a in stored]
+    return {
+        "guidance": g,
+        "reference": reference if g else None,
+        "steering": steering_measures(result.reward_names, result.preferences, result.desired, result.means),
+        "desired": result.desired.tolist(),
+        "obtained": result.means.tolist(),
+        "degenerate": float(np.mean([degenerate(a) for a in answers])),
+        "perplexity_base": base_perplexity(policy, prompts * len(PREFERENCES), answers),
+        "mean_words": float(np.mean([len(a.split()) for a in answers])),
+        "seconds_per_sample": seconds / len(answers),
+        "samples": len(answers),
+    }
+
+
+def choose(cells: list[dict]) -> dict | None:
+    """The rule: every reward's Spearman >= 0.9 and at most 5% degenerate; then the largest mean spread."""
+    ok = [c for c in cells if c["degenerate"] <= MAX_DEGENERATE
+          and all(m["spearman"] >= MIN_SPEARMAN for m in c["steering"].values())]  # fmt: skip
+    return max(ok, key=lambda c: np.mean([m["spread_ratio"] for m in c["steering"].values()]), default=None)
+
+
+def plot(cells: list[dict], names: list[str], path: Path) -> Path:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(names) + 2, figsize=(4.2 * (len(names) + 2), 3.6))
+    base = next(c for c in cells if c["guidance"] == 0)
+    for reference in REFERENCES:
+        row = [base] + sorted((c for c in cells if c["reference"] == reference), key=lambda c: c["guidance"])
+        gs = [c["guidance"] for c in row]
+        for ax, name in zip(axes, names):
+            ax.plot(gs, [c["steering"][name]["spread_ratio"] for c in row], "o-", label=reference)
+            ax.set_title(f"{name}: spread ratio")
+        axes[-2].plot(gs, [100 * c["degenerate"] for c in row], "o-", label=reference)
+        axes[-1].plot(gs, [c["seconds_per_sample"] / base["seconds_per_sample"] for c in row], "o-", label=reference)
+    axes[-2].set_title("degenerate answers (%)")
+    axes[-1].set_title("seconds per sample / g = 0")
+    for ax in axes:
+        ax.set_xlabel("guidance g")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="quickstart_text", help="the shipped config the checkpoint was trained by")
+    parser.add_argument("--checkpoint", required=True, help="the trained checkpoint (.ckpt) or export folder")
+    parser.add_argument("--name", required=True, help="names the results file: benchmarks/results/guidance_<name>")
+    parser.add_argument("--prompts", type=int, default=16, help="validation (and held-out) prompts, at most")
+    parser.add_argument("--samples", type=int, default=2, help="answers per prompt and preference")
+    parser.add_argument("--out", default="runs/guidance", help="where finished cells are kept")
+    args = parser.parse_args(argv)
+
+    import ric
+
+    config = rooted(load_config(args.config))
+    sweep = next(c for c in get(config, "trainer.callbacks") if c["class_path"].endswith("PreferenceSweep"))
+    sampling = dict(sweep["init_args"].get("sampling") or {})
+    dm = build_data_module(config["data"])
+    train, val, held_out = dm.split(dm.dataset.load())
+    # validation prompts choose g; a recipe without a validation split lends the training split's first prompts
+    tuning = list(dict.fromkeys(r["prompt"] for r in (val or train)))[: args.prompts]
+    tuning_split = "validation" if val else "training"
+    held_out = held_out[: args.prompts]
+    policy = ric.load(args.checkpoint)
+    names = list(policy.reward_space.reward_names)
+    out = Path(args.out) / args.name
+    out.mkdir(parents=True, exist_ok=True)
+
+    def cell(prompts: list[str], split: str, g: float, reference: str) -> dict:
+        key = f"{split}-g{g:g}-{reference if g else 'plain'}"
+        print(f"{args.name}: {key}", flush=True)
+        folder = out / key
+        return cached(out / f"{key}.json", measure, policy, [p for p in prompts for _ in range(args.samples)],
+                      folder, sampling, g, reference)  # fmt: skip
+
+    cells = [cell(tuning, tuning_split, 0.0, "neutral")]
+    cells += [cell(tuning, tuning_split, g, ref) for ref in REFERENCES for g in GUIDANCE if g]
+    chosen = choose(cells)
+    final = [cell(held_out, "held_out", 0.0, "neutral")]
+    if chosen is not None and chosen["guidance"]:
+        final.append(cell(held_out, "held_out", chosen["guidance"], chosen["reference"]))
+    results = {
+        "command": command(),
+        "checkpoint": str(args.checkpoint),
+        "config": args.config,
+        "sampling": sampling,
+        "rule": f"every reward's Spearman >= {MIN_SPEARMAN}, degenerate <= {MAX_DEGENERATE:.0%}; max mean spread",
+        "tuning_split": tuning_split,
+        "tuning_prompts": len(tuning),
+        "held_out_prompts": len(held_out),
+        "samples_per_prompt": args.samples,
+        "tuning": cells,
+        "chosen": None if chosen is None else {"guidance": chosen["guidance"], "reference": chosen["reference"]},
+        "held_out": final,
+    }
+    path = write_results(f"guidance_{args.name}", results)
+    plot(cells, names, path.with_suffix(".png"))
+    for c in cells + final:
+        shown = ", ".join(
+            f"{n} rho {m['spearman']:+.2f} spread {m['spread_ratio']:.2f}" for n, m in c["steering"].items()
+        )
+        print(f"g {c['guidance']:<4g} {str(c['reference']):<8} {shown}; degenerate {c['degenerate']:.0%}, "
+              f"ppl {c['perplexity_base']:.1f}, {c['seconds_per_sample']:.2f} s/sample")  # fmt: skip
+    print(path)
+
+
+if __name__ == "__main__":
+    main()
