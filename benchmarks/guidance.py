@@ -2,11 +2,12 @@
 
 A trained checkpoint is swept at the 5 preferences for every ``g`` and reference (neutral point, mirror, no
 markers), with the sampling of its config's sweep, on its split's validation prompts: that is where the
-setting is chosen, by a rule fixed here in advance (every reward's Spearman >= 0.9 and at most 5% degenerate
-answers; among those, the largest mean spread ratio). The chosen setting and ``g = 0`` are then measured once
-on the held-out prompts. Per cell: Spearman and spread ratio per reward, the share of degenerate answers
-(empty, a repeated 3-word loop, or reward markers and marker-like numbers leaking into the answer), the
-answers' perplexity under the base model (the adapter switched off, no markers), and seconds per sample.
+setting is chosen, by a rule fixed here (every reward's Spearman >= 0.9 and at most 5 points more degenerate
+answers than without guidance; among those, the largest mean spread ratio). The chosen setting and ``g = 0``
+are then measured once on the held-out prompts. Per cell: Spearman and spread ratio per reward, the share of
+degenerate answers (empty, a 3-word run four times or more, or reward markers and marker-like numbers leaking
+into the answer), the answers' perplexity under the base model (the adapter switched off, no markers), and
+seconds per sample.
 
     python -m benchmarks.guidance --config quickstart_text \
         --checkpoint runs/quickstart_text/lightning_logs/version_0/checkpoints/last.ckpt --name quickstart
@@ -19,7 +20,6 @@ from __future__ import annotations
 import argparse
 import collections
 import re
-import time
 from pathlib import Path
 from typing import Any
 
@@ -42,16 +42,18 @@ GUIDANCE = [0.0, 0.5, 1.0, 2.0, 4.0]
 REFERENCES = ["neutral", "mirror", "none"]
 #: the rule that chooses a setting on validation prompts, fixed before any run
 MIN_SPEARMAN, MAX_DEGENERATE = 0.9, 0.05
+LOOP_REPEATS = 4
 MARKER_LEAK = re.compile(r"<R\d+>|(^|\s)[-+]?\d\.\d(\s|$)")
 
 
 def degenerate(answer: str) -> bool:
-    """Empty, a loop (some 3-word run three times or more), or markers / marker-like values in the answer."""
+    """Empty, a loop (some 3-word run four times or more: three is common in lists), or markers or
+    marker-like values leaking into the answer."""
     words = answer.split()
     if not words:
         return True
     runs = collections.Counter(tuple(words[i : i + 3]) for i in range(len(words) - 2))
-    return (bool(runs) and max(runs.values()) >= 3) or bool(MARKER_LEAK.search(answer))
+    return (bool(runs) and max(runs.values()) >= LOOP_REPEATS) or bool(MARKER_LEAK.search(answer))
 
 
 def base_perplexity(policy: Any, prompts: list[str], answers: list[str]) -> float:
@@ -69,9 +71,8 @@ def measure(policy: Any, prompts: list[str], folder: Path, sampling: dict, g: fl
 
     settings = {**sampling, "guidance": g, "guidance_reference": reference} if g else dict(sampling)
     rewards = policy.reward_space.build_rewards()
-    start = time.perf_counter()
     result = run_sweep(policy, rewards, prompts, PREFERENCES, folder, settings=settings, seed=0)
-    seconds = time.perf_counter() - start
+    seconds = result.seconds  # (a sweep resumed from its kept preferences counts the first run's seconds)
     answers = [a for stored in result.samples for a in stored]
     return {
         "guidance": g,
@@ -88,8 +89,10 @@ def measure(policy: Any, prompts: list[str], folder: Path, sampling: dict, g: fl
 
 
 def choose(cells: list[dict]) -> dict | None:
-    """The rule: every reward's Spearman >= 0.9 and at most 5% degenerate; then the largest mean spread."""
-    ok = [c for c in cells if c["degenerate"] <= MAX_DEGENERATE
+    """The rule: every reward's Spearman >= 0.9 and at most 5 points more degenerate answers than ``g = 0``
+    (the model's own share: a small model loops without any guidance); then the largest mean spread."""
+    plain = next(c["degenerate"] for c in cells if c["guidance"] == 0)
+    ok = [c for c in cells if c["degenerate"] <= plain + MAX_DEGENERATE
           and all(m["spearman"] >= MIN_SPEARMAN for m in c["steering"].values())]  # fmt: skip
     return max(ok, key=lambda c: np.mean([m["spread_ratio"] for m in c["steering"].values()]), default=None)
 
@@ -159,7 +162,8 @@ def main(argv: list[str] | None = None) -> None:
         "checkpoint": str(args.checkpoint),
         "config": args.config,
         "sampling": sampling,
-        "rule": f"every reward's Spearman >= {MIN_SPEARMAN}, degenerate <= {MAX_DEGENERATE:.0%}; max mean spread",
+        "rule": f"every reward's Spearman >= {MIN_SPEARMAN}, degenerate <= g=0's + {MAX_DEGENERATE:.0%}; "
+        "then the largest mean spread",
         "tuning_split": tuning_split,
         "tuning_prompts": len(tuning),
         "held_out_prompts": len(held_out),

@@ -189,7 +189,8 @@ def test_guidance_study_quality_guard_and_choice_rule():
     from benchmarks.guidance import choose, degenerate
 
     assert degenerate("") and degenerate("   ")
-    assert degenerate("water it well water it well water it well and then stop")  # a loop
+    assert degenerate("water it well water it well water it well water it well and then stop")  # a loop
+    assert not degenerate("A frog is a type of frog, a toad is a type of toad, and a frog is a type of toad.")
     assert degenerate("Keep the soil moist. <R1> 0.3") and degenerate("Use a watering can. -1.0")  # leaked markers
     assert not degenerate("Water it twice a week, about 2 cups each time.")
     steering = {"a": {"spearman": 1.0, "spread_ratio": 0.4}, "b": {"spearman": 0.95, "spread_ratio": 0.2}}
@@ -203,4 +204,6 @@ def test_guidance_study_quality_guard_and_choice_rule():
          "steering": {"a": {"spearman": 1.0, "spread_ratio": 1.5}, "b": {"spearman": 0.5, "spread_ratio": 0.9}}},
     ]  # fmt: skip
     assert choose(cells)["guidance"] == 1.0
-    assert choose(cells[2:]) is None
+    assert choose([cells[0], *cells[2:]])["guidance"] == 0.0  # g = 0 is a setting too
+    noisy = [{**cells[0], "degenerate": 0.18}, *cells[1:]]  # the guard is relative to g = 0's own share
+    assert choose(noisy)["guidance"] == 4.0
