@@ -97,11 +97,11 @@ def choose(cells: list[dict]) -> dict | None:
     return max(ok, key=lambda c: np.mean([m["spread_ratio"] for m in c["steering"].values()]), default=None)
 
 
-def plot(cells: list[dict], names: list[str], path: Path) -> Path:
+def plot(cells: list[dict], names: list[str], references: list[str], path: Path) -> Path:
     plt = pyplot()
     fig, axes = plt.subplots(1, len(names) + 2, figsize=(4.2 * (len(names) + 2), 3.6))
     base = next(c for c in cells if c["guidance"] == 0)
-    for reference in REFERENCES:
+    for reference in references:
         row = [base] + sorted((c for c in cells if c["reference"] == reference), key=lambda c: c["guidance"])
         gs = [c["guidance"] for c in row]
         for ax, name in zip(axes, names):
@@ -126,7 +126,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompts", type=int, default=16, help="validation (and held-out) prompts, at most")
     parser.add_argument("--samples", type=int, default=2, help="answers per prompt and preference")
     parser.add_argument("--out", default="runs/guidance", help="where finished cells are kept")
+    parser.add_argument("--g-values", default=",".join(f"{g:g}" for g in GUIDANCE), help="the g swept (0 first)")
+    parser.add_argument("--references", default=",".join(REFERENCES), help="the references swept")
     args = parser.parse_args(argv)
+    grid = [float(v) for v in args.g_values.split(",") if v.strip()]
+    references = [r for r in args.references.split(",") if r.strip()]
 
     import ric
 
@@ -152,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
                       folder, sampling, g, reference)  # fmt: skip
 
     cells = [cell(tuning, tuning_split, 0.0, "neutral")]
-    cells += [cell(tuning, tuning_split, g, ref) for ref in REFERENCES for g in GUIDANCE if g]
+    cells += [cell(tuning, tuning_split, g, ref) for ref in references for g in grid if g]
     chosen = choose(cells)
     final = [cell(held_out, "held_out", 0.0, "neutral")]
     if chosen is not None and chosen["guidance"]:
@@ -168,12 +172,13 @@ def main(argv: list[str] | None = None) -> None:
         "tuning_prompts": len(tuning),
         "held_out_prompts": len(held_out),
         "samples_per_prompt": args.samples,
+        "grid": {"guidance": grid, "references": references},
         "tuning": cells,
         "chosen": None if chosen is None else {"guidance": chosen["guidance"], "reference": chosen["reference"]},
         "held_out": final,
     }
     path = write_results(f"guidance_{args.name}", results)
-    plot(cells, names, path.with_suffix(".png"))
+    plot(cells, names, references, path.with_suffix(".png"))
     for c in cells + final:
         shown = ", ".join(
             f"{n} rho {m['spearman']:+.2f} spread {m['spread_ratio']:.2f}" for n, m in c["steering"].items()
