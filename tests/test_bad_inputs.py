@@ -176,6 +176,15 @@ def test_unknown_model_name_is_one_line(tmp_path, base_config, capsys, monkeypat
     base_config["model"]["init_args"]["model"] = str(tmp_path / "no-such-model")
     line = run_fit(tmp_path, base_config, capsys, monkeypatch, loads_model=True)
     assert "model (TextPolicy)" in line and "no-such-model" in line
+    assert "is neither a local folder nor reachable from here" in line and "'smollm2'" in line
+
+
+def test_a_hub_name_that_cannot_be_reached_says_what_works_offline():
+    from ric.text.models import load_causal_lm, load_tokenizer
+
+    for load in (load_tokenizer, load_causal_lm):
+        with pytest.raises(OSError, match=r"model 'no-such-org/no-such-model' is neither a local folder nor reachable"):
+            load("no-such-org/no-such-model")
 
 
 def test_wrong_types_are_refused_by_the_parser(tmp_path, base_config, capsys):

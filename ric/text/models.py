@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
@@ -38,10 +39,26 @@ def resolve(model: str, gguf_file: str | None = None) -> tuple[str, str | None]:
     return model, gguf_file
 
 
+def from_source(model: str, source: str, load: Any, *args: Any, **kwargs: Any) -> Any:
+    """``load(*args, **kwargs)`` (a ``from_pretrained``), with a model that is neither a local folder nor
+    reachable named as such, with what works offline, instead of the hub client's connection message."""
+    try:
+        return load(*args, **kwargs)
+    except OSError as err:
+        if Path(source).is_dir():
+            raise
+        cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise OSError(
+            f"model {model!r} is neither a local folder nor reachable from here ({cause}); use the offline alias "
+            "'smollm2', a local folder holding config.json and the weights, or a .gguf file"
+        ) from None
+
+
 def load_tokenizer(model: str, gguf_file: str | None = None) -> PreTrainedTokenizerBase:
     """The tokenizer with a pad token distinct from EOS (models that pad with EOS learn never to stop)."""
     source, gguf = resolve(model, gguf_file)
-    tok = AutoTokenizer.from_pretrained(source, gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(source)
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    tok = from_source(model, source, AutoTokenizer.from_pretrained, source, **kwargs)
     if tok.eos_token is None:
         raise ValueError(f"tokenizer of {model!r} has no EOS token; set one before training")
     if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
@@ -84,9 +101,9 @@ def load_causal_lm(
     if Path(model).name == "config.json":
         if quantization is not None:
             raise ValueError(f"random weights from {model} cannot be {quantization}-quantized")
-        lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source), **kwargs)
+        lm = AutoModelForCausalLM.from_config(from_source(model, source, AutoConfig.from_pretrained, source), **kwargs)
     else:
-        lm = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        lm = from_source(model, source, AutoModelForCausalLM.from_pretrained, source, **kwargs)
     if len(tok) > lm.get_input_embeddings().num_embeddings:
         import transformers
 
