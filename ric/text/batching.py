@@ -243,7 +243,9 @@ class ContinuousBatcher:
         requests with the same settings are warped together with transformers' logits warpers. A guided
         request samples from its guided logits; its reference row (which must be among ``requests``) is given
         the same token."""
-        logits = guide(logits.float(), requests)
+        references = [k for k, request in enumerate(requests) if request.is_reference]
+        position = {id(request): k for k, request in enumerate(requests)} if references else {}
+        logits = guide(logits.float(), requests, position)
         groups: dict[Sampling, list[int]] = {}
         for k, request in enumerate(requests):
             if not request.is_reference:
@@ -269,10 +271,8 @@ class ContinuousBatcher:
         out = [0] * len(requests)
         for k, token in zip(order, torch.cat(picked).tolist() if picked else []):  # one transfer from the device
             out[k] = token
-        position = {id(request): k for k, request in enumerate(requests)}
-        for k, request in enumerate(requests):
-            if request.is_reference:
-                out[k] = out[position[id(request.partner)]]
+        for k in references:
+            out[k] = out[position[id(requests[k].partner)]]
         return out
 
     # ---- joining and leaving ------------------------------------------------------------------------------
@@ -379,13 +379,13 @@ class ContinuousBatcher:
         self._next = self._next.index_select(0, index)
 
 
-def guide(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+def guide(logits: torch.Tensor, requests: list[Request], position: dict[int, int]) -> torch.Tensor:
     """Reward guidance: each guided request's row becomes ``l + g * (l - l_ref)`` with ``l_ref`` its reference
-    row's (transformers' classifier-free guidance processor, whose scale is ``1 + g``); other rows unchanged."""
-    position = {id(request): k for k, request in enumerate(requests)}
+    row's (transformers' classifier-free guidance processor, whose scale is ``1 + g``); other rows unchanged.
+    ``position``: each request's row by ``id``, empty when no reference row is among them."""
     pairs: dict[float, list[tuple[int, int]]] = {}
     for k, request in enumerate(requests):
-        if request.guided and request.partner is not None and id(request.partner) in position:
+        if position and request.guided:
             pairs.setdefault(request.guidance, []).append((k, position[id(request.partner)]))
     if not pairs:
         return logits

@@ -328,7 +328,8 @@ class TextPolicy(ConditionalPolicy):
         batch_size = int(settings.pop("batch_size", self.hparams.generation_batch_size))
         encoded = self.prompt_ids(prompts, desired_rewards)
         references = self.reference_ids(prompts, desired_rewards, settings)
-        if references is not None and not self._continuous(settings):
+        continuous = self._continuous(settings)
+        if references is not None and not continuous:
             raise ValueError(
                 "reward guidance decodes on the continuous engine, which these settings or this model do not use "
                 f"(generation_batching {self.hparams.get('generation_batching')!r}, backend "
@@ -342,7 +343,6 @@ class TextPolicy(ConditionalPolicy):
             return
         device = self.lm.get_input_embeddings().weight.device
         order = order_by_length(encoded)
-        continuous = self._continuous(settings)
         compiled_decoding = False
         if not continuous:
             if self.hparams.cache_implementation is not None:
