@@ -12,6 +12,11 @@ seconds per sample.
     python -m benchmarks.guidance --config quickstart_text \
         --checkpoint runs/quickstart_text/lightning_logs/version_0/checkpoints/last.ckpt --name quickstart
 
+With ``--train``, the config is first trained with those dotted overrides (through ``ric fit``, in
+``--out/<name>/train``) and that run's last checkpoint is measured: the recipe retrained with marker dropout is
+
+    python -m benchmarks.guidance --config steer_hh_cpu --train data.marker_dropout=0.1 --name hh_dropout
+
 Every finished cell is kept under ``--out`` and reused; results go to ``benchmarks/results/guidance_<name>``.
 """
 
@@ -25,13 +30,18 @@ from typing import Any
 
 import numpy as np
 
+import yaml
+
 from benchmarks.experiment import (
     PREFERENCES,
     build_data_module,
     cached,
+    checkpoints,
     command,
+    fit,
     get,
     load_config,
+    override,
     pyplot,
     rooted,
     save_figure,
@@ -118,10 +128,33 @@ def plot(cells: list[dict], names: list[str], references: list[str], path: Path)
     return save_figure(fig, path)
 
 
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["data.marker_dropout=0.1"]`` -> ``{"data.marker_dropout": 0.1}`` (values read as YAML)."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"--train takes dotted key=value overrides, got {item!r}")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides
+
+
+def retrain(config: dict[str, Any], overrides: dict[str, Any], folder: Path) -> Path:
+    """The config trained with ``overrides`` in ``folder`` (kept and resumed like every study's runs, without the
+    config's own sweep: this study measures its own); its last checkpoint."""
+    steps = get(override(config, overrides), "trainer.max_steps")
+    run = {"trainer.default_root_dir": str(folder), "trainer.callbacks": [checkpoints(folder, steps)],
+           "data.output_dir": str(folder)}  # fmt: skip
+    fit(folder, override(config, {**overrides, **run}), record={"overrides": overrides})
+    return folder / "ckpt" / "last.ckpt"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="quickstart_text", help="the shipped config the checkpoint was trained by")
-    parser.add_argument("--checkpoint", required=True, help="the trained checkpoint (.ckpt) or export folder")
+    parser.add_argument("--checkpoint", help="the trained checkpoint (.ckpt) or export folder")
+    parser.add_argument("--train", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="train the config with these dotted overrides first and measure that run instead")
     parser.add_argument("--name", required=True, help="names the results file: benchmarks/results/guidance_<name>")
     parser.add_argument("--prompts", type=int, default=16, help="validation (and held-out) prompts, at most")
     parser.add_argument("--samples", type=int, default=2, help="answers per prompt and preference")
@@ -129,6 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--g-values", default=",".join(f"{g:g}" for g in GUIDANCE), help="the g swept (0 first)")
     parser.add_argument("--references", default=",".join(REFERENCES), help="the references swept")
     args = parser.parse_args(argv)
+    if bool(args.checkpoint) == bool(args.train):
+        parser.error("give either --checkpoint or --train")
     grid = [float(v) for v in args.g_values.split(",") if v.strip()]
     references = [r for r in args.references.split(",") if r.strip()]
 
@@ -143,10 +178,12 @@ def main(argv: list[str] | None = None) -> None:
     tuning = list(dict.fromkeys(r["prompt"] for r in (val or train)))[: args.prompts]
     tuning_split = "validation" if val else "training"
     held_out = held_out[: args.prompts]
-    policy = ric.load(args.checkpoint)
-    names = list(policy.reward_space.reward_names)
     out = Path(args.out) / args.name
     out.mkdir(parents=True, exist_ok=True)
+    overrides = parse_overrides(args.train)
+    checkpoint = args.checkpoint or retrain(config, overrides, out.resolve() / "train")
+    policy = ric.load(checkpoint)
+    names = list(policy.reward_space.reward_names)
 
     def cell(prompts: list[str], split: str, g: float, reference: str) -> dict:
         key = f"{split}-g{g:g}-{reference if g else 'plain'}"
@@ -163,8 +200,9 @@ def main(argv: list[str] | None = None) -> None:
         final.append(cell(held_out, "held_out", chosen["guidance"], chosen["reference"]))
     results = {
         "command": command(),
-        "checkpoint": str(args.checkpoint),
+        "checkpoint": str(checkpoint),
         "config": args.config,
+        "trained_with": overrides or None,
         "sampling": sampling,
         "rule": f"every reward's Spearman >= {MIN_SPEARMAN}, degenerate <= g=0's + {MAX_DEGENERATE:.0%}; "
         "then the largest mean spread",

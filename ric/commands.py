@@ -1,4 +1,4 @@
-"""The commands a user runs on a trained model: ``ric export``, ``ric generate`` and ``ric chat``.
+"""The commands a user runs on a trained model: ``ric export``, ``ric generate``, ``ric chat``, ``ric calibrate``.
 
 Each checks its inputs against the model's metadata (reward names, the reward space) before any weights
 load: a bad preference, path or prompts file is a one-line error naming the value, with exit code 2, and
@@ -177,6 +177,10 @@ def generate_command(args: argparse.Namespace) -> int:
     method = args.method or (policy.reward_space.method if policy.reward_space else "-")
     guided = f", reward guidance g = {settings['guidance']:g}" if settings.get("guidance") else ""
     print(f"desired rewards{w} [{method} mapping{guided}]: {format_values(names, results[0].desired_rewards)}")
+    space = policy.reward_space
+    if space is not None and space.calibration is not None and results[0].written_rewards is not None:
+        print(f"{space.calibration.describe()}; written into the prompt: "
+              f"{format_values(names, results[0].written_rewards)}")  # fmt: skip
     image_dir = Path(args.image_dir)
     stored = policy.store_samples(
         [r.sample for r in results], image_dir, [f"sample{k:04d}" for k in range(len(results))]
@@ -314,8 +318,9 @@ def desired_command(args: argparse.Namespace) -> int:
         if space is None:
             raise UsageError(f"{info.path} holds no reward space")
         values = check_preference(values, info.reward_names).tolist()
-        lo, hi, names = space.r_min, space.r_max, space.reward_names
-        where = f"the reward space of {info.path} (default mapping {space.method})"
+        (lo, hi), names = space.mapped_range(), space.reward_names
+        calibrated = " (calibrated: the achievable range)" if space.calibration is not None else ""
+        where = f"the reward space of {info.path}{calibrated} (default mapping {space.method})"
     else:
         w = validate_preference(values)
         lo_n, hi_n = default_reward_range()
@@ -326,8 +331,78 @@ def desired_command(args: argparse.Namespace) -> int:
     for method in METHODS:
         result = desired_rewards(values, method, p=args.p, r_min=lo, r_max=hi)
         label = f"{method} (p={args.p:g})" if method in ("p_norm", "solver") else method
-        print(f"{label:>16}: " + "  ".join(f"{n} = {v:+.3f}" for n, v in zip(names, result)))
+        written = "" if not args.model or space.calibration is None else "  (written as " + ", ".join(
+            f"{v:+.3f}" for v in space.markers(result)) + ")"  # fmt: skip
+        print(f"{label:>16}: " + "  ".join(f"{n} = {v:+.3f}" for n, v in zip(names, result)) + written)
     return 0
+
+
+# ---- calibrate ----------------------------------------------------------------------------------
+def calibrate_command(args: argparse.Namespace) -> int:
+    """Fit the map from written to obtained rewards on the user's prompts and store it in the reward space of
+    an export folder: the model's own (in place) or, from a checkpoint, a new one (``--out``)."""
+    from ric.calibration import calibrate, split_prompts
+
+    prompts = read_prompts(args.prompts)
+    for name, value, ok in (("--points", args.points, args.points >= 2), ("--samples", args.samples, args.samples >= 1),
+                            ("--held-out", args.held_out, 0 < args.held_out < 1)):  # fmt: skip
+        if not ok:
+            raise UsageError(f"{name} {value} is out of range (points >= 2, samples >= 1, 0 < held-out < 1)")
+    split_prompts(prompts, args.held_out, args.seed)
+    info = read_model_info(args.model)
+    if not info.conditioned or info.reward_space is None:
+        raise UsageError(f"{info.path} is not a conditioned model with a reward space: there is nothing to calibrate")
+    if info.kind != "export" and not args.out:
+        raise UsageError(f"{info.path} is a checkpoint: give --out FOLDER, a new export folder for the calibrated one")
+    target = Path(args.out) if args.out else info.path
+    if args.out and target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise UsageError(f"{target} already exists and is not an empty folder: choose a new one")
+    settings = policy_class(info.class_path).check_sampling(sampling_settings(args), "sampling flags")
+    rewards = rebuild_rewards(info)
+    policy = load_checked(args, info)
+    weights = info.path / "ric.json" if info.path.is_dir() else info.path
+    fingerprint = f"{info.path.resolve()}:{weights.stat().st_mtime_ns}"
+    work = Path(args.work) if args.work else target.with_name(target.name + ".calibration")
+    fit_prompts, check_prompts = split_prompts(prompts, args.held_out, args.seed)
+    print(f"calibrating {info.path} on {len(fit_prompts)} prompts, checking on {len(check_prompts)} others "
+          f"({args.points} preferences x {args.samples} answers; sweeps kept in {work})", flush=True)  # fmt: skip
+    space = calibrate(policy, rewards, prompts, work, points=args.points, samples=args.samples,
+                      held_out=args.held_out, seed=args.seed, settings=settings, fingerprint=fingerprint)  # fmt: skip
+    calibration = space.calibration
+    for name, written, obtained in zip(space.reward_names, calibration.written, calibration.obtained):
+        print(f"{name}: written " + " ".join(f"{v:+.2f}" for v in written) + " -> obtained "
+              + " ".join(f"{v:+.2f}" for v in obtained))  # fmt: skip
+    error = calibration.error
+    print(
+        f"\ncalibration error on {error['held_out_prompts']} held-out prompts, mean |obtained - asked| over "
+        f"{len(error['asked'])} preferences (normalized units, asking within the achievable range):"
+    )
+    print(f"  {'reward':<16}{'before':>10}{'after':>10}")
+    for name in space.reward_names:
+        print(f"  {name:<16}{error['before'][name]:>10.3f}{error['after'][name]:>10.3f}")
+    ratio = error["mean_before"] / error["mean_after"] if error["mean_after"] > 0 else float("inf")
+    print(f"  {'mean':<16}{error['mean_before']:>10.3f}{error['mean_after']:>10.3f}   ({ratio:.1f}x smaller)")
+    if args.out:
+        policy.export(target)
+    write_reward_space(target, space)
+    print(f"\n{calibration.describe()}")
+    print(f"wrote the calibration into {target / 'ric.json'}")
+    print(steer_hint(target, len(space.reward_names)), flush=True)
+    return 0
+
+
+def write_reward_space(folder: Path, space: Any) -> None:
+    """Replace the reward space in an export folder's ``ric.json`` (written whole, then moved into place)
+    and rewrite its model card."""
+    from ric.model_card import model_card
+
+    meta_path = folder / "ric.json"
+    meta = json.loads(meta_path.read_text())
+    meta["reward_space"] = space.to_dict()
+    tmp = meta_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(meta, indent=2))
+    tmp.replace(meta_path)
+    (folder / "README.md").write_text(model_card(meta, folder))
 
 
 # ---- compare ------------------------------------------------------------------------------------
@@ -359,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(ric fit --help lists its settings).",
     )
     sub = parser.add_subparsers(
-        dest="command", metavar="{fit,validate,test,baseline,export,generate,chat,serve,desired,compare}"
+        dest="command", metavar="{fit,validate,test,baseline,export,generate,chat,serve,calibrate,desired,compare}"
     )
     for name in ("fit", "validate", "test"):
         sub.add_parser(name, help=f"LightningCLI {name} (ric {name} --help)", add_help=False)
@@ -405,6 +480,20 @@ def build_parser() -> argparse.ArgumentParser:
     desired.add_argument("--model", help="use this model's reward space (default: the paper's range)")
     desired.add_argument("--p", type=float, default=2.0, help="the norm of p_norm and solver")
     desired.set_defaults(handler=desired_command)
+
+    cal = sub.add_parser("calibrate", help="measure what the model obtains for what its prompt says, and write "
+                         "the values that achieve what is asked from then on")  # fmt: skip
+    cal.add_argument("model", help="an export folder (calibrated in place) or a .ckpt file (with --out)")
+    cal.add_argument("--prompts", required=True, help='a JSONL file, one {"prompt": ...} per line (your own prompts)')
+    cal.add_argument("--out", help="write the calibrated model to this new export folder instead")
+    cal.add_argument("--points", type=int, default=5, help="preferences of the grid (per reward, for two rewards)")
+    cal.add_argument("--samples", type=int, default=2, help="answers per prompt and preference")
+    cal.add_argument("--held-out", type=float, default=0.5, help="share of the prompts kept to check the calibration")
+    cal.add_argument("--seed", type=int, default=0, help="the prompts' split and the answers' sampling")
+    cal.add_argument("--work", help="where the sweeps are kept (default: beside the model, <name>.calibration)")
+    cal.add_argument("--device", help="cpu (default), cuda, ...")
+    add_sampling_flags(cal)
+    cal.set_defaults(handler=calibrate_command)
 
     compare = sub.add_parser("compare", help="several runs' fronts on one plot, hypervolumes on one reference")
     compare.add_argument("fronts", nargs="+", help="sweep folders or their front.csv files")

@@ -49,14 +49,16 @@ METADATA_SCHEMA = 2
 @dataclass
 class Steered:
     """One steered sample: the prompt, the preference asked for (``None`` for explicit desired rewards),
-    the desired rewards written into the prompt (normalized units; ``None`` without markers) and the sample
-    (text, or a PIL image). ``obtained_rewards`` is filled when the sample is scored."""
+    the desired rewards (normalized units; ``None`` without markers) and the sample (text, or a PIL image).
+    ``written_rewards`` are the values the prompt carried: the desired ones, or through the reward space's
+    calibration what achieves them. ``obtained_rewards`` is filled when the sample is scored."""
 
     prompt: Any
     preference: list[float] | None
     desired_rewards: list[float] | None
     sample: Any
     obtained_rewards: dict[str, float] | None = None
+    written_rewards: list[float] | None = None
 
 
 class ConditionalPolicy(L.LightningModule, ABC):
@@ -358,8 +360,9 @@ class ConditionalPolicy(L.LightningModule, ABC):
         for prompt in prompts:
             self.check_prompt(prompt)
         prefs, desired = self.targets(len(prompts), preference, desired_rewards, method)
+        written = self.marker_values(desired)
         rows = [i for i in range(len(prompts)) for _ in range(num_samples)]
-        targets = None if desired is None else desired[rows]
+        targets = None if written is None else written[rows]
         samples = rollout(self, [prompts[i] for i in rows], targets, settings=sampling, seed=seed).samples
         return [
             Steered(
@@ -367,9 +370,17 @@ class ConditionalPolicy(L.LightningModule, ABC):
                 preference=None if prefs is None else prefs[i].tolist(),
                 desired_rewards=None if desired is None else desired[i].tolist(),
                 sample=sample,
+                written_rewards=None if written is None else written[i].tolist(),
             )
             for i, sample in zip(rows, samples)
         ]
+
+    def marker_values(self, desired: np.ndarray | None) -> np.ndarray | None:
+        """The values written into prompts for desired rewards at inference: through the reward space's
+        calibration when it has one (``ric calibrate``), as they are otherwise."""
+        if desired is None or self.reward_space is None:
+            return desired
+        return self.reward_space.markers(desired)
 
 
 def _passes(check: Callable[[Any], bool], value: Any) -> bool:

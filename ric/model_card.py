@@ -55,6 +55,7 @@ def model_card(meta: dict[str, Any], folder: Path) -> str:
         + (f" (base `{export['base']}`)" if export.get("base") else "")
         + ".",
         "",
+        *_calibration_text(space.get("calibration"), names),
         "## Steer it",
         "",
         "```bash",
@@ -73,6 +74,25 @@ def model_card(meta: dict[str, Any], folder: Path) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _calibration_text(calibration: dict[str, Any] | None, names: list[str]) -> list[str]:
+    """The calibration's section: the achievable range per reward and its measured error."""
+    if not calibration:
+        return []
+    lo = [row[0] for row in calibration["obtained"]]
+    hi = [row[-1] for row in calibration["obtained"]]
+    error = calibration.get("error") or {}
+    lines = ["## Calibration", "",
+             "`ric calibrate` measured what the model obtains for the values written in its prompt: a desired reward "
+             "means the reward expected, preferences map onto the achievable range and the prompt carries the value "
+             "that achieves it.", "", "| reward | achievable (normalized) |", "|---|---|"]  # fmt: skip
+    lines += [f"| {n} | [{a:+.3f}, {b:+.3f}] |" for n, a, b in zip(names, lo, hi)]
+    if error:
+        before, after = error.get("mean_before", float("nan")), error.get("mean_after", float("nan"))
+        lines += ["", f"Mean |obtained - asked| on {error.get('held_out_prompts')} held-out prompts: "
+                  f"{before:.3f} before, {after:.3f} after."]  # fmt: skip
+    return [*lines, ""]
 
 
 def _range_text(source: dict[str, Any]) -> str:

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from ric.calibration import FLAT, Calibration
 from ric.mapping import (
     RewardRange,
     check_mapping,
@@ -28,8 +29,9 @@ from ric.mapping import (
     validate_preference,
 )
 
-#: schema 1 stored the normalization alone (``normalization.json``); schema 2 is the whole reward space
-SCHEMA_VERSION = 2
+#: schema 1 stored the normalization alone (``normalization.json``); schema 2 is the whole reward space;
+#: schema 3 adds the optional calibration (:mod:`ric.calibration`)
+SCHEMA_VERSION = 3
 #: the conditions reward guidance contrasts the desired rewards with: the space's neutral point (0 in
 #: normalized units), the desired rewards mirrored through it, or no markers at all
 GUIDANCE_REFERENCES = ("neutral", "mirror", "none")
@@ -48,6 +50,9 @@ class RewardSpace:
             its quantiles).
         rewards: ``{"class_path", "init_args"}`` of each reward model (``None`` where it cannot be rebuilt).
         fitted_on: what the statistics were fitted on (data set, split, number of samples).
+        calibration: what the model obtains for the values written in its prompts (``ric calibrate``). With
+            one, a desired reward means the reward expected: preferences map onto the achievable range and
+            :meth:`markers` writes the value that achieves it. Inference only; training labels never use it.
     """
 
     reward_names: Sequence[str]
@@ -61,6 +66,7 @@ class RewardSpace:
     range_source: dict[str, Any] = field(default_factory=lambda: {"kind": "normal"})
     rewards: list[dict[str, Any] | None] | None = None
     fitted_on: dict[str, Any] = field(default_factory=dict)
+    calibration: Calibration | None = None
 
     def __post_init__(self) -> None:
         self.reward_names = list(self.reward_names)
@@ -91,6 +97,10 @@ class RewardSpace:
         check_mapping(self.method, self.p, self.lam, n)
         if self.rewards is not None and len(self.rewards) != n:
             raise ValueError(f"{len(self.rewards)} reward configurations for {n} rewards {self.reward_names}")
+        if self.calibration is not None and list(self.calibration.reward_names) != self.reward_names:
+            raise ValueError(
+                f"the calibration is for rewards {list(self.calibration.reward_names)}, not {self.reward_names}"
+            )
 
     @property
     def num_rewards(self) -> int:
@@ -154,14 +164,30 @@ class RewardSpace:
         self, preference: Any, method: str | None = None, p: float | None = None, lam: Any = None
     ) -> np.ndarray:
         """Desired rewards (normalized units) for one preference ``[N]`` or a batch ``[B, N]``, through the
-        default mapping unless ``method`` / ``p`` / ``lam`` override it."""
+        default mapping unless ``method`` / ``p`` / ``lam`` override it; onto the achievable range when the
+        space is calibrated, else onto ``[r_min, r_max]``."""
         method = method or self.method
         p = self.p if p is None else p
         lam = self.lam if lam is None and method == self.method else lam
         if is_batch(preference):
             return np.stack([self.desired(w, method, p, lam) for w in preference])
         w = self.check_preference(preference)
-        return desired_rewards(w, method, p=p, lam=lam, r_min=self.r_min, r_max=self.r_max)
+        lo, hi = self.mapped_range()
+        return desired_rewards(w, method, p=p, lam=lam, r_min=lo, r_max=hi)
+
+    def mapped_range(self) -> tuple[np.ndarray, np.ndarray]:
+        """The range preferences map onto: the achievable one when calibrated (a reward its marker does not
+        move gets its one value), else ``[r_min, r_max]``."""
+        if self.calibration is None:
+            return self.r_min, self.r_max
+        lo, hi = self.calibration.achievable()
+        return lo, np.maximum(hi, lo + FLAT)
+
+    def markers(self, desired: Any) -> np.ndarray:
+        """The values written into prompts for ``desired`` rewards (``[N]`` or ``[B, N]``): through the
+        calibration, clipped to the achievable range, when there is one; as they are otherwise."""
+        values = np.asarray(desired, dtype=float)
+        return values if self.calibration is None else self.calibration.marker_values(values)
 
     def check_preference(self, preference: Any) -> np.ndarray:
         """One preference over these rewards, or an error naming it (:func:`check_preference`)."""
@@ -207,6 +233,7 @@ class RewardSpace:
             "mapping": {"method": self.method, "p": self.p, "lam": self.lam},
             "rewards": self.rewards,
             "fitted_on": self.fitted_on,
+            "calibration": None if self.calibration is None else self.calibration.to_dict(),
         }
 
     @classmethod
@@ -216,8 +243,8 @@ class RewardSpace:
         if not isinstance(data, Mapping):
             raise ValueError(f"a reward space must be a JSON object, got {type(data).__name__}")
         version = data.get("schema_version")
-        if version not in (1, SCHEMA_VERSION):
-            raise ValueError(f"unsupported reward space schema_version {version!r} (this ric reads 1 and 2)")
+        if version not in (1, 2, SCHEMA_VERSION):
+            raise ValueError(f"unsupported reward space schema_version {version!r} (this ric reads 1 to 3)")
         missing = [k for k in ("reward_names", "mean", "std") if k not in data]
         if missing:
             raise ValueError(f"the reward space lacks the fields {missing}")
@@ -241,6 +268,7 @@ class RewardSpace:
             range_source=dict(data.get("range_source") or {"kind": "normal"}),
             rewards=data.get("rewards"),
             fitted_on=dict(data.get("fitted_on", {})),
+            calibration=None if not data.get("calibration") else Calibration.from_dict(data["calibration"], names),
         )
 
     def save(self, path: str | Path) -> Path:
@@ -273,7 +301,8 @@ class RewardSpace:
             for name, m, s, lo, hi in zip(self.reward_names, self.mean, self.std, self.r_min, self.r_max)
         ]
         p = f", p={self.p:g}" if self.method in ("p_norm", "solver") else ""
-        return "\n".join([*lines, f"mapping: {self.method}{p}; range from {self.range_source}"])
+        calibrated = [] if self.calibration is None else [self.calibration.describe()]
+        return "\n".join([*lines, f"mapping: {self.method}{p}; range from {self.range_source}", *calibrated])
 
 
 def check_preference(preference: Any, reward_names: Sequence[str]) -> np.ndarray:

@@ -121,7 +121,8 @@ def run_sweep(
     """Generate and score a sample for every prompt at every preference (``None``: one row without reward
     markers, for the base model and plain SFT) and return them on rank 0 (``None`` on the other ranks).
 
-    Desired rewards come from the policy's reward space (``method`` / ``p`` override its mapping). Every
+    Desired rewards come from the policy's reward space (``method`` / ``p`` override its mapping; a
+    calibrated space writes the values that achieve them). Every
     preference samples from ``seed``'s stream, so the rows differ by their conditioning alone, and each row
     runs inside ``policy.preference_context`` (the weights a baseline trained or mixed for it). Each finished
     preference is kept in ``output_dir/.partial`` (image samples stored under their final names), so a sweep
@@ -150,7 +151,7 @@ def run_sweep(
     share = contiguous_share(len(prompts), rank, world)
     partial = out / ".partial"
     started, reused, local = time.perf_counter(), 0.0, []
-    rows = [None] if preferences is None else list(desired)
+    rows = [None] if preferences is None else list(policy.marker_values(desired))
     for k, row in enumerate(tqdm(rows, desc="preference sweep", unit="pref", disable=rank != 0)):
         key = hashlib.sha256(
             json.dumps(

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 import torch
+from policies import EchoPolicy
 
-from ric.conditioning import RewardConditioning
 from ric.interfaces import ConditionalPolicy
 from ric.rewards import FunctionReward, RewardModel
 
@@ -36,19 +36,6 @@ def test_reward_model_rejects_bad_output():
         short.score(["p", "q"], ["a"])
     with pytest.raises(ValueError, match="batch_size"):
         FunctionReward("x", lambda p, s: s, batch_size=0)
-
-
-class EchoPolicy(ConditionalPolicy):
-    def __init__(self):
-        super().__init__()
-        self.conditioning = RewardConditioning(["a", "b"], template="{prompt} {rewards} =>")
-        self.layer = torch.nn.Linear(1, 1)
-
-    def training_step(self, batch, batch_idx):
-        return self.layer(batch).sum()
-
-    def generate(self, prompts, desired_rewards=None, **sampling):
-        return self.condition(prompts, desired_rewards)
 
 
 def test_policy_interface_is_abstract_and_conditions():

@@ -216,11 +216,10 @@ def test_models_and_health(server, space):
     assert status == 404 and "/v1/completions" in json.loads(raw)["error"]["message"]
 
 
-def test_page_in_headless_chromium(server, space, tmp_path):
+def chromium(tmp_path):
+    """Headless Chromium through its WebDriver, keeping the page's console log."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     options = webdriver.ChromeOptions()
     options.binary_location = "/usr/bin/chromium"
@@ -229,7 +228,14 @@ def test_page_in_headless_chromium(server, space, tmp_path):
                  f"--user-data-dir={tmp_path / 'chrome'}", "--window-size=1200,900"):  # fmt: skip
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
+    return webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
+
+
+def test_page_in_headless_chromium(server, space, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = chromium(tmp_path)
     try:
         driver.get(server.url + "/")
         wait = WebDriverWait(driver, 60)
@@ -244,6 +250,9 @@ def test_page_in_headless_chromium(server, space, tmp_path):
         desired = space.desired([0.9, 0.1])  # the page shows what the model's reward space computes
         assert driver.find_element(By.ID, "desired-verbosity").text == f"{desired[0]:+.2f}"
         assert driver.find_element(By.ID, "desired-readability").text == f"{desired[1]:+.2f}"
+        assert driver.find_element(By.ID, "written-verbosity").text == f"{desired[0]:+.2f}"  # not calibrated
+        assert driver.find_element(By.ID, "achievable-verbosity").text == "–"
+        assert "Not calibrated" in driver.find_element(By.ID, "calibration").text
         driver.find_element(By.ID, "prompt").send_keys("How do I fix a squeaky door?")
         driver.find_element(By.ID, "send").click()
         wait.until(lambda d: "batch of" in d.find_element(By.ID, "status").text)
@@ -284,3 +293,50 @@ def test_reward_guidance_fields_of_a_request():
         sampling_settings("chat", {**body, "guidance_reference": "opposite"})
     with pytest.raises(BadRequest, match="guidance"):
         sampling_settings("chat", {**body, "guidance": -2})
+
+
+def test_a_calibrated_model_reports_what_it_achieves_and_writes_what_achieves_it(trained, tmp_path):
+    from dataclasses import replace
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from ric.calibration import Calibration
+    from ric.commands import write_reward_space
+
+    out = tmp_path / "export"
+    policy = ric.load(trained["ckpt"])
+    policy.export(out)
+    names = list(policy.reward_space.reward_names)
+    calibration = Calibration(names, [[-1, 0, 1], [-1, 0, 1]], [[-0.2, 0.0, 0.3], [-0.5, 0.0, 0.1]])
+    write_reward_space(out, replace(policy.reward_space, calibration=calibration))
+    calibrated = ric.load(out)
+    server = Server(out, tmp_path, "--max-batch-size", "4")
+    try:
+        card = json.loads(get(f"{server.url}/v1/models")[1])["data"][0]["ric"]
+        assert card["achievable"]["low"] == [-0.2, -0.5] and card["achievable"]["high"] == [0.3, 0.1]
+        status, raw = post(f"{server.url}/v1/ric/desired", {"preference": [1, 0]})
+        body = json.loads(raw)
+        assert status == 200 and body["desired_rewards"] == pytest.approx([0.3, -0.5])  # the achievable extremes
+        assert body["written_rewards"] == pytest.approx([1.0, -1.0])  # what the model needs to be told for them
+        status, raw = post(f"{server.url}/v1/completions", {"prompt": "and briefly?", "max_tokens": 4, "seed": 7,
+                                                            "temperature": 0.7, "preference": [0.3, 0.7]})  # fmt: skip
+        served = json.loads(raw)
+        steered = calibrated.steer("and briefly?", [0.3, 0.7], seed=7, max_new_tokens=4, temperature=0.7)[0]
+        assert served["choices"][0]["text"] == steered.sample  # both write the calibrated values
+        assert served["desired_rewards"] == pytest.approx(steered.desired_rewards)
+        assert steered.written_rewards != pytest.approx(steered.desired_rewards)
+        driver = chromium(tmp_path)
+        try:
+            driver.get(server.url + "/")
+            WebDriverWait(driver, 60).until(lambda d: d.find_elements(By.ID, "achievable-verbosity"))
+            assert driver.find_element(By.ID, "achievable-verbosity").text == "[-0.20, +0.30]"
+            assert driver.find_element(By.ID, "achievable-readability").text == "[-0.50, +0.10]"
+            desired = calibrated.reward_space.desired([0.5, 0.5])
+            written = calibrated.reward_space.markers(desired)
+            assert driver.find_element(By.ID, "written-verbosity").text == f"{written[0]:+.2f}"
+            assert driver.find_element(By.ID, "calibration").text.startswith("Calibrated")
+        finally:
+            driver.quit()
+    finally:
+        server.stop()

@@ -68,7 +68,7 @@ def test_save_load_round_trip_and_schema_1(tmp_path):
                             rewards=rewards, fitted_on={"dataset": "x", "split": "train"})  # fmt: skip
     path = space.save(tmp_path / "s" / "reward_space.json")
     data = json.loads(path.read_text())
-    assert data["schema_version"] == 2 and data["mapping"] == {"method": "p_norm", "p": 3.0, "lam": None}
+    assert data["schema_version"] == 3 and data["mapping"] == {"method": "p_norm", "p": 3.0, "lam": None}
     assert data["fitted_on"] == {"num_samples": 100, "dataset": "x", "split": "train"}
     loaded = RewardSpace.load(path, expected_names=["verbosity", "readability"])
     np.testing.assert_allclose(loaded.normalize(scores), space.normalize(scores))

@@ -203,7 +203,7 @@ class SteeringAPI(ls.LitAPI):
             from ric.rollout import random_stream
 
             settings = self.policy.sampling_settings(steering.sampling)
-            values = None if desired is None else np.array([desired])
+            values = None if desired is None else self.policy.marker_values(np.array([desired]))
             ids = self.policy.prompt_ids([steering.prompt], values)
             references = self.policy.reference_ids([steering.prompt], values, settings)
             with random_stream(steering.seed):  # seeded as `steer` seeds its first prompt: the same sample

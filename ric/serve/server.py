@@ -7,8 +7,10 @@ model worker, where it joins the running batch (continuous batching, see :mod:`r
 * ``POST /v1/chat/completions``, ``POST /v1/completions`` (text), ``POST /v1/images/generations`` (images):
   OpenAI's shapes plus ``preference`` (or ``desired_rewards``) and ``method`` in the body; the response
   carries ``desired_rewards`` (and ``obtained_rewards`` with ``--score``) at its top level.
-* ``GET /v1/models``: the model, its rewards, their ranges and the mapping; ``GET /health``.
-* ``GET /``: the page; ``POST /v1/ric/desired`` (desired rewards of a preference) and ``GET /v1/ric/front``
+* ``GET /v1/models``: the model, its rewards, their ranges (the achievable ones of a calibrated model) and the
+  mapping; ``GET /health``.
+* ``GET /``: the page; ``POST /v1/ric/desired`` (desired rewards of a preference and the values written for
+  them) and ``GET /v1/ric/front``
   (the model's sweep front) serve it.
 """
 
@@ -185,6 +187,15 @@ def read_front_points(path: Path) -> dict[str, Any]:
     return {"file": str(path), "reward_names": names, "points": points}
 
 
+def achievable(space: RewardSpace | None) -> dict[str, Any] | None:
+    """The range of each reward the model was measured to obtain (``None`` until ``ric calibrate`` ran)."""
+    if space is None or space.calibration is None:
+        return None
+    lo, hi = space.calibration.achievable()
+    return {"low": lo.tolist(), "high": hi.tolist(), "settings": space.calibration.settings,
+            "error": space.calibration.error}  # fmt: skip
+
+
 def add_routes(server: Any, card: ModelCard) -> None:
     """The routes the HTTP process answers itself: the model list, the page and its helpers."""
     app = server.app
@@ -195,11 +206,12 @@ def add_routes(server: Any, card: ModelCard) -> None:
 
     async def models() -> JSONResponse:
         ric = {"kind": card.kind, "reward_names": card.reward_names, "conditioned": card.conditioned,
-               "scoring": card.scoring, "mapping": None, "reward_range": None}  # fmt: skip
+               "scoring": card.scoring, "mapping": None, "reward_range": None, "achievable": None}  # fmt: skip
         if space is not None:
             ric["mapping"] = {"method": space.method, "p": space.p, "lam": space.lam}
             ric["reward_range"] = {"r_min": space.r_min.tolist(), "r_max": space.r_max.tolist(),
                                    "source": space.range_source}  # fmt: skip
+        ric["achievable"] = achievable(space)
         entry = {"id": card.name, "object": "model", "created": created, "owned_by": "ric", "ric": ric}
         return JSONResponse({"object": "list", "data": [entry]})
 
@@ -221,7 +233,9 @@ def add_routes(server: Any, card: ModelCard) -> None:
             )
         except BadRequest as err:
             return JSONResponse(err.body(), err.status)
-        return JSONResponse({"preference": steering.preference, "desired_rewards": list(map(float, values))})
+        written = space.markers(values).tolist()
+        return JSONResponse({"preference": steering.preference, "desired_rewards": list(map(float, values)),
+                             "written_rewards": written})  # fmt: skip
 
     async def front() -> JSONResponse:
         return JSONResponse(card.front or {"reward_names": card.reward_names, "points": []})
