@@ -80,9 +80,10 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--temperature", type=float, help="text: sampling temperature")
     group.add_argument("--top-p", type=float, help="text: nucleus sampling mass")
     group.add_argument("--greedy", action="store_true", help="text: greedy decoding")
-    group.add_argument("--guidance", type=float, help="text: reward guidance g, l + g (l - l_ref) (0 = none)")
+    group.add_argument("--guidance", type=float,
+                       help="reward guidance over the markers, g in l + g (l - l_ref) (0 = none)")  # fmt: skip
     group.add_argument("--guidance-reference", choices=GUIDANCE_REFERENCES,
-                       help="text: what guidance steers away from (default neutral)")  # fmt: skip
+                       help="what reward guidance steers away from (default neutral)")  # fmt: skip
     group.add_argument("--num-inference-steps", type=int, help="images: DDIM steps")
     group.add_argument("--guidance-scale", type=float, help="images: classifier-free guidance scale")
 

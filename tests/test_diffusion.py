@@ -472,3 +472,33 @@ def test_sweep_noise_is_shared_across_preferences_and_online_noise_is_fresh(tiny
     # online chunks: no seed, fresh noise from the global stream for each
     first, second = (rollout(tiny_policy, prompts, targets, settings=settings).samples for _ in range(2))
     assert not any(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(first, second))
+
+
+def test_reward_guidance_over_the_markers_in_one_unet_call_per_step(tiny_policy):
+    from ric.diffusion.guidance import MarkerGuidedUNet
+
+    prompts, desired = ["a red circle", "a blue square"], np.array([[1.0, -1.0], [-0.5, 0.5]])
+    settings = {"num_inference_steps": 3, "seed": 0}
+    plain = [np.asarray(im) for im in tiny_policy.generate(prompts, desired, **settings)]
+    same = tiny_policy.generate(prompts, desired, **settings, guidance=0.0, guidance_reference="mirror")
+    assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(plain, same))  # g = 0: today's images
+    batches = []
+    hook = tiny_policy.unet.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
+    try:
+        guided = tiny_policy.generate(prompts, desired, **settings, guidance=2.0, guidance_reference="mirror")
+    finally:
+        hook.remove()
+    assert batches == [6] * 3  # unconditioned, conditioned and reference rows together, once per step
+    assert not all(np.array_equal(a, np.asarray(b)) for a, b in zip(plain, guided))
+    # the pipeline's conditioned rows come back as eps_R + g (eps_R - eps_ref); the unconditioned ones untouched
+    unet = tiny_policy.unet
+    torch.manual_seed(0)
+    x, t = torch.randn(4, unet.config.in_channels, 8, 8), torch.tensor(5)
+    width = unet.config.cross_attention_dim
+    states, reference = torch.randn(4, 77, width), torch.randn(2, 77, width)
+    with torch.no_grad():
+        out = MarkerGuidedUNet(unet, reference, 1.5)(x, t, states, return_dict=False)[0]
+        eps = unet(x, t, states).sample
+        eps_ref = unet(x[2:], t, reference).sample
+    torch.testing.assert_close(out[:2], eps[:2], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out[2:], eps[2:] + 1.5 * (eps[2:] - eps_ref), atol=1e-4, rtol=1e-4)

@@ -276,6 +276,9 @@ def test_images_endpoint_on_the_tiny_diffusion_model(trained_sd, tmp_path):
         result = client.images.generate(prompt="a red circle on a grey background", extra_body={"preference": [1, 0]})
         image = Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json)))
         assert image.size == (16, 16) and len(result.model_extra["desired_rewards"]) == 2
+        extra = {"preference": [1, 0], "guidance": 2, "guidance_reference": "mirror"}
+        guided = client.images.generate(prompt="a red circle on a grey background", extra_body=extra)
+        assert Image.open(io.BytesIO(base64.b64decode(guided.data[0].b64_json))).size == (16, 16)
         with pytest.raises(openai.BadRequestError, match="sums to 2"):
             client.images.generate(prompt="a red circle", extra_body={"preference": [1, 1]})
         status, raw = post(f"{server.url}/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})
@@ -293,6 +296,8 @@ def test_reward_guidance_fields_of_a_request():
         sampling_settings("chat", {**body, "guidance_reference": "opposite"})
     with pytest.raises(BadRequest, match="guidance"):
         sampling_settings("chat", {**body, "guidance": -2})
+    image = {"prompt": "a red circle", "guidance": 2, "num_inference_steps": 3}
+    assert sampling_settings("image", image) == {"guidance": 2, "num_inference_steps": 3}
 
 
 def test_a_calibrated_model_reports_what_it_achieves_and_writes_what_achieves_it(trained, tmp_path):

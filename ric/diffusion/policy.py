@@ -60,7 +60,7 @@ class DiffusionPolicy(ConditionalPolicy):
 
     inference_overrides: ClassVar[dict[str, Any]] = {"gradient_checkpointing": False}
     sampling_keys: ClassVar[frozenset[str] | None] = frozenset(
-        {"num_inference_steps", "guidance_scale", "eta", "batch_size", "seed"}
+        {"num_inference_steps", "guidance_scale", "eta", "batch_size", "seed", "guidance", "guidance_reference"}
     )
 
     def __init__(
@@ -320,15 +320,16 @@ class DiffusionPolicy(ConditionalPolicy):
             self.ema.load_state_dict(checkpoint["ema"])
 
     # ---- generation ---------------------------------------------------------------------------
-    def pipeline(self):
-        """A diffusers pipeline over this policy's modules, with a DDIM scheduler."""
+    def pipeline(self, unet: torch.nn.Module | None = None):
+        """A diffusers pipeline over this policy's modules (``unet`` in place of its own: reward guidance's), with
+        a DDIM scheduler."""
         from diffusers import DDIMScheduler, StableDiffusionPipeline
 
         pipe = StableDiffusionPipeline(
             vae=self.vae,
             text_encoder=self.text_encoder,
             tokenizer=self.tokenizer,
-            unet=self.unet,
+            unet=self.unet if unet is None else unet,
             scheduler=DDIMScheduler.from_config(self.noise_scheduler.config),
             safety_checker=None,
             feature_extractor=None,
@@ -346,10 +347,17 @@ class DiffusionPolicy(ConditionalPolicy):
     ) -> list[Image.Image]:
         """One image per prompt, in batches; DDIM with classifier-free guidance. ``sampling`` may override
         num_inference_steps, guidance_scale, eta, batch_size and seed (default: drawn from torch's global
-        generator, so successive calls, e.g. an online round's chunks, start from different noise)."""
+        generator, so successive calls, e.g. an online round's chunks, start from different noise), and set
+        reward guidance over the markers: ``guidance`` (g, 0 = none) against ``guidance_reference`` (default
+        ``neutral``; see :mod:`ric.diffusion.guidance`)."""
         h = self.hparams
         self.check_sampling(sampling)
         texts = self.condition(prompts, desired_rewards)
+        guidance = float(sampling.get("guidance", 0.0))
+        references = None
+        if guidance:
+            reference = self.reference_rewards(desired_rewards, sampling.get("guidance_reference", "neutral"))
+            references = self.condition(prompts, reference)
         batch_size = int(sampling.get("batch_size", h.generation_batch_size))
         device = self.unet.device  # where DeepSpeed / the strategy placed the weights
         seed = sampling.get("seed")
@@ -371,6 +379,12 @@ class DiffusionPolicy(ConditionalPolicy):
         try:
             with torch.autocast(device.type, dtype=DTYPES[h.frozen_dtype], enabled=autocast):
                 for start in range(0, len(texts), batch_size):
+                    if references is not None:
+                        from ric.diffusion.guidance import MarkerGuidedUNet
+
+                        chunk = references[start : start + batch_size]
+                        embeds = pipe.encode_prompt(chunk, device, 1, do_classifier_free_guidance=False)[0]
+                        pipe = self.pipeline(MarkerGuidedUNet(self.unet, embeds, guidance))
                     result = pipe(
                         prompt=texts[start : start + batch_size],
                         height=h.resolution,

@@ -167,6 +167,13 @@ def parse_request(kind: str, body: Any, card: ModelCard) -> Steering:
 def sampling_settings(kind: str, body: dict[str, Any]) -> dict[str, Any]:
     """The request's sampling fields, checked, in the policy's own names."""
     out: dict[str, Any] = {}
+    if body.get("guidance") is not None:
+        out["guidance"] = _number(body["guidance"], "guidance", 0, 100)
+    if body.get("guidance_reference") is not None:
+        if body["guidance_reference"] not in GUIDANCE_REFERENCES:
+            raise BadRequest(f"guidance_reference must be one of {list(GUIDANCE_REFERENCES)}, got "
+                             f"{body['guidance_reference']!r}", "guidance_reference")  # fmt: skip
+        out["guidance_reference"] = body["guidance_reference"]
     if kind == "image":
         if body.get("num_inference_steps") is not None:
             out["num_inference_steps"] = _number(body["num_inference_steps"], "num_inference_steps", 1, 500, True)
@@ -184,13 +191,6 @@ def sampling_settings(kind: str, body: dict[str, Any]) -> dict[str, Any]:
             out["temperature"] = temperature
     if body.get("top_p") is not None:
         out["top_p"] = _number(body["top_p"], "top_p", 0, 1)
-    if body.get("guidance") is not None:
-        out["guidance"] = _number(body["guidance"], "guidance", 0, 100)
-    if body.get("guidance_reference") is not None:
-        if body["guidance_reference"] not in GUIDANCE_REFERENCES:
-            raise BadRequest(f"guidance_reference must be one of {list(GUIDANCE_REFERENCES)}, got "
-                             f"{body['guidance_reference']!r}", "guidance_reference")  # fmt: skip
-        out["guidance_reference"] = body["guidance_reference"]
     return out
 
 
