@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 import yaml
 
 from benchmarks.experiment import (
@@ -153,8 +152,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="quickstart_text", help="the shipped config the checkpoint was trained by")
     parser.add_argument("--checkpoint", help="the trained checkpoint (.ckpt) or export folder")
-    parser.add_argument("--train", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="train the config with these dotted overrides first and measure that run instead")
+    parser.add_argument(
+        "--train",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="train the config with these dotted overrides first and measure that run instead",
+    )
     parser.add_argument("--name", required=True, help="names the results file: benchmarks/results/guidance_<name>")
     parser.add_argument("--prompts", type=int, default=16, help="validation (and held-out) prompts, at most")
     parser.add_argument("--samples", type=int, default=2, help="answers per prompt and preference")

@@ -36,10 +36,11 @@ def free_port() -> int:
 
 
 def start_server(model: str, max_batch: int, batch_timeout: float, device: str | None, log: Path,
-                 code: Path = ROOT) -> tuple:  # fmt: skip
+                 code: Path = ROOT, extra: tuple[str, ...] = ()) -> tuple:  # fmt: skip
+    """``ric serve`` (with ``extra`` arguments) in its own process group; ``(process, url)`` once it is up."""
     port = free_port()
     cmd = [sys.executable, "-m", "ric.cli", "serve", str(Path(model).resolve()), "--port", str(port),
-           "--max-batch-size", str(max_batch), "--batch-timeout", str(batch_timeout)]  # fmt: skip
+           "--max-batch-size", str(max_batch), "--batch-timeout", str(batch_timeout), *extra]  # fmt: skip
     cmd += ["--device", device] if device else []
     proc = subprocess.Popen(cmd, cwd=code, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"

@@ -30,34 +30,38 @@ FLAT = 1e-6
 
 @dataclass
 class Calibration:
-    """Per reward ``i``, the knots of a non-decreasing map ``written[i, k] -> obtained[i, k]`` (normalized
-    units; ``written`` ascending), the sampling settings the answers were drawn with, and what it was fitted
-    on and measured to do (``error``: mean |obtained - asked| on held-out prompts, before and after)."""
+    """Per reward ``i``, the knots of a non-decreasing map ``written[i][k] -> obtained[i][k]`` (normalized
+    units; ``written`` ascending; each reward its own number of knots), the sampling settings the answers were
+    drawn with, and what it was fitted on and measured to do (``error``: mean |obtained - asked| on held-out
+    prompts, before and after)."""
 
     reward_names: Sequence[str]
-    written: np.ndarray
-    obtained: np.ndarray
+    written: Sequence[Sequence[float]]
+    obtained: Sequence[Sequence[float]]
     settings: dict[str, Any] = field(default_factory=dict)
     fitted_on: dict[str, Any] = field(default_factory=dict)
     error: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.reward_names = list(self.reward_names)
-        self.written = np.atleast_2d(np.asarray(self.written, dtype=float))
-        self.obtained = np.atleast_2d(np.asarray(self.obtained, dtype=float))
         n = len(self.reward_names)
-        if self.written.shape != self.obtained.shape or self.written.shape[0] != n or self.written.shape[1] < 2:
+        if len(self.written) != n or len(self.obtained) != n:
             raise ValueError(
-                f"a calibration needs written and obtained knots of one shape [{n}, >= 2] for rewards "
-                f"{self.reward_names}, got {self.written.shape} and {self.obtained.shape}"
+                f"a calibration needs written and obtained knots for each of the {n} rewards {self.reward_names}, "
+                f"got {len(self.written)} and {len(self.obtained)}"
             )
-        if not (np.all(np.isfinite(self.written)) and np.all(np.isfinite(self.obtained))):
-            raise ValueError(f"calibration knots for {self.reward_names} must be finite numbers")
-        if np.any(np.diff(self.written, axis=1) <= 0) or np.any(np.diff(self.obtained, axis=1) < -1e-9):
-            raise ValueError(
-                f"calibration knots for {self.reward_names} must have written values ascending and obtained ones "
-                "non-decreasing"
-            )
+        self.written = [np.asarray(x, dtype=float) for x in self.written]
+        self.obtained = [np.asarray(y, dtype=float) for y in self.obtained]
+        for name, x, y in zip(self.reward_names, self.written, self.obtained):
+            if x.ndim != 1 or x.shape != y.shape or x.size < 2:
+                raise ValueError(f"{name!r} needs at least 2 written and obtained knots of one length, got "
+                                 f"{x.shape} and {y.shape}")  # fmt: skip
+            if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
+                raise ValueError(f"calibration knots for {name!r} must be finite numbers")
+            if np.any(np.diff(x) <= 0) or np.any(np.diff(y) < -1e-9):
+                raise ValueError(
+                    f"calibration knots for {name!r} need written values ascending and obtained ones non-decreasing"
+                )
 
     @classmethod
     def fit(
@@ -85,15 +89,12 @@ class Calibration:
             means = np.bincount(group, weights=obtained[:, i]) / counts
             knots_x.append(values)
             knots_y.append(isotonic_regression(means, weights=counts, increasing=True).x)
-        k = max(len(x) for x in knots_x)
-        if any(len(x) != k for x in knots_x):
-            raise ValueError(f"the grid wrote {[len(x) for x in knots_x]} distinct values per reward: give the same")
-        return cls(names, np.array(knots_x), np.array(knots_y), dict(settings or {}), dict(fitted_on or {}))
+        return cls(names, knots_x, knots_y, dict(settings or {}), dict(fitted_on or {}))
 
     # ---- the map ------------------------------------------------------------------------------------
     def achievable(self) -> tuple[np.ndarray, np.ndarray]:
         """Per reward, the lowest and highest reward the model obtained over the written grid."""
-        return self.obtained[:, 0].copy(), self.obtained[:, -1].copy()
+        return np.array([y[0] for y in self.obtained]), np.array([y[-1] for y in self.obtained])
 
     def steerable(self) -> list[bool]:
         """Whether each reward moved at all with its marker (a flat map cannot be inverted)."""
@@ -123,8 +124,8 @@ class Calibration:
     # ---- storage and display ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {
-            "written": self.written.tolist(),
-            "obtained": self.obtained.tolist(),
+            "written": [x.tolist() for x in self.written],
+            "obtained": [y.tolist() for y in self.obtained],
             "settings": self.settings,
             "fitted_on": self.fitted_on,
             "error": self.error,
@@ -186,11 +187,11 @@ def calibrate(
 ) -> RewardSpace:
     """The policy's reward space with a calibration fitted on its answers (the policy keeps its own space).
 
-    The grid is the sweep's preferences (``points`` per reward for two rewards): under the uncalibrated
-    mapping each reward's written value runs over its range while the others move as they do when users
-    steer. The map is fitted on ``1 - held_out`` of the prompts; on the others the error (mean |obtained -
-    asked| at each preference) is measured asking for the same values, in the achievable range, written as
-    they are (before) and through the map (after). ``samples`` answers per prompt and preference; every sweep
+    The grid is the sweep's preferences (``points`` per reward for two rewards) through the linear mapping: each
+    reward's written value runs evenly over its range while the others move as they do when users steer. The
+    map is fitted on ``1 - held_out`` of the prompts; on the others the error (mean |obtained - asked| at each
+    preference) is measured asking for the same values, evenly over the achievable range, written as they are
+    (before) and through the map (after). ``samples`` answers per prompt and preference; every sweep
     is kept under ``output_dir`` and resumes (``fingerprint``, the model's, makes another model start afresh)."""
     from ric.sweep import default_preferences, run_sweep
 
@@ -211,9 +212,8 @@ def calibrate(
     def sweep(with_space: RewardSpace, chosen: list[Any], name: str) -> Any:
         policy.set_reward_space(with_space)
         repeated = [p for p in chosen for _ in range(samples)]
-        return run_sweep(
-            policy, rewards, repeated, preferences, out / name, settings=settings, seed=seed, fingerprint=fingerprint
-        )
+        return run_sweep(policy, rewards, repeated, preferences, out / name, method="linear", settings=settings,
+                         seed=seed, fingerprint=fingerprint)  # fmt: skip
 
     try:
         fitted = sweep(raw_space, fit_prompts, "fit")
@@ -226,7 +226,7 @@ def calibrate(
             {"prompts": len(fit_prompts), "samples_per_prompt": samples, "preferences": len(preferences), "seed": seed},
         )
         calibrated = replace(raw_space, calibration=calibration)
-        asked = calibrated.desired(preferences)
+        asked = calibrated.desired(preferences, "linear")
         lo, hi = calibration.achievable()
         # "before": the same asked values written as they are, through a space whose range is the achievable one
         plain = replace(raw_space, r_min=lo, r_max=np.maximum(hi, lo + FLAT))
@@ -238,6 +238,8 @@ def calibrate(
     calibration.error = {
         "held_out_prompts": len(check_prompts),
         "asked": asked.tolist(),
+        "obtained_before": before.means.tolist(),
+        "obtained_after": after.means.tolist(),
         "before": dict(zip(names, error_before.tolist())),
         "after": dict(zip(names, error_after.tolist())),
         "mean_before": float(error_before.mean()),

@@ -83,7 +83,8 @@ class RiCCLI(LightningCLI):
 
             names = config.get("model.init_args.reward_names")
             try:
-                check_checkpoint(ckpt, config.get("model.class_path"), list(names) if names else None)
+                trust = config.get("weights_only") is False  # Lightning's own flag for a checkpoint it may unpickle
+                check_checkpoint(ckpt, config.get("model.class_path"), list(names) if names else None, trust)
             except (ValueError, FileNotFoundError) as err:
                 raise ConfigError(f"--ckpt_path: {err}") from err
         super()._parse_ckpt_path()
@@ -97,22 +98,38 @@ class RiCCLI(LightningCLI):
             ) from err
 
 
+#: logger -> what of its messages is a known-harmless notice our runs trigger (a substring)
+QUIET_LOGS = {
+    # Lightning's advertisements for its cloud services, printed at every fit
+    "lightning.pytorch": "\U0001f4a1 Tip:",
+    "lightning.pytorch.utilities.rank_zero": "\U0001f4a1 Tip:",
+    # the tiny VAE keeps no modules in float32, and diffusers says so when it is moved to a dtype
+    "diffusers.models.modeling_utils": "should be kept in float32: []",
+}
+#: warnings (message regexes) our runs trigger in dependencies by design
+QUIET_WARNINGS = (
+    r".*isinstance\(treespec, LeafSpec\).*",  # Lightning 2.6 asks torch 2.14 a deprecated pytree question per batch
+    r"Your `IterableDataset` has `__len__` defined",  # the data module's epoch length, read with num_workers <= 1
+    r"Found \d+ module\(s\) in eval mode at the start of training",  # frozen parts kept in eval mode on purpose
+)
+
+
 def quiet_dependencies() -> None:
     """Known-harmless notices our runs trigger in dependencies, silenced; real warnings stay visible."""
     import logging
     import warnings
 
-    # Lightning's advertisement for its cloud logger, printed at every fit
-    def no_tip(record: logging.LogRecord) -> bool:
-        return "Tip: For seamless cloud logging" not in record.getMessage()
+    for name, notice in QUIET_LOGS.items():
 
-    for name in ("lightning.pytorch", "lightning.pytorch.utilities.rank_zero"):
+        def not_the_notice(record: logging.LogRecord, notice: str = notice) -> bool:
+            return notice not in record.getMessage()
+
         logger = logging.getLogger(name)
         for target in (logger, *logger.handlers):
-            if no_tip not in getattr(target, "filters", []):
-                target.addFilter(no_tip)
-    # Lightning 2.6 asks torch 2.14 a deprecated pytree question on every batch it moves
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+            if not any(getattr(f, "__name__", "") == "not_the_notice" for f in getattr(target, "filters", [])):
+                target.addFilter(not_the_notice)
+    for message in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
 
 
 def check_data_rewards(rewards: Sequence[Any], reward_names: Sequence[str]) -> None:
@@ -224,6 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = "--verbose" in argv or os.environ.get("RIC_VERBOSE", "") not in ("", "0")
     argv = [a for a in argv if a != "--verbose"]
+    quiet_dependencies()
     if argv and argv[0] in CONFIG_COMMANDS:
         return CONFIG_COMMANDS[argv[0]](argv[0], argv[1:], verbose, from_command_line)
     from ric.commands import run

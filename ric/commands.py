@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import shutil
 import sys
@@ -88,6 +89,17 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--guidance-scale", type=float, help="images: classifier-free guidance scale")
 
 
+def model_info(args: argparse.Namespace) -> ModelInfo:
+    """The model's metadata (a checkpoint opened without running code unless ``--trust-checkpoint``)."""
+    return read_model_info(args.model, trust=getattr(args, "trust_checkpoint", False))
+
+
+def add_trust_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="open a .ckpt that holds more than tensors and plain data (it can run code: only "
+                        "for files you trust)")  # fmt: skip
+
+
 def load_checked(args: argparse.Namespace, info: ModelInfo) -> ConditionalPolicy:
     return load_from_info(info, device=getattr(args, "device", None))
 
@@ -103,7 +115,7 @@ def export_command(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"{out} already exists and is not an empty folder: choose a new one")
-    info = read_model_info(args.model)
+    info = model_info(args)
     policy = load_checked(args, info)
     policy.export(out, merge=not args.no_merge)
     from ric.serve.server import find_front
@@ -155,7 +167,7 @@ def generate_command(args: argparse.Namespace) -> int:
     for k, prompt in enumerate(prompts, 1):
         if not prompt.strip():
             raise UsageError(f"prompt {k} is empty")
-    info = read_model_info(args.model)
+    info = model_info(args)
     preference, desired = steering_inputs(args, info)
     settings = policy_class(info.class_path).check_sampling(sampling_settings(args), "sampling flags")
     if args.out and not Path(args.out).resolve().parent.is_dir():
@@ -245,7 +257,7 @@ every other line is a prompt; each is answered on its own (RiC prompts are singl
 
 def chat_command(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    info = read_model_info(args.model)
+    info = model_info(args)
     preference, desired = None, None
     if args.preference:
         preference = check_preference(parse_vector(args.preference, "preference"), info.reward_names).tolist()
@@ -314,7 +326,7 @@ def desired_command(args: argparse.Namespace) -> int:
 
     values = parse_vector(args.preference, "preference")
     if args.model:
-        info = read_model_info(args.model)
+        info = model_info(args)
         space = info.reward_space
         if space is None:
             raise UsageError(f"{info.path} holds no reward space")
@@ -350,7 +362,7 @@ def calibrate_command(args: argparse.Namespace) -> int:
         if not ok:
             raise UsageError(f"{name} {value} is out of range (points >= 2, samples >= 1, 0 < held-out < 1)")
     split_prompts(prompts, args.held_out, args.seed)
-    info = read_model_info(args.model)
+    info = model_info(args)
     if not info.conditioned or info.reward_space is None:
         raise UsageError(f"{info.path} is not a conditioned model with a reward space: there is nothing to calibrate")
     if info.kind != "export" and not args.out:
@@ -416,13 +428,20 @@ def compare_command(args: argparse.Namespace) -> int:
 
 # ---- serve --------------------------------------------------------------------------------------
 def serve_command(args: argparse.Namespace) -> int:
-    from ric.serve.server import build_server
+    from ric.serve.server import build_server, run_server
 
+    if args.max_body_mb <= 0:
+        raise UsageError(f"--max-body-mb must be > 0, got {args.max_body_mb}")
+    api_key = args.api_key or os.environ.get("RIC_API_KEY") or None
     server = build_server(args.model, args.max_batch_size, args.batch_timeout, args.score, args.device, args.front,
-                          args.timeout, args.name)  # fmt: skip
+                          args.timeout, args.name, trust=args.trust_checkpoint, api_key=api_key,
+                          max_body_bytes=int(args.max_body_mb * 2**20))  # fmt: skip
     print(f"ric serve: {args.model} at http://{args.host}:{args.port}/ (page), OpenAI API at "
-          f"http://{args.host}:{args.port}/v1", flush=True)  # fmt: skip
-    server.run(host=args.host, port=args.port, generate_client_file=False, log_level=args.log_level)
+          f"http://{args.host}:{args.port}/v1" + (" (API key required)" if api_key else ""), flush=True)  # fmt: skip
+    if not api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"ric serve: warning: listening on {args.host} without an API key: anyone who can reach port "
+              f"{args.port} can use the model (set --api-key or RIC_API_KEY)", file=sys.stderr, flush=True)  # fmt: skip
+    run_server(server, args.host, args.port, args.log_level)
     return 0
 
 
@@ -446,6 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("model", help="a .ckpt file (or an export folder)")
     export.add_argument("out", help="a new folder")
     export.add_argument("--no-merge", action="store_true", help="text: save the LoRA adapter alone")
+    add_trust_flag(export)
     export.set_defaults(handler=export_command)
 
     gen = sub.add_parser("generate", help="samples for prompts at a preference")
@@ -464,6 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--image-dir", default="ric_images", help="images: where the PNG files go")
     gen.add_argument("--device", help="cpu (default), cuda, cuda:1, ...")
     add_sampling_flags(gen)
+    add_trust_flag(gen)
     gen.set_defaults(handler=generate_command)
 
     chat = sub.add_parser("chat", help="an interactive session with a steerable model")
@@ -474,12 +495,14 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--image-dir", default="ric_images", help="images: where the PNG files go")
     chat.add_argument("--device", help="cpu (default), cuda, ...")
     add_sampling_flags(chat)
+    add_trust_flag(chat)
     chat.set_defaults(handler=chat_command)
 
     desired = sub.add_parser("desired", help="the desired rewards of a preference under every mapping")
     desired.add_argument("preference", help="weights summing to 1, e.g. 0.2,0.8")
     desired.add_argument("--model", help="use this model's reward space (default: the paper's range)")
     desired.add_argument("--p", type=float, default=2.0, help="the norm of p_norm and solver")
+    add_trust_flag(desired)
     desired.set_defaults(handler=desired_command)
 
     cal = sub.add_parser("calibrate", help="measure what the model obtains for what its prompt says, and write "
@@ -494,6 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--work", help="where the sweeps are kept (default: beside the model, <name>.calibration)")
     cal.add_argument("--device", help="cpu (default), cuda, ...")
     add_sampling_flags(cal)
+    add_trust_flag(cal)
     cal.set_defaults(handler=calibrate_command)
 
     compare = sub.add_parser("compare", help="several runs' fronts on one plot, hypervolumes on one reference")
@@ -522,9 +546,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--score", action="store_true", help="return each response's obtained rewards")
     serve.add_argument("--device", help="cpu (default), cuda, ...")
     serve.add_argument("--front", help="the sweep's front.csv to show (default: found beside the model)")
-    serve.add_argument("--timeout", type=float, default=600.0, help="seconds a request may wait")
+    serve.add_argument("--timeout", type=float, default=600.0,
+                       help="seconds a request may take before it gets a 504")  # fmt: skip
+    serve.add_argument("--api-key", help="require Authorization: Bearer KEY on every route but /health and the "
+                       "page (default: $RIC_API_KEY; none: open to whoever reaches the port)")  # fmt: skip
+    serve.add_argument("--max-body-mb", type=float, default=4.0, help="larger request bodies get a 413 unread")
     serve.add_argument("--name", help="the model's name in /v1/models (default: from its path)")
     serve.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    add_trust_flag(serve)
     serve.set_defaults(handler=serve_command)
     return parser
 

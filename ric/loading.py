@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import pickle
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,34 @@ KNOWN_SCHEMAS = (1, METADATA_SCHEMA)
 
 class ModelFileError(ValueError):
     """A path that is not a usable ric model (missing, truncated, not a checkpoint, no metadata)."""
+
+
+class UntrustedCheckpointError(ModelFileError):
+    """A checkpoint that holds a Python object ric's own checkpoints never hold: unpickling it could run
+    code, so it is opened only when the user says they trust it."""
+
+
+#: how the user says they trust a checkpoint, per entry point (named in the refusal)
+TRUST_HINT = "--trust-checkpoint on the command line, ric.load(..., trust=True) in Python, --weights_only false for fit"
+
+
+def open_checkpoint(path: Path, trust: bool = False) -> Any:
+    """A checkpoint's contents, memory-mapped (the tensors are read when used). Opened with torch's
+    ``weights_only`` unpickler, which builds tensors, numbers, strings and containers and nothing else (all
+    that ric's checkpoints hold), unless ``trust`` opens it the old way, which runs whatever it holds."""
+    if trust:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        if not found:  # not a refused type: a damaged file, reported by the caller
+            raise
+        raise UntrustedCheckpointError(
+            f"checkpoint {path} holds the Python object {found.group(1)}, which ric's own checkpoints never do: "
+            "opening it could run code. "
+            f"If you trust where it came from, open it anyway ({TRUST_HINT})"
+        ) from None
 
 
 @dataclass
@@ -56,15 +86,16 @@ class ModelInfo:
         return bool(self.meta.get("conditioned", self.init_args.get("conditioned", True)))
 
 
-def read_model_info(path: str | Path) -> ModelInfo:
+def read_model_info(path: str | Path, trust: bool = False) -> ModelInfo:
     """The metadata of an export folder or a checkpoint file, or a :class:`ModelFileError` naming the
-    file and what is wrong with it."""
+    file and what is wrong with it. A checkpoint holding more than tensors and plain data is refused unless
+    ``trust`` (:func:`open_checkpoint`)."""
     path = Path(path)
     if not path.exists():
         raise ModelFileError(f"no model at {path}: give an export folder (with ric.json) or a .ckpt file")
     if path.is_dir():
         return _export_info(path)
-    return _checkpoint_info(path)
+    return _checkpoint_info(path, trust)
 
 
 def _export_info(folder: Path) -> ModelInfo:
@@ -93,12 +124,13 @@ def _guess_policy(folder: Path) -> str:
     return "ric.text.policy.TextPolicy"
 
 
-def _checkpoint_info(path: Path) -> ModelInfo:
+def _checkpoint_info(path: Path, trust: bool = False) -> ModelInfo:
     if path.stat().st_size == 0:
         raise ModelFileError(f"checkpoint {path} is empty")
     try:
-        # memory-mapped: the metadata is read, tensors only when used
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        ckpt = open_checkpoint(path, trust)
+    except UntrustedCheckpointError:
+        raise
     except (RuntimeError, OSError, EOFError, zipfile.BadZipFile, ValueError) as err:
         reason = "truncated or corrupt" if zipfile.is_zipfile(path) or path.suffix == ".ckpt" else "not a checkpoint"
         raise ModelFileError(f"checkpoint {path} cannot be read ({reason}): {str(err).splitlines()[0]}") from None
@@ -129,10 +161,12 @@ def _checkpoint_info(path: Path) -> ModelInfo:
     return ModelInfo(path, "checkpoint", meta, class_path, init_args, ckpt, config_path)
 
 
-def check_checkpoint(path: str | Path, class_path: str | None, reward_names: list[str] | None) -> None:
-    """A checkpoint to resume or test from, checked before any model loads: readable, written by a ric policy
-    of the configured class and for the configured rewards."""
-    info = read_model_info(path)
+def check_checkpoint(
+    path: str | Path, class_path: str | None, reward_names: list[str] | None, trust: bool = False
+) -> None:
+    """A checkpoint to resume or test from, checked before any model loads: readable (without unpickling
+    code unless ``trust``), written by a ric policy of the configured class and for the configured rewards."""
+    info = read_model_info(path, trust)
     if info.kind != "checkpoint":
         raise ModelFileError(f"ckpt_path {path} is a folder; give a .ckpt file")
     if class_path and info.class_path != class_path:
@@ -178,11 +212,15 @@ def policy_class(class_path: str) -> type[ConditionalPolicy]:
 
 
 def load(
-    path: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
+    path: str | Path,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    trust: bool = False,
 ) -> ConditionalPolicy:
     """The trained policy at ``path`` (an export folder, merged or adapter-only, or a ``.ckpt`` file), in eval
-    mode with gradients off, on ``device`` (default CPU) in ``dtype`` (default as saved)."""
-    return load_from_info(read_model_info(path), device, dtype)
+    mode with gradients off, on ``device`` (default CPU) in ``dtype`` (default as saved). A checkpoint that
+    holds more than tensors and plain data is refused unless ``trust`` (it could run code when opened)."""
+    return load_from_info(read_model_info(path, trust), device, dtype)
 
 
 def load_from_info(

@@ -183,7 +183,8 @@ def test_a_client_that_goes_away_frees_its_row(server):
         (b'{"messages": [{"role": "user", "content": "hi"}], "preference": [NaN, 1.0]}', "non-finite"),
         ({"messages": [{"role": "user", "content": "hi"}], "method": "p_two"}, "unknown method 'p_two'"),
         ({"messages": [{"role": "user", "content": "   "}]}, "the prompt is empty"),
-        ({"messages": [{"role": "user", "content": "hi " * 3000}]}, "tokens with its markers, over the"),
+        ({"messages": [{"role": "user", "content": "hi " * 600}]}, "tokens with its markers, over the 507"),
+        ({"messages": [{"role": "user", "content": "hi " * 3000}]}, "the prompt is over 507 tokens"),
         ({"messages": []}, "messages must be a non-empty list"),
         ({"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, "temperature must be a number > 0"),
         (
@@ -343,5 +344,116 @@ def test_a_calibrated_model_reports_what_it_achieves_and_writes_what_achieves_it
             assert driver.find_element(By.ID, "calibration").text.startswith("Calibrated")
         finally:
             driver.quit()
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def guarded(trained, tmp_path_factory):
+    """A server with a key (from the environment), a 1 MB body limit and a 1 s timeout."""
+    os.environ["RIC_API_KEY"] = "sesame"
+    try:
+        s = Server(trained["ckpt"], tmp_path_factory.mktemp("guarded"), "--max-body-mb", "1", "--timeout", "1")
+    finally:
+        del os.environ["RIC_API_KEY"]
+    yield s
+    s.stop()
+
+
+def test_the_api_key_is_asked_on_every_route_but_health_and_the_page(guarded):
+    client = openai.OpenAI(base_url=f"{guarded.url}/v1", api_key="sesame", max_retries=0)
+    reply = client.completions.create(model="ric", prompt="hi", max_tokens=3, extra_body={"preference": [1, 0]})
+    assert reply.usage.completion_tokens <= 3
+    wrong = openai.OpenAI(base_url=f"{guarded.url}/v1", api_key="guess", max_retries=0)
+    with pytest.raises(openai.AuthenticationError, match="API key"):
+        wrong.chat.completions.create(model="ric", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    for path in ("/v1/models", "/v1/ric/front"):
+        status, raw = get(guarded.url + path)
+        assert status == 401 and json.loads(raw)["error"]["code"] == "invalid_api_key"
+    assert post(f"{guarded.url}/v1/ric/desired", {"preference": [1, 0]})[0] == 401
+    assert get(f"{guarded.url}/health") == (200, b"ok") and get(guarded.url + "/")[0] == 200
+    assert "went away" not in guarded.log.read_text()  # refused requests never reached the model
+
+
+def test_the_page_asks_for_the_key(guarded, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = chromium(tmp_path)
+    try:
+        driver.get(guarded.url + "/")
+        wait = WebDriverWait(driver, 60)
+        wait.until(lambda d: d.find_element(By.ID, "key-box").is_displayed())
+        assert "needs its API key" in driver.find_element(By.ID, "key-note").text
+        driver.find_element(By.ID, "api-key").send_keys("sesame")
+        driver.find_element(By.ID, "use-key").click()
+        wait.until(lambda d: d.find_elements(By.ID, "desired-verbosity"))
+        assert not driver.find_element(By.ID, "key-box").is_displayed()
+    finally:
+        driver.quit()
+
+
+def test_a_body_over_the_limit_gets_a_413_unread(guarded, server):
+    huge = json.dumps({"prompt": "word " * 300_000, "max_tokens": 3}).encode()  # 1.5 MB
+    headers = {"Content-Type": "application/json", "Authorization": "Bearer sesame"}
+    started = time.monotonic()
+    status, raw = request(f"{guarded.url}/v1/completions", huge, "POST", headers)
+    assert status == 413 and "over the server's limit of 1 MB" in json.loads(raw)["error"]["message"]
+    assert time.monotonic() - started < 5
+    # under the default 4 MB limit, a prompt past the context is refused on its head, not tokenized whole
+    status, raw = post(f"{server.url}/v1/completions", {"prompt": "word " * 1_000_000, "max_tokens": 3})
+    assert status == 413
+    status, raw = post(f"{server.url}/v1/completions", {"prompt": "word " * 200_000, "max_tokens": 3})
+    assert status == 400 and "the prompt is over" in json.loads(raw)["error"]["message"]
+
+
+def test_a_request_past_the_timeout_gets_a_504_and_the_others_go_on(guarded):
+    client = openai.OpenAI(base_url=f"{guarded.url}/v1", api_key="sesame", max_retries=0)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        slow = pool.submit(client.completions.create, model="ric", prompt="talk for a long time", max_tokens=450,
+                           extra_body={"preference": [1, 0]})  # fmt: skip
+        time.sleep(0.2)
+        quick = client.completions.create(model="ric", prompt="briefly?", max_tokens=3)
+        with pytest.raises(openai.APIStatusError, match="timeout") as err:
+            slow.result()
+    assert err.value.status_code == 504 and quick.usage.completion_tokens <= 3
+    chunks = []
+    with pytest.raises(openai.APIError, match="timeout"):
+        for chunk in client.completions.create(model="ric", prompt="talk for a long time", max_tokens=450, stream=True):
+            chunks.append(chunk)
+    assert chunks  # the stream had started: it ends with the error
+    assert "ran past the 1 s timeout" in guarded.log.read_text()
+
+
+def processes_in_group(pgid: int) -> list[int]:
+    """The pids whose process group is ``pgid`` (from /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            out.append(int(stat.parent.name))
+    return out
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_main_process_stops_every_process_and_frees_the_port(trained, tmp_path, signum):
+    server = Server(trained["ckpt"], tmp_path)
+    try:
+        assert len(processes_in_group(server.proc.pid)) > 2  # the HTTP and model workers, LitServe's manager
+        stopped = time.monotonic()
+        os.kill(server.proc.pid, signum)  # the main process only, as a supervisor does
+        server.proc.wait(15)
+        while processes_in_group(server.proc.pid) and time.monotonic() - stopped < 10:
+            time.sleep(0.1)
+        assert processes_in_group(server.proc.pid) == [], server.log.read_text()[-2000:]
+        assert time.monotonic() - stopped < 10
+        assert "Traceback" not in server.log.read_text()  # a quiet stop
+        with socket.socket() as s:  # the port can be listened on again, as a restarted server does
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("0.0.0.0", server.port))
+            s.listen()
     finally:
         server.stop()

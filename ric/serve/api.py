@@ -59,6 +59,7 @@ class Job:
     opened: bool = False  # a chunk was sent
     rows: int = 0  # the most requests that decoded beside it, itself included
     arrived: float = field(default_factory=time.monotonic)
+    timed_out: bool = False  # stopped at the server's per-request timeout
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -74,10 +75,14 @@ class SteeringAPI(ls.LitAPI):
         cancels: where the HTTP process puts the ids of requests whose client went away.
         max_batch_size: rows decoding at once (text), images generated together.
         batch_timeout: seconds the first waiting image request waits for others.
+        trust: open a checkpoint that holds more than tensors and plain data (``--trust-checkpoint``).
+        timeout: seconds a request may take: one still running then is stopped and answered with a 504 (or,
+            once its stream has started, an error event), and its row goes to the others.
     """
 
     def __init__(self, model: str, card: ModelCard, score: bool = False, device: str | None = None,
-                 cancels: Any = None, max_batch_size: int = 16, batch_timeout: float = 0.05) -> None:  # fmt: skip
+                 cancels: Any = None, max_batch_size: int = 16, batch_timeout: float = 0.05,
+                 trust: bool = False, timeout: float | None = None) -> None:  # fmt: skip
         super().__init__(api_path=STEER_PATH, stream=True, loop=SteeringLoop(), max_batch_size=max_batch_size,
                          batch_timeout=batch_timeout)  # fmt: skip
         self.model_path = model
@@ -85,12 +90,15 @@ class SteeringAPI(ls.LitAPI):
         self.score = score
         self.device_override = device
         self.cancels = cancels
+        self.trust = trust
+        self.timeout = timeout
 
     def setup(self, device: str) -> None:
         from ric.loading import load_from_info, read_model_info
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-        info = read_model_info(self.model_path)
+        logging.getLogger("litserve").setLevel(logging.WARNING)  # its loop's start-up notes, not ours
+        info = read_model_info(self.model_path, self.trust)
         self.policy = load_from_info(info, device=self.device_override or device)
         self.rewards = info.reward_space.build_rewards() if self.score else None
         self.engine = None
@@ -148,6 +156,7 @@ class SteeringAPI(ls.LitAPI):
         the finished answers and any errors."""
         while True:  # LitServe's loop sleeps after a step without outputs: decode on until there are some
             self._take_cancels()
+            self._expire()
             if self.engine is None:
                 self._whole_batches()
             elif self.engine.busy():
@@ -234,6 +243,30 @@ class SteeringAPI(ls.LitAPI):
                 log.info("client of request %s went away: its row is freed", uid)
                 self.engine.cancel(job.engine)
 
+    def _expire(self) -> None:
+        """Stop the requests past the per-request timeout: a text request's row is freed at once, an image
+        request still waiting for its batch is answered before it is generated."""
+        if self.timeout is None:
+            return
+        now = time.monotonic()
+        with self._lock:
+            late = [j for j in self._jobs.values() if not j.timed_out and now - j.arrived > self.timeout]
+        for job in late:
+            job.timed_out = True
+            log.info("request %s ran past the %g s timeout: stopped", job.uid, self.timeout)
+            if job.engine is not None:
+                if not job.engine.finished:
+                    self.engine.cancel(job.engine)
+                continue
+            with self._lock:
+                self._forget(job)
+            self._answer(job.uid, self._timeout_error())
+
+    def _timeout_error(self) -> dict[str, Any]:
+        return {"ric": "error", "status": 504,
+                "data": error_body(f"the request took longer than the server's {self.timeout:g} s timeout "
+                                   "(ric serve --timeout)", "timeout_error")}  # fmt: skip
+
     def _delta(self, job: Job) -> list[Output]:
         """The text decoded since the last chunk (held back while it ends inside a multi-byte character)."""
         text = self.policy.decode_answer(job.engine.tokens)
@@ -253,7 +286,7 @@ class SteeringAPI(ls.LitAPI):
             self._forget(job)
         end = Output(job.uid, "", LitAPIStatus.FINISH_STREAMING)
         if job.engine.finish_reason == "cancelled":
-            return [end]
+            return [Output(job.uid, self._timeout_error(), LitAPIStatus.OK), end] if job.timed_out else [end]
         text = self.policy.decode_answer(job.engine.tokens)
         s = job.steering
         obtained = self._obtained([s.prompt], [text])[0]

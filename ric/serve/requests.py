@@ -34,9 +34,9 @@ class BadRequest(ValueError):
         return error_body(str(self), "invalid_request_error", self.param)
 
 
-def error_body(message: str, kind: str, param: str | None = None) -> dict[str, Any]:
+def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     """OpenAI's error shape, which its client turns into the right exception."""
-    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 @dataclass

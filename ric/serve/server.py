@@ -16,10 +16,14 @@ model worker, where it joins the running batch (continuous batching, see :mod:`r
 
 from __future__ import annotations
 
+import hmac
 import json
 import multiprocessing
+import os
+import signal
 import time
 import uuid
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -32,32 +36,78 @@ from ric.serve.api import STEER_PATH, SteeringAPI
 from ric.serve.requests import ENDPOINTS, BadRequest, ModelCard, error_body, parse_request
 from ric.space import RewardSpace
 
+#: routes answered without the API key: the health probe, and the page (static HTML that asks for the key)
+OPEN_PATHS = ("/health", "/")
+#: seconds requests in flight get to finish when the server stops (then they are cut off)
+GRACE_SECONDS = 4
+#: the default limit of a request body (--max-body-mb): far above any prompt the models here take
+MAX_BODY_BYTES = 4 * 1024 * 1024
+
 
 class CheckRequests:
-    """ASGI middleware: reads each POST to an OpenAI endpoint, refuses malformed JSON and bad fields with a
-    400 naming them, and forwards the rest to the model worker's path with their kind and an id. The worker
-    answers with a stream of events, which this turns into server-sent events (``stream: true``) or one JSON
-    body; a client that goes away before its answer is done has its id put in ``cancels``."""
+    """ASGI middleware in front of every route. It asks for the API key (``Authorization: Bearer KEY``, as
+    OpenAI's clients send it) where one is set, refuses a body over ``max_body_bytes`` with a 413 while reading
+    it, then reads each POST to an OpenAI endpoint, refuses malformed JSON and bad fields with a 400 naming
+    them, and forwards the rest to the model worker's path with their kind and an id. The worker answers with
+    a stream of events, which this turns into server-sent events (``stream: true``) or one JSON body; a client
+    that goes away before its answer is done has its id put in ``cancels``."""
 
-    def __init__(self, app: Any, card: ModelCard, cancels: Any = None) -> None:
+    def __init__(self, app: Any, card: ModelCard, cancels: Any = None, api_key: str | None = None,
+                 max_body_bytes: int = MAX_BODY_BYTES) -> None:  # fmt: skip
         self.app = app
         self.card = card
         self.cancels = cancels
+        self.api_key = api_key
+        self.max_body_bytes = max_body_bytes
 
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"].rstrip("/") == STEER_PATH:  # the worker's own route
-            await respond(send, 404, error_body(f"post to one of {sorted(ENDPOINTS)}", "invalid_request_error"))
-            return
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"].rstrip("/") not in ENDPOINTS:
-            await self.app(scope, receive, send)
-            return
-        kind = ENDPOINTS[scope["path"].rstrip("/")]
-        raw = b""
+    def authorized(self, scope: dict) -> bool:
+        if not self.api_key or scope["path"] in OPEN_PATHS:
+            return True
+        given = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        scheme, _, token = given.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode())
+
+    async def read_body(self, scope: dict, receive: Any) -> bytes | None:
+        """The whole request body, or ``None`` once it is known to be over the limit (by its declared length or
+        what has arrived). The rest of an oversized body is received and dropped unparsed (up to 16 times the
+        limit), so that the client, still sending, reads the refusal instead of a broken connection."""
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        raw, size = b"", 0
+        over = declared.isdigit() and int(declared) > self.max_body_bytes
         while True:
             message = await receive()
-            raw += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            over = over or size > self.max_body_bytes
+            if not over:
+                raw += chunk
+            if not message.get("more_body") or size > 16 * self.max_body_bytes:
+                return None if over else raw
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if not self.authorized(scope):
+            await respond(send, 401, error_body("a valid API key is needed: send the header Authorization: Bearer "
+                                                "<key>", "invalid_request_error", code="invalid_api_key"))  # fmt: skip
+            return
+        if scope["path"].rstrip("/") == STEER_PATH:  # the worker's own route
+            await respond(send, 404, error_body(f"post to one of {sorted(ENDPOINTS)}", "invalid_request_error"))
+            return
+        if scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        raw = await self.read_body(scope, receive)
+        if raw is None:
+            limit = f"{self.max_body_bytes / 2**20:g} MB"
+            await respond(send, 413, error_body(f"the request body is over the server's limit of {limit} "
+                                                "(ric serve --max-body-mb)", "invalid_request_error"))  # fmt: skip
+            return
+        if scope["path"].rstrip("/") not in ENDPOINTS:  # a route of its own (the page's): it reads the body read
+            await self.app(scope, replay_body(raw, receive), send)
+            return
+        kind = ENDPOINTS[scope["path"].rstrip("/")]
         try:
             try:
                 body = json.loads(raw or b"null")
@@ -72,20 +122,13 @@ class CheckRequests:
         headers = [(k, v) for k, v in scope["headers"] if k.lower() not in (b"content-length", b"content-type")]
         headers += [(b"content-type", b"application/json"), (b"content-length", str(len(forwarded)).encode())]
         relay = Relay(send)
-        sent = False
 
-        async def replay() -> dict:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": forwarded, "more_body": False}
-            message = await receive()
+        def left(message: dict) -> None:
             if message["type"] == "http.disconnect" and not relay.finished and self.cancels is not None:
                 self.cancels.put(request_id)
-            return message
 
         scope = {**scope, "path": STEER_PATH, "raw_path": STEER_PATH.encode(), "headers": headers}
-        await self.app(scope, replay, relay.send)
+        await self.app(scope, replay_body(forwarded, receive, left), relay.send)
 
 
 class Relay:
@@ -129,6 +172,11 @@ class Relay:
                                                           "server_error"))  # fmt: skip
 
     async def _event(self, event: dict[str, Any]) -> None:
+        if event.get("ric") == "error" and self._started:  # past the status line: the stream ends with the error
+            self.finished = True
+            data = f"data: {json.dumps(event['data'])}\n\n".encode()
+            await self._send({"type": "http.response.body", "body": data, "more_body": False})
+            return
         if event.get("ric") in ("error", "body"):
             self.finished = True
             await respond(self._send, int(event.get("status", 200)), event["data"])
@@ -141,6 +189,24 @@ class Relay:
         self._complete = self._complete or choices[0].get("finish_reason") is not None
         data = f"data: {json.dumps(event['data'])}\n\n".encode()
         await self._send({"type": "http.response.body", "body": data, "more_body": True})
+
+
+def replay_body(raw: bytes, receive: Any, watch: Callable[[dict], None] | None = None) -> Any:
+    """A ``receive`` that hands over a body already read, then what the client sends next (a disconnect), which
+    ``watch`` sees first."""
+    sent = False
+
+    async def replay() -> dict:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+        message = await receive()
+        if watch is not None:
+            watch(message)
+        return message
+
+    return replay
 
 
 async def respond(send: Any, status: int, body: dict[str, Any]) -> None:
@@ -255,15 +321,22 @@ def build_server(
     front: str | Path | None = None,
     timeout: float = 600.0,
     name: str | None = None,
+    trust: bool = False,
+    api_key: str | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
 ) -> Any:
-    """A LitServer for the model at ``model`` (nothing loads until it runs: the worker loads the weights)."""
+    """A LitServer for the model at ``model`` (nothing loads until it runs: the worker loads the weights; a
+    checkpoint holding more than tensors and plain data only with ``trust``), asking for ``api_key`` where one
+    is given and refusing bodies over ``max_body_bytes``."""
     import litserve as ls
 
     if max_batch_size < 1:
         raise ValueError(f"--max-batch-size must be >= 1, got {max_batch_size}")
     if batch_timeout < 0:
         raise ValueError(f"--batch-timeout must be >= 0 seconds, got {batch_timeout}")
-    info = read_model_info(model)
+    if timeout <= 0:
+        raise ValueError(f"--timeout must be > 0 seconds, got {timeout}")
+    info = read_model_info(model, trust)
     if score:
         space = info.reward_space
         if space is None or space.rewards is None or any(r is None for r in space.rewards):
@@ -276,9 +349,41 @@ def build_server(
                       front_path)  # fmt: skip
     cancels = multiprocessing.get_context("spawn").Queue()  # HTTP process -> model worker: clients gone
     api = SteeringAPI(str(model), card, score=score, device=device, cancels=cancels, max_batch_size=max_batch_size,
-                      batch_timeout=batch_timeout)  # fmt: skip
+                      batch_timeout=batch_timeout, trust=trust, timeout=timeout)  # fmt: skip
     accelerator = "cpu" if device in (None, "cpu") else "auto"
-    middleware = (CheckRequests, {"card": card, "cancels": cancels})
+    checks = {"card": card, "cancels": cancels, "api_key": api_key, "max_body_bytes": max_body_bytes}
+    middleware = (CheckRequests, checks)
     server = ls.LitServer(api, accelerator=accelerator, timeout=timeout, middlewares=[middleware])
+    server.uvicorn_graceful_timeout = GRACE_SECONDS
     add_routes(server, card)
     return server
+
+
+def run_server(server: Any, host: str, port: int, log_level: str) -> None:
+    """Serve until SIGTERM or SIGINT, then stop every process the server started: LitServe shuts down its
+    HTTP and model workers on an interrupt, so SIGTERM (what a supervisor sends) is made one; whatever is still
+    alive after that (a stop during start-up) is terminated, then killed."""
+
+    owner = os.getpid()
+
+    def interrupt(signum: int, frame: Any) -> None:
+        if os.getpid() != owner:  # a forked worker that inherited this handler: the signal's default, quietly
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+            return
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        server.run(host=host, port=port, generate_client_file=False, log_level=log_level)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        children = multiprocessing.active_children()
+        for child in children:
+            child.terminate()
+        deadline = time.monotonic() + GRACE_SECONDS
+        for child in children:
+            child.join(max(0.0, deadline - time.monotonic()))
+            if child.is_alive():
+                child.kill()

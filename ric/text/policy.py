@@ -38,6 +38,11 @@ INFERENCE_SETTINGS: dict[str, Any] = {
 }
 
 
+#: characters per token of context tokenized first: a prompt whose head alone is over the context is refused
+#: without tokenizing the rest
+HEAD_CHARS_PER_TOKEN = 16
+
+
 class TextPolicy(ConditionalPolicy):
     """Conditioned SFT of a causal LM: ``loss = -sum log pi(y | x', y_<t)`` over response tokens (and EOS).
 
@@ -625,7 +630,12 @@ class TextPolicy(ConditionalPolicy):
             drop_gguf_marker(lm)
         else:
             lm = self.lm
-        lm.save_pretrained(path)
+        with warnings.catch_warnings():
+            # peft looks for the base model's config.json to see whether the vocabulary grew; a base model that
+            # is not a transformers folder (the bundled GGUF) has none, and peft's note about it is not the
+            # user's concern: the embedding rows are saved or not exactly as before
+            warnings.filterwarnings("ignore", message="Could not find a config file")
+            lm.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
         merged = merge or not adapter
         base = None if merged else {"model": self.hparams.model, "gguf_file": self.hparams.gguf_file}
@@ -667,8 +677,16 @@ class TextPolicy(ConditionalPolicy):
         if limit is None:
             return
         values = None if not self.conditioned else np.zeros(self.conditioning.num_rewards)
-        n = len(self._encode(self.format_prompt(prompt, values))[0])
+        text = self.format_prompt(prompt, values)
         room = limit - int(self.hparams.max_new_tokens)
+        # a prompt far past the context is refused on its head: tokenizing megabytes would stall a server
+        head = str(prompt)[: HEAD_CHARS_PER_TOKEN * (room + 2)]
+        if len(head) < len(str(prompt)) and len(self._encode(head)[0]) > room + 1:
+            raise ValueError(
+                f"the prompt is over {room} tokens, what this model takes ({limit} tokens of context minus "
+                f"max_new_tokens {self.hparams.max_new_tokens}): {str(prompt)[:80]!r}..."
+            )
+        n = len(self._encode(text)[0])
         if n > room:
             raise ValueError(
                 f"the prompt is {n} tokens with its markers, over the {room} this model takes ({limit} tokens of "
