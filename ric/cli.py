@@ -111,6 +111,7 @@ QUIET_WARNINGS = (
     r".*isinstance\(treespec, LeafSpec\).*",  # Lightning 2.6 asks torch 2.14 a deprecated pytree question per batch
     r"Your `IterableDataset` has `__len__` defined",  # the data module's epoch length, read with num_workers <= 1
     r"Found \d+ module\(s\) in eval mode at the start of training",  # frozen parts kept in eval mode on purpose
+    r"`gradient_checkpointing_enable` is deprecated",  # peft's k-bit preparation calls transformers' old name
 )
 
 

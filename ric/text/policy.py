@@ -189,7 +189,10 @@ class TextPolicy(ConditionalPolicy):
                 self.lm, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=checkpointing
             )
         elif gradient_checkpointing:
-            self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+            if hasattr(self.lm, "activation_checkpointing_enable"):  # transformers 5.x's name
+                self.lm.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing)
+            else:
+                self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
             self.lm.config.use_cache = False
             if lora_r > 0:  # frozen embeddings: make the checkpointed blocks' inputs carry gradients
                 self.lm.enable_input_require_grads()
