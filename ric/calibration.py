@@ -227,9 +227,9 @@ def calibrate(
         )
         calibrated = replace(raw_space, calibration=calibration)
         asked = calibrated.desired(preferences, "linear")
-        lo, hi = calibration.achievable()
         # "before": the same asked values written as they are, through a space whose range is the achievable one
-        plain = replace(raw_space, r_min=lo, r_max=np.maximum(hi, lo + FLAT))
+        lo, hi = calibrated.mapped_range()
+        plain = replace(raw_space, r_min=lo, r_max=hi)
         before = sweep(plain, check_prompts, "before")
         after = sweep(calibrated, check_prompts, "after")
     finally:

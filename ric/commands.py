@@ -111,10 +111,15 @@ def format_values(names: Sequence[str], values: Sequence[float] | None) -> str:
 
 
 # ---- export -------------------------------------------------------------------------------------
-def export_command(args: argparse.Namespace) -> int:
-    out = Path(args.out)
+def check_new_folder(out: Path) -> None:
+    """An export's destination: absent or an empty folder, so no user's files are overwritten."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"{out} already exists and is not an empty folder: choose a new one")
+
+
+def export_command(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    check_new_folder(out)
     info = model_info(args)
     policy = load_checked(args, info)
     policy.export(out, merge=not args.no_merge)
@@ -361,22 +366,21 @@ def calibrate_command(args: argparse.Namespace) -> int:
                             ("--held-out", args.held_out, 0 < args.held_out < 1)):  # fmt: skip
         if not ok:
             raise UsageError(f"{name} {value} is out of range (points >= 2, samples >= 1, 0 < held-out < 1)")
-    split_prompts(prompts, args.held_out, args.seed)
+    fit_prompts, check_prompts = split_prompts(prompts, args.held_out, args.seed)
     info = model_info(args)
     if not info.conditioned or info.reward_space is None:
         raise UsageError(f"{info.path} is not a conditioned model with a reward space: there is nothing to calibrate")
     if info.kind != "export" and not args.out:
         raise UsageError(f"{info.path} is a checkpoint: give --out FOLDER, a new export folder for the calibrated one")
     target = Path(args.out) if args.out else info.path
-    if args.out and target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise UsageError(f"{target} already exists and is not an empty folder: choose a new one")
+    if args.out:
+        check_new_folder(target)
     settings = policy_class(info.class_path).check_sampling(sampling_settings(args), "sampling flags")
     rewards = rebuild_rewards(info)
     policy = load_checked(args, info)
     weights = info.path / "ric.json" if info.path.is_dir() else info.path
     fingerprint = f"{info.path.resolve()}:{weights.stat().st_mtime_ns}"
     work = Path(args.work) if args.work else target.with_name(target.name + ".calibration")
-    fit_prompts, check_prompts = split_prompts(prompts, args.held_out, args.seed)
     print(f"calibrating {info.path} on {len(fit_prompts)} prompts, checking on {len(check_prompts)} others "
           f"({args.points} preferences x {args.samples} answers; sweeps kept in {work})", flush=True)  # fmt: skip
     space = calibrate(policy, rewards, prompts, work, points=args.points, samples=args.samples,

@@ -165,7 +165,7 @@ class Relay:
                 await self._send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
             elif self._started:  # the worker stopped mid-answer: say so rather than end as if complete
                 error = error_body("generation stopped before the answer was complete", "server_error")
-                await self._send({"type": "http.response.body", "body": f"data: {json.dumps(error)}\n\n".encode(),
+                await self._send({"type": "http.response.body", "body": sse(error),
                                   "more_body": False})  # fmt: skip
             else:
                 await respond(self._send, 500, error_body("the model worker ended the request without an answer",
@@ -174,8 +174,7 @@ class Relay:
     async def _event(self, event: dict[str, Any]) -> None:
         if event.get("ric") == "error" and self._started:  # past the status line: the stream ends with the error
             self.finished = True
-            data = f"data: {json.dumps(event['data'])}\n\n".encode()
-            await self._send({"type": "http.response.body", "body": data, "more_body": False})
+            await self._send({"type": "http.response.body", "body": sse(event["data"]), "more_body": False})
             return
         if event.get("ric") in ("error", "body"):
             self.finished = True
@@ -187,8 +186,12 @@ class Relay:
             await self._send({"type": "http.response.start", "status": 200, "headers": headers})
         choices = event["data"].get("choices") or [{}]
         self._complete = self._complete or choices[0].get("finish_reason") is not None
-        data = f"data: {json.dumps(event['data'])}\n\n".encode()
-        await self._send({"type": "http.response.body", "body": data, "more_body": True})
+        await self._send({"type": "http.response.body", "body": sse(event["data"]), "more_body": True})
+
+
+def sse(data: dict[str, Any]) -> bytes:
+    """One server-sent event carrying ``data`` as JSON."""
+    return f"data: {json.dumps(data)}\n\n".encode()
 
 
 def replay_body(raw: bytes, receive: Any, watch: Callable[[dict], None] | None = None) -> Any:
