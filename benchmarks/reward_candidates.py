@@ -11,10 +11,16 @@ relevance), on the training split the steering recipe sees (the examples that fi
   trade-off shows as a negative value).
 
     .venv/bin/python -m benchmarks.reward_candidates          # about 3 min; hh-rlhf and the quickstart data
+    .venv/bin/python -m benchmarks.reward_candidates --task tldr   # the Reddit summaries (reward_candidates_tldr)
+
+A summary is mostly one sentence: on the TL;DR task the halves are a summary's odd and even words instead, and
+the candidates are conciseness, coverage of the post and relevance (the summaries' own length varies less than
+an hh answer's, so the within-prompt share is between a post's human and model summary).
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import re
@@ -24,10 +30,20 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.experiment import RESULTS, ROOT, build_data_module, command, pyplot, save_figure, write_results
+from benchmarks.experiment import (
+    RESULTS,
+    ROOT,
+    build_data_module,
+    command,
+    load_config,
+    pyplot,
+    rooted,
+    save_figure,
+    write_results,
+)
 from benchmarks.steering import quickstart_data, recipe_config
 from ric.data import prompt_key
-from ric.text.rewards import Readability, Relevance, Sentiment, Verbosity
+from ric.text.rewards import Conciseness, Coverage, Readability, Relevance, Sentiment, Verbosity
 
 
 class FleschPart(Readability):
@@ -52,6 +68,15 @@ CANDIDATES = (
 )
 
 
+#: the TL;DR task's candidates (``configs/steer_tldr_cpu.yaml`` trains on the first two)
+SUMMARY_CANDIDATES = (Conciseness, Coverage, Relevance)
+
+
+def word_halves(text: str) -> tuple[str, str] | None:
+    words = text.split()
+    return (" ".join(words[0::2]), " ".join(words[1::2])) if len(words) >= 4 else None
+
+
 def sentence_halves(text: str) -> tuple[str, str] | None:
     sentences = [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s.strip()]
     return (" ".join(sentences[0::2]), " ".join(sentences[1::2])) if len(sentences) >= 2 else None
@@ -61,23 +86,29 @@ def examples(data: str) -> list[dict]:
     """The training split of ``data`` as the steering recipe reads it, filtered to its token budget."""
     from ric.text.policy import TextPolicy
 
-    config = recipe_config(ROOT / "runs" / "steering", {} if data == "hh-rlhf" else quickstart_data(), 0)
+    if data == "tldr":
+        config = rooted(load_config("steer_tldr_cpu"))
+    else:
+        config = recipe_config(ROOT / "runs" / "steering", {} if data == "hh-rlhf" else quickstart_data(), 0)
     dm = build_data_module(config["data"])
     policy = TextPolicy(**config["model"]["init_args"])
     train, _, _ = dm.split(dm.dataset.load())
     return [r for r in train if policy.accepts(r["prompt"], r["response"])]
 
 
-def candidates(records: list[dict]) -> dict[str, Any]:
+def candidates(records: list[dict], makers: tuple = CANDIDATES, split: Any = sentence_halves) -> dict[str, Any]:
     prompts = [str(r["prompt"]) for r in records]
     texts = [str(r["response"]) for r in records]
-    halves = [(p, h) for p, t in zip(prompts, texts) if (h := sentence_halves(t))]
+    halves = [(p, h) for p, t in zip(prompts, texts) if (h := split(t))]
     groups: dict[str, list[int]] = {}
     for i, p in enumerate(prompts):
         groups.setdefault(prompt_key(p), []).append(i)
     pairs = [idx[:2] for idx in groups.values() if len(idx) > 1]
-    scores, out = {}, {"responses": len(records), "prompts_with_2_or_more": len(pairs), "rewards": {}}
-    for make in CANDIDATES:
+    scores, out = (
+        {},
+        {"responses": len(records), "prompts_with_2_or_more": len(pairs), "halves": split.__name__, "rewards": {}},
+    )
+    for make in makers:
         reward = make()
         start = time.perf_counter()
         raw = reward.score(prompts, texts).numpy().astype(float)
@@ -124,14 +155,21 @@ def plot(results: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", choices=("hh", "tldr"), default="hh")
+    args = parser.parse_args(argv)
     results: dict[str, Any] = {"command": command(), "data": {}}
-    for data in ("hh-rlhf", "quickstart"):
-        results["data"][data] = candidates(examples(data))
-        print(data, json.dumps(results["data"][data], indent=1), flush=True)
-    write_results("reward_candidates", results)
-    plot(results, RESULTS / "reward_candidates.png")
-    print(RESULTS / "reward_candidates.png")
+    if args.task == "tldr":
+        results["data"]["tldr"] = candidates(examples("tldr"), SUMMARY_CANDIDATES, word_halves)
+    else:
+        for data in ("hh-rlhf", "quickstart"):
+            results["data"][data] = candidates(examples(data))
+    print(json.dumps(results["data"], indent=1), flush=True)
+    name = "reward_candidates" + ("_tldr" if args.task == "tldr" else "")
+    write_results(name, results)
+    plot(results, RESULTS / f"{name}.png")
+    print(RESULTS / f"{name}.png")
 
 
 if __name__ == "__main__":

@@ -172,7 +172,7 @@ class ExamplePool(IterableDataset):
         version = self.dm.pool_version
         examples = self.dm.train_examples()
         epoch = self.dm.trainer.current_epoch if self.dm.trainer is not None else 0
-        order = np.random.default_rng([self.dm.seed, epoch, version]).permutation(len(examples))
+        order = np.random.default_rng([self.dm.shuffle_seed, epoch, version]).permutation(len(examples))
         rank, world, share = self._share(len(examples))
         for i in order[rank::world][:share]:
             if self.dm.pool_version != version:
@@ -203,9 +203,15 @@ class RelabelDataModule(L.LightningDataModule):
             :mod:`ric.mapping`); the sweep and ``ric generate`` may override it per call.
         marker_dropout: the share of training examples shown without their rewards, so the model also
             learns the condition reward guidance contrasts with (0: the paper's training, every example
-            conditioned); drawn per example from ``seed`` and the pool (each online round draws afresh).
+            conditioned); drawn per example from ``shuffle_seed`` and the pool (each online round draws afresh).
         marker_dropout_reference: what a dropped example's prompt carries instead: ``none`` (no markers) or
             ``neutral`` (every reward at the space's neutral point, 0).
+        seed: the split into train, validation and held-out prompts.
+        shuffle_seed: the order of the training examples and the marker-dropout draws (default: ``seed``);
+            runs that differ only in it train on the same split in another order.
+
+    Conditioned examples whose training row would be cut (:meth:`ConditionalPolicy.fits`) are left out and
+    counted in ``cut_examples``: a cut response keeps the rewards of the whole one.
     """
 
     def __init__(
@@ -232,6 +238,7 @@ class RelabelDataModule(L.LightningDataModule):
         lam: list[float] | None = None,
         marker_dropout: float = 0.0,
         marker_dropout_reference: Literal["none", "neutral"] = "none",
+        shuffle_seed: int | None = None,
     ) -> None:
         super().__init__()
         if not 0 <= marker_dropout < 1:
@@ -267,6 +274,8 @@ class RelabelDataModule(L.LightningDataModule):
         self.normalization = normalization
         self.output_dir = output_dir
         self.seed = seed
+        self.shuffle_seed = seed if shuffle_seed is None else shuffle_seed
+        self.cut_examples = 0
         self.marker_dropout = marker_dropout
         self.marker_dropout_reference = marker_dropout_reference
         self.num_workers = num_workers
@@ -395,14 +404,22 @@ class RelabelDataModule(L.LightningDataModule):
         z = np.asarray(scores, dtype=float) if normalized or not len(records) else self.space.normalize(scores)
         values: list[np.ndarray | None] = list(z)
         if self.marker_dropout > 0:  # (none drawn at 0: the paper's examples exactly)
-            dropped = np.random.default_rng([self.seed, self.pool_version]).random(len(records)) < self.marker_dropout
+            draw = np.random.default_rng([self.shuffle_seed, self.pool_version]).random(len(records))
+            dropped = draw < self.marker_dropout
             blank = None if self.marker_dropout_reference == "none" else np.zeros(z.shape[1])
             values = [blank if drop else v for v, drop in zip(values, dropped)]
             log.info("marker dropout: %d of %d examples shown without their rewards", int(dropped.sum()), len(records))
-        return [
+        examples = [
             {"prompt": self.policy.training_prompt(r["prompt"], v), "response": r["response"]}
             for r, v in zip(records, values)
         ]
+        kept = [ex for ex in examples if self.policy.fits(ex["prompt"], ex["response"])]
+        self.cut_examples = len(examples) - len(kept)
+        if self.cut_examples:
+            log.info("left out %d of %d examples whose training row would be cut", self.cut_examples, len(examples))
+        if not kept:
+            raise ValueError(f"every one of {len(examples)} training examples is longer than a training row")
+        return kept
 
     def state_dict(self) -> dict[str, Any]:
         return {"pool_version": self.pool_version}

@@ -157,6 +157,11 @@ class ConditionalPolicy(L.LightningModule, ABC):
         """Whether an example is usable for training (e.g. within a token-length range)."""
         return True
 
+    def fits(self, conditioned_prompt: Any, sample: Any) -> bool:
+        """Whether a conditioned example's training row holds all of it: a row cut short would teach the
+        rewards of the whole response on a part of it (and, for text, never show its end)."""
+        return True
+
     def check_prompt(self, prompt: Any) -> None:
         """Refuse a prompt generation cannot take (empty, too long for the model), naming it."""
         if not isinstance(prompt, str) or not prompt.strip():
@@ -237,8 +242,10 @@ class ConditionalPolicy(L.LightningModule, ABC):
         space = read_reward_space(meta, self.conditioning.reward_names)
         if space is None:
             return
-        if meta.get("reward_space") is None and self.reward_space is not None:
-            # a schema-1 checkpoint holds the statistics only: keep the configured range and mapping
+        if self.reward_space is not None:
+            # a run (fit or test) from a checkpoint: the statistics are the checkpoint's, as its labels were
+            # written in them; the range and mapping are this run's settings, so a sweep or an online stage can
+            # ask for other values than the training did (a schema-1 checkpoint holds the statistics only)
             space = self.reward_space.with_statistics(space.mean, space.std, space.fitted_on)
         self.reward_space = space
 

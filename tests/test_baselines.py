@@ -178,6 +178,15 @@ def test_morlhf_command_trains_one_policy_per_preference_and_writes_a_front(tiny
     rows = [json.loads(line) for line in (out / "sweep" / "samples.jsonl").read_text().splitlines()]
     assert {tuple(r["preference"]) for r in rows} == {(1.0, 0.0), (0.0, 1.0)}
     assert all("<R" not in r["prompt"] for r in rows)  # no reward markers: the weights carry the preference
+    # the same policies swept as they were after their first GRPO step: a point of the cost curve, no retraining
+    stamp = (out / "policy0" / "cost.json").stat().st_mtime_ns
+    assert main(["baseline", "morlhf", "--config", str(config), "--at_step", "1"]) == 0
+    early = json.loads((out / "sweep-step1" / "metrics.json").read_text())["cost"]
+    assert (out / "policy0" / "cost.json").stat().st_mtime_ns == stamp
+    assert early["at_step"] == 1 and [c["steps"] for c in early["per_run"]] == [1, 1]
+    assert 0 < early["train_seconds"] < cost["train_seconds"]
+    assert early["generated_samples_training"] == cost["generated_samples_training"] // 2
+    assert main(["baseline", "morlhf", "--config", str(config), "--at_step", "3"]) == 2  # not a saved step
 
 
 def test_soups_sweep_mixes_per_row_and_a_killed_run_keeps_finished_experts(

@@ -62,7 +62,7 @@ def test_one_online_iteration(tmp_path, tiny_llama, text_data):
     available = passing if passing else len(z_orig)
     assert summary["buffer_original"] == min(round(0.5 * kept.sum()), available) > 0
     pool = dm.train_examples()
-    assert len(pool) == summary["buffer_online"] + summary["buffer_original"]
+    assert len(pool) == summary["buffer_online"] + summary["buffer_original"] - summary["left_out_cut"]
     np.testing.assert_allclose(list(summary["thresholds"].values()), mors_thresholds(z, 0.7))
     # every prompt of the pool carries the rewards its sample obtained: the kept online samples first, in order
     conditioning = cli.model.conditioning

@@ -280,6 +280,17 @@ def test_fit_resume_and_sweep(tmp_path, tiny_llama, text_data):
     assert all(np.isfinite(e["nats_mean"]) and e["moved_by_mean"] > 0 for e in effects["rewards"].values())
     assert metrics["hypervolume"] >= 0 and (sweep / "front.png").stat().st_size > 1000
 
+    # a sweep asking past the training's range: the checkpoint's statistics (its labels' units), this run's range
+    wide = RiCCLI(args=["test", "--config", str(config), "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt"),
+                        "--data.reward_range", "data", "--data.range_quantiles", "[0.25, 0.75]",
+                        "--data.method", "linear"])  # fmt: skip
+    trained_space = meta["reward_space"]
+    used = wide.model.reward_space
+    np.testing.assert_allclose(used.mean, trained_space["mean"])
+    z = used.normalize(wide.datamodule.train_scores)
+    np.testing.assert_allclose(used.r_max, np.quantile(z, 0.75, axis=0))
+    assert used.method == "linear" and not np.allclose(used.r_max, trained_space["r_max"])
+
 
 def test_a_failed_marker_check_keeps_the_sweep(tmp_path, tiny_llama, text_data, monkeypatch, caplog):
     def broken(*args, **kwargs):
@@ -406,3 +417,36 @@ def test_marker_dropout_shows_a_share_of_examples_without_their_rewards(policy, 
     assert [p for p in neutral if "<R1> 0.0 <R2> 0.0" in p] and not [p for p in neutral if "<R1>" not in p]
     with pytest.raises(ValueError, match=r"marker_dropout must be in \[0, 1\), got 1.0"):
         data(marker_dropout=1.0)
+    # another order seed draws other examples on the same split; the split's seed stays the default
+    other = data(marker_dropout=0.25, shuffle_seed=4)
+    assert other != dropped and 60 < sum("<R1>" not in p for p in other) < 140
+
+
+def test_examples_whose_training_row_would_be_cut_are_left_out(policy, tmp_path):
+    """A response longer than a training row keeps the rewards of all of it: it is left out and counted,
+    never trained on cut short."""
+    from types import SimpleNamespace
+
+    (tmp_path / "unused.jsonl").write_text("")
+    dm = RelabelDataModule(JsonlExamples(str(tmp_path / "unused.jsonl")), [Verbosity(), Sentiment()], cache_dir=None)
+    dm.trainer = SimpleNamespace(lightning_module=policy)
+    records = [{"prompt": "a question", "response": "word " * n} for n in (2, 1500, 5, 900)]
+    kept = dm.examples(records, np.zeros((4, 2)), normalized=True)
+    assert [len(ex["response"].split()) for ex in kept] == [2, 5] and dm.cut_examples == 2
+    rows = policy.training_rows(kept)
+    assert all(labels[-1] == policy.tokenizer.eos_token_id for _, labels in rows)  # every end is seen
+    with pytest.raises(ValueError, match="every one of 1 training examples is longer than a training row"):
+        dm.examples(records[1:2], np.zeros((1, 2)), normalized=True)
+
+
+def test_summary_rewards_trade_length_for_coverage():
+    from ric.text.rewards import Conciseness, Coverage
+
+    post = "My landlord kept the deposit after the lease ended, and the apartment was spotless when we moved out."
+    short, long = "Landlord kept my deposit.", "Landlord kept my deposit after the lease ended; apartment was spotless."
+    conciseness = Conciseness().score([post, post], [short, long])
+    coverage = Coverage().score([post, post], [short, long])
+    assert conciseness.tolist() == [-4.0, -11.0]  # higher is shorter
+    content = {"landlord", "kept", "deposit", "after", "lease", "ended", "apartment", "spotless", "when", "moved"}
+    assert coverage.tolist() == pytest.approx([3 / len(content), 8 / len(content)])
+    assert Coverage().score(["a an of"], ["anything"]).tolist() == [0.0]  # a prompt without content words

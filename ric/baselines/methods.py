@@ -37,6 +37,9 @@ class Baseline:
         output_dir: where adapters, TRL checkpoints, the reward space and the sweep go (default
             ``runs/<method>``).
         max_train_prompts: RL prompts, taken from the training split in its order (``null``: all).
+        at_step: sweep the adapters as they were at this GRPO step (a saved one: a multiple of
+            ``grpo.save_steps``) instead of the finished ones, with the cost spent up to it, into
+            ``<sweep folder>-step<N>``: a method's front against its training budget, from one run per policy.
     """
 
     label = "baseline"
@@ -50,15 +53,20 @@ class Baseline:
         sweep: PreferenceSweep | None = None,
         output_dir: str | None = None,
         max_train_prompts: int | None = 256,
+        at_step: int | None = None,
     ) -> None:
         if "model" not in policy:
             raise ValueError("policy needs at least 'model' (the RiC run's TextPolicy init arguments)")
         if max_train_prompts is not None and max_train_prompts < 1:
             raise ValueError(f"max_train_prompts must be >= 1 (or null for all), got {max_train_prompts}")
+        self.grpo = grpo or GRPOSettings()
+        if at_step is not None and not (1 <= at_step <= self.grpo.steps and at_step % self.grpo.save_steps == 0):
+            raise ValueError(f"at_step {at_step} is not a saved GRPO step: a multiple of save_steps "
+                             f"{self.grpo.save_steps} up to steps {self.grpo.steps}")  # fmt: skip
+        self.at_step = at_step
         self.policy_args = {**policy, "reward_names": data.reward_names}
         self.policy_args.pop("conditioned", None)
         self.data = data
-        self.grpo = grpo or GRPOSettings()
         self.sweep = sweep or PreferenceSweep(num_points=5)
         self.sweep.check_rewards(data.reward_names)
         self.output_dir = Path(output_dir or f"runs/{type(self).__name__.lower()}")
@@ -71,7 +79,9 @@ class Baseline:
         raise NotImplementedError
 
     def run(self) -> Path:
-        """Train what is not trained yet, sweep, and return the sweep's ``front.csv``."""
+        """Train what is not trained yet, sweep (the adapters at ``at_step`` where set), and return the
+        sweep's ``front.csv``."""
+        at_step = self.at_step
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.data.output_dir = self.data.output_dir or str(self.output_dir)
         base = self.build_policy([], [])
@@ -87,6 +97,8 @@ class Baseline:
             print(f"{self.label}: RL policy {k + 1} of {len(prefs)}, reward weights {w.tolist()}", flush=True)
             costs.append(train_adapter(base, f"rl{k}", rewards, w, prompts, self.grpo, folder))
             folders.append(str(folder / "adapter"))
+            if at_step is not None:
+                costs[-1], folders[-1] = checkpoint_cost(folder / "trl" / f"checkpoint-{at_step}", f"rl{k}", w)
         for path in folders:
             base.add_trained_adapter(path)
         if isinstance(base, MORLHFPolicy):
@@ -100,9 +112,12 @@ class Baseline:
             "training_tokens": sum(c["training_tokens"] for c in costs),
             "per_run": costs,
         }
+        out = Path(self.sweep.output_dir or self.output_dir / "sweep")
+        if at_step is not None:
+            out, cost["at_step"] = out.with_name(f"{out.name}-step{at_step}"), at_step
         base.to("cuda" if torch.cuda.is_available() else "cpu").eval()
         return self.sweep.evaluate(
-            base, self.data, self.sweep.output_dir or self.output_dir / "sweep", training_cost=cost,
+            base, self.data, out, training_cost=cost,
             label=self.label if self.sweep.label == DEFAULT_LABEL else self.sweep.label,
             preferences=self.sweep_preferences(),
         )  # fmt: skip
@@ -110,6 +125,30 @@ class Baseline:
     def sweep_preferences(self) -> list[list[float]] | None:
         """The preferences the sweep evaluates (``None``: its own)."""
         return None
+
+
+def checkpoint_cost(folder: Path, name: str, weights: np.ndarray) -> tuple[dict[str, Any], str]:
+    """The cost of one RL run up to a TRL checkpoint (what its ledger wrote there) and the adapter saved in it."""
+    import json
+
+    from ric.baselines.grpo import CostLedger
+
+    adapter, ledger, state = folder / name, folder / CostLedger.FILE, folder / "trainer_state.json"
+    if not (adapter / "adapter_config.json").is_file() or not ledger.is_file() or not state.is_file():
+        raise FileNotFoundError(f"no finished checkpoint with adapter {name!r} and its cost in {folder}")
+    spent, trainer_state = json.loads(ledger.read_text()), json.loads(state.read_text())
+    history = trainer_state.get("log_history", [])
+    batch = trainer_state.get("train_batch_size") or 0
+    cost = {
+        "train_seconds": spent["seconds"],
+        "steps": trainer_state["global_step"],
+        "generated_samples": trainer_state["global_step"] * batch,
+        "reward_calls": spent["reward_calls"],
+        "reward_seconds": spent["reward_seconds"],
+        "training_tokens": max((float(e.get("num_tokens", 0)) for e in history), default=0.0),
+        "weights": [float(w) for w in weights],
+    }
+    return cost, str(adapter)
 
 
 class MORLHF(Baseline):

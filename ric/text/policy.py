@@ -241,6 +241,10 @@ class TextPolicy(ConditionalPolicy):
         n = len(prompt_ids) + len(response_ids)
         return self.hparams.min_tokens <= n <= self.hparams.max_tokens
 
+    def fits(self, conditioned_prompt: str, response: Any) -> bool:
+        prompt_ids, response_ids = self._encode(conditioned_prompt, response)
+        return len(prompt_ids) + len(response_ids) <= self.hparams.max_length
+
     def training_rows(self, examples: Sequence[dict]) -> list[tuple[list[int], list[int]]]:
         """``(input ids, labels)`` of ``{"prompt": conditioned prompt, "response": text}`` examples; labels
         mask the prompt and keep EOS, so the model learns where to stop."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
@@ -145,6 +146,37 @@ class Verbosity(RewardModel):
 
     def score_batch(self, prompts: Sequence[str], samples: Sequence[str]) -> torch.Tensor:
         return torch.tensor([float(len(str(s).split())) for s in samples])
+
+
+class Conciseness(Verbosity):
+    """Minus the number of words in the response: higher is shorter, so it trades off against what a longer
+    answer earns (a summary's coverage of its post)."""
+
+    def __init__(self, name: str = "conciseness", batch_size: int = 256) -> None:
+        super().__init__(name, batch_size)
+
+    def score_batch(self, prompts: Sequence[str], samples: Sequence[str]) -> torch.Tensor:
+        return -super().score_batch(prompts, samples)
+
+
+class Coverage(RewardModel):
+    """The share of the prompt's distinct content words that the response uses: how much of a post a summary
+    covers. Content words are those of four letters or more, which leaves out most function words without a
+    stop-word list to download."""
+
+    def __init__(self, name: str = "coverage", batch_size: int = 256) -> None:
+        super().__init__(name, batch_size)
+
+    @staticmethod
+    def words(text: str, shortest: int = 1) -> set[str]:
+        return {w for w in re.findall(r"[a-z]+", str(text).lower()) if len(w) >= shortest}
+
+    def score_batch(self, prompts: Sequence[str], samples: Sequence[str]) -> torch.Tensor:
+        scores = []
+        for prompt, sample in zip(prompts, samples):
+            content = self.words(prompt, shortest=4)
+            scores.append(len(content & self.words(sample)) / len(content) if content else 0.0)
+        return torch.tensor(scores, dtype=torch.float32)
 
 
 def _pyphen():

@@ -1,0 +1,97 @@
+"""benchmarks/comparison.py's rules: the split fixed while everything else follows the seed, one learning-rate
+rule for every arm, a reference point from the training data, curves summarized over seeds, goals decided on
+the budget each method had, and a results file of other rules refused rather than merged."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+NAMES = ["verbosity", "readability"]
+
+
+@pytest.fixture
+def comparison():
+    from benchmarks import comparison
+
+    return comparison
+
+
+@pytest.mark.parametrize("task", ["hh", "tldr"])
+def test_every_seed_changes_all_but_the_split(comparison, task, tmp_path):
+    from benchmarks.experiment import get
+
+    base = comparison.base_config(comparison.TASKS[task])
+    configs = [comparison.run_config(base, tmp_path / str(s), s, {}) for s in (0, 1)]
+    for seed, config in enumerate(configs):
+        assert get(config, "data.seed") == comparison.SPLIT_SEED  # one split for every arm and seed
+        assert config["seed_everything"] == get(config, "data.shuffle_seed") == seed
+        assert get(config, "data.val_fraction") == comparison.VAL_FRACTION
+        assert get(config, "data.max_test_prompts") == comparison.TASKS[task].prompts
+    rules = comparison.rules(comparison.TASKS[task], base)
+    # one scaling rule: every learning rate is the paper's times the recipe's factor
+    factor = get(base, "model.init_args.learning_rate") / comparison.PAPER["offline_lr"]
+    assert rules["learning_rates"]["ric_online"] == pytest.approx(1e-5 * factor)
+    assert rules["learning_rates"]["grpo"] == pytest.approx(1e-5 * factor) and rules["grpo_kl"] == 0.2
+
+
+def point(arm: str, curve: str, at: int, obtained: list, seconds: float, spearman: float = 1.0) -> dict:
+    cost = {"seconds": seconds, "generations": 10 * at, "reward_calls": 20 * at}
+    return {"arm": arm, "curve": curve, ("k" if arm == "ric" else "step"): at, "obtained": obtained,
+            "preferences": [[0.0, 1.0], [1.0, 0.0]], "train": cost, "with_evaluation": cost,
+            "steering": {n: {"spearman": spearman, "spread_ratio": 0.5} for n in NAMES}}  # fmt: skip
+
+
+def test_curves_goals_and_clipping(comparison):
+    ref = {"reference_point": [-1.0, -1.0], "clip_high": [1.0, 1.0]}
+    records = {}
+    for seed, lift in ((0, 0.0), (1, 0.2)):
+        records[f"seed{seed}"] = {
+            "p_inf-k0": point("ric", "p_inf", 0, [[0.0 + lift, 0.0]], 100.0),
+            "p_inf-k1": point("ric", "p_inf", 1, [[0.5 + lift, 0.5]], 200.0),
+            "morlhf-step4": point("morlhf", "morlhf", 4, [[0.2, 0.2]], 150.0, 0.5),
+            "morlhf-step8": point("morlhf", "morlhf", 8, [[3.0, 3.0]], 900.0, 0.5),  # past the clip
+            "soups-step4": point("soups", "soups", 4, [[0.1, 0.1]], 120.0),
+        }
+    summary = comparison.summarize(records, ref, NAMES)
+    k1 = summary["p_inf"]["1"]
+    assert k1["seeds"] == 2 and k1["hv"] == pytest.approx(np.mean([1.5 * 1.5, 1.7 * 1.5]))
+    assert k1["hv_sd"] > 0 and k1["train_seconds"] == 200.0
+    far = summary["morlhf"]["8"]
+    assert far["hv"] == pytest.approx(16.0) and far["hv_clipped"] == pytest.approx(4.0)
+    # at RiC's 200 s MORLHF had only its 4-step point (its 8-step point cost 900 s)
+    assert comparison.interpolate(summary["morlhf"], 200.0) == pytest.approx(1.2 * 1.2)
+    assert comparison.interpolate(summary["morlhf"], 50.0) is None
+    goals = comparison.goals(summary, NAMES)
+    first = goals["RiC's hypervolume >= MORLHF's and Soups' at RiC's training seconds, Spearman >= 0.9"]
+    assert first["met"] is True and first["seconds"] == 200.0
+    assert goals["RiC's hypervolume rises with each online round"]["met"] is True
+    cost = goals["MORLHF and Soups need >= 3x RiC's training seconds for RiC's best front"]
+    assert cost["ratio"]["morlhf"] == pytest.approx(4.5) and cost["ratio"]["soups"] is None and cost["met"]
+
+
+def test_reference_point_comes_from_the_training_data(comparison, monkeypatch):
+    rng = np.random.default_rng(0)
+    raw = rng.normal([10.0, 50.0], [2.0, 5.0], size=(1000, 2))
+    monkeypatch.setattr(comparison, "raw_train_scores", lambda base: raw)
+    ref = comparison.reference({})
+    z = (raw - raw.mean(0)) / raw.std(0)
+    np.testing.assert_allclose(ref["reference_point"], np.quantile(z, 0.01, axis=0))
+    np.testing.assert_allclose(ref["clip_high"], np.quantile(z, 0.99, axis=0))
+    assert ref["responses"] == 1000
+
+
+def test_results_of_other_rules_are_refused(comparison, monkeypatch, tmp_path):
+    monkeypatch.setattr(comparison, "RESULTS", tmp_path)
+    stale = {"rules": {"split_seed": 1}, "points": {}}
+    (tmp_path / "comparison_hh.json").write_text(json.dumps(stale))
+    with pytest.raises(SystemExit, match="measured under other rules"):
+        comparison.main(["--task", "hh", "--report", "--out", str(tmp_path / "runs")])
+
+
+def test_unknown_arm_is_refused(comparison, capsys):
+    with pytest.raises(SystemExit):
+        comparison.main(["--task", "hh", "--arms", "ppo"])
+    assert "unknown arm(s) ['ppo']" in capsys.readouterr().err
