@@ -52,6 +52,12 @@ class TrainingCost(L.Callback):
             self._running, self._carried = self._carried, {}
         return self.ledger()
 
+    def add_seconds(self, seconds: float) -> None:
+        """Count work an earlier process did for this training that no checkpoint's ledger holds (an online
+        round's samples generated before a kill and kept on disk)."""
+        target = self._running if self._running else self._carried
+        target["train_seconds"] = target.get("train_seconds", 0.0) + float(seconds)
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         zero = {"train_seconds": 0.0, "training_steps": 0, "training_tokens": 0, "training_examples": 0,
                 "counted_from_step": trainer.global_step}  # fmt: skip

@@ -12,7 +12,7 @@ import contextlib
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -245,8 +245,16 @@ class ConditionalPolicy(L.LightningModule, ABC):
         if self.reward_space is not None:
             # a run (fit or test) from a checkpoint: the statistics are the checkpoint's, as its labels were
             # written in them; the range and mapping are this run's settings, so a sweep or an online stage can
-            # ask for other values than the training did (a schema-1 checkpoint holds the statistics only)
-            space = self.reward_space.with_statistics(space.mean, space.std, space.fitted_on)
+            # ask for other values than the training did (a schema-1 checkpoint holds the statistics only). A
+            # range of data quantiles keeps the raw values it names, restated in the checkpoint's units
+            configured = self.reward_space
+            space = configured.with_statistics(space.mean, space.std, space.fitted_on)
+            source = configured.range_source
+            if source.get("kind") == "data" and "r_min" not in source and "r_max" not in source:
+                lo, hi = (
+                    space.normalize(configured.denormalize(b[None]))[0] for b in (configured.r_min, configured.r_max)
+                )
+                space = replace(space, r_min=lo, r_max=hi)
         self.reward_space = space
 
     def export(self, path: str | Path, merge: bool = True) -> Path:

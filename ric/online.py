@@ -24,6 +24,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from ric.cost import TrainingCost
 from ric.data import prompt_key, read_jsonl
 from ric.distributed import rank_and_world
 from ric.interfaces import ConditionalPolicy
@@ -118,17 +119,21 @@ class OnlineLoop(RangeSettingsMoved, L.Callback):
         # state saved in checkpoints
         self.phase = 0  # number of finished generation rounds
         self.summaries: list[dict[str, Any]] = []
+        # rows of an unfinished round whose generation time the checkpoint's cost ledger already holds
+        self.rows_in_ledger: dict[str, int] = {}
         self._resolved_offline: int | None = None
         self._phase_started = time.perf_counter()
 
     # ---- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"phase": self.phase, "summaries": self.summaries, "offline_steps": self._resolved_offline}
+        return {"phase": self.phase, "summaries": self.summaries, "offline_steps": self._resolved_offline,
+                "rows_in_ledger": self.rows_in_ledger}  # fmt: skip
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.phase = int(state_dict.get("phase", 0))
         self.summaries = list(state_dict.get("summaries", []))
         self._resolved_offline = state_dict.get("offline_steps")
+        self.rows_in_ledger = dict(state_dict.get("rows_in_ledger", {}))
 
     # ---- schedule -------------------------------------------------------------------------------
     def boundaries(self) -> list[int]:
@@ -191,17 +196,27 @@ class OnlineLoop(RangeSettingsMoved, L.Callback):
         done = {row["index"] for row in rows}
         if path.is_file():  # rewrite without a torn tail, so appends start on a clean line
             path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        # the samples a killed process left carry the seconds they took, which no checkpoint's ledger holds
+        counted = self.rows_in_ledger.get(f"{round_idx}/{rank}", 0)
+        carried = sum(float(r.get("seconds", 0.0)) for r in rows[counted:])
+        for callback in trainer.callbacks:
+            if isinstance(callback, TrainingCost) and carried:
+                callback.add_seconds(carried)
         todo = [k for k in range(rank, self.prompts_per_iteration, world) if k not in done]
         made = 0
+        last = time.perf_counter()
         with path.open("a", encoding="utf-8") as fh:
 
             def append(chunk: list[int], responses: list[Any], raw: np.ndarray | None) -> None:
-                nonlocal made
+                nonlocal made, last
                 # images etc. are written to files before their rows, so a row never points at nothing
                 stored = policy.store_samples(responses, path.parent / "samples", [f"{k:07d}" for k in chunk])
+                now = time.perf_counter()
+                share = (now - last) / len(chunk)  # the chunk's generation and scoring, per sample
+                last = now
                 for j, k in enumerate(chunk):
                     row = {"index": k, "prompt": prompts[k], "response": stored[j], "target": targets[k].tolist(),
-                           "raw": raw[j].tolist()}  # fmt: skip
+                           "raw": raw[j].tolist(), "seconds": share}  # fmt: skip
                     fh.write(json.dumps(row, default=str, ensure_ascii=False) + "\n")
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -279,6 +294,9 @@ class OnlineLoop(RangeSettingsMoved, L.Callback):
         try:
             made = self.generate_shard(trainer, policy, round_idx)
         except StopRequested as stop:
+            rank = rank_and_world()[0]
+            own = self.folder(trainer) / f"round{round_idx}" / f"rank{rank}.jsonl"
+            self.rows_in_ledger[f"{round_idx}/{rank}"] = len(read_rows(own))  # this process's time is in the ledger
             where = save_for_resume(trainer)
             rows = len(self.round_rows(trainer, round_idx))
             resume = (
@@ -306,6 +324,9 @@ class OnlineLoop(RangeSettingsMoved, L.Callback):
             "buffer_original": original,
             "left_out_cut": trainer.datamodule.cut_examples,
             "seconds_generating": gen_time,
+            "seconds_generating_all_runs": sum(
+                float(r.get("seconds", 0.0)) for r in self.round_rows(trainer, round_idx)
+            ),
             "seconds_training_before": train_time,
             "global_step": trainer.global_step,
         }

@@ -68,14 +68,19 @@ def test_curves_goals_and_clipping(comparison):
     first = goals["RiC's hypervolume >= MORLHF's and Soups' at RiC's training seconds, Spearman >= 0.9"]
     assert first["met"] is True and first["seconds"] == 200.0
     assert goals["RiC's hypervolume rises with each online round"]["met"] is True
-    cost = goals["MORLHF and Soups need >= 3x RiC's training seconds for RiC's best front"]
-    assert cost["ratio"]["morlhf"] == pytest.approx(4.5) and cost["ratio"]["soups"] is None and cost["met"]
+    cost = goals["MORLHF and Soups need >= 3x RiC's training seconds to reach RiC's best front"]
+    assert cost["ratio_to_reach_ric_best"] == {"morlhf": pytest.approx(4.5), "soups": None}
+    # Soups never reached it, but its largest budget was 0.6x RiC's: the budgets run cannot decide the goal
+    assert cost["ratio_of_largest_budget"]["soups"] == pytest.approx(0.6) and cost["met"] is None
+    # goals compare positions over the same seeds: a seed missing a point is left out of them
+    del records["seed1"]["soups-step4"]
+    assert comparison.complete_seeds(records) == ["seed0"]
 
 
 def test_reference_point_comes_from_the_training_data(comparison, monkeypatch):
     rng = np.random.default_rng(0)
     raw = rng.normal([10.0, 50.0], [2.0, 5.0], size=(1000, 2))
-    monkeypatch.setattr(comparison, "raw_train_scores", lambda base: raw)
+    monkeypatch.setattr(comparison, "train_scores", lambda base: raw)
     ref = comparison.reference({})
     z = (raw - raw.mean(0)) / raw.std(0)
     np.testing.assert_allclose(ref["reference_point"], np.quantile(z, 0.01, axis=0))
@@ -88,6 +93,12 @@ def test_results_of_other_rules_are_refused(comparison, monkeypatch, tmp_path):
     stale = {"rules": {"split_seed": 1}, "points": {}}
     (tmp_path / "comparison_hh.json").write_text(json.dumps(stale))
     with pytest.raises(SystemExit, match="measured under other rules"):
+        comparison.main(["--task", "hh", "--report", "--out", str(tmp_path / "runs")])
+    # runs left by a killed run of other rules are not reused either
+    (tmp_path / "comparison_hh.json").unlink()
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "rules.json").write_text(json.dumps({"split_seed": 1}))
+    with pytest.raises(SystemExit, match="holds runs made under other rules"):
         comparison.main(["--task", "hh", "--report", "--out", str(tmp_path / "runs")])
 
 

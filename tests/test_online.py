@@ -29,6 +29,7 @@ def _config(tmp_path, tiny_llama, data_path, *, offline_steps=2, online=None, ch
         {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
          "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True, "every_n_train_steps": checkpoint_every}},
         {"class_path": "ric.online.OnlineLoop", "init_args": online_args},
+        {"class_path": "ric.cost.TrainingCost"},  # the training's cost in every checkpoint
     ]  # fmt: skip
     if sweep:
         callbacks.append({"class_path": "ric.evaluation.PreferenceSweep", "init_args": {
@@ -93,6 +94,7 @@ def crash_on_chunk(monkeypatch, policy_class, chunk):
 
 
 def test_killed_round_resumes_without_loss_or_duplicates(tmp_path, tiny_llama, text_data, monkeypatch):
+    from ric.cost import LEDGER_KEY, TrainingCost
     from ric.text.policy import TextPolicy
 
     config = _config(tmp_path, tiny_llama, text_data)
@@ -102,15 +104,26 @@ def test_killed_round_resumes_without_loss_or_duplicates(tmp_path, tiny_llama, t
     monkeypatch.undo()
     first = _buffer(tmp_path)
     assert len(first) == 8  # two chunks of 4 were on disk before the crash
+    assert all(r["seconds"] > 0 for r in first)  # each sample's share of its chunk's generation
     # a torn line from a kill mid-write is dropped, not fatal
     with (tmp_path / "buffer" / "round0" / "rank0.jsonl").open("a") as fh:
         fh.write('{"index": 99, "prompt": "tor')
+    before = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)[LEDGER_KEY]["train_seconds"]
+    added = []
+    real = TrainingCost.add_seconds
+    monkeypatch.setattr(TrainingCost, "add_seconds", lambda self, s: (added.append(s), real(self, s)))
     resumed = RiCCLI(args=["fit", "--config", str(config), "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt")])
     rows = _buffer(tmp_path)
     assert sorted(r["index"] for r in rows) == list(range(16))
     done = {r["index"] for r in first}
     assert [r for r in rows if r["index"] in done] == first  # finished samples were not regenerated
     assert resumed.trainer.global_step == 4
+    # the killed process's generation time is counted: the checkpoint it resumed from never held it
+    assert added == [pytest.approx(sum(r["seconds"] for r in first))]
+    after = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)[LEDGER_KEY]["train_seconds"]
+    assert after >= before + added[0]
+    summary = json.loads((tmp_path / "buffer" / "round0" / "summary.json").read_text())
+    assert summary["seconds_generating_all_runs"] == pytest.approx(sum(r["seconds"] for r in rows))
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is unavailable")
