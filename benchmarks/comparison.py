@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -43,6 +42,7 @@ from benchmarks.experiment import (
     build_data_module,
     checkpoints,
     command,
+    export_once,
     fit,
     flatten,
     get,
@@ -51,6 +51,7 @@ from benchmarks.experiment import (
     pyplot,
     rooted,
     save_figure,
+    sweep_callback,
     write_config,
     write_results,
 )
@@ -203,21 +204,10 @@ def run_config(base: dict, folder: Path, seed: int, overrides: dict, callbacks: 
     return rooted(override(base, {**overrides, **run}))
 
 
-def sweep_callback(dest: Path, task: Task, base: dict, seed: int, method: str, extra: dict | None = None) -> dict:
+def sweep(dest: Path, task: Task, base: dict, seed: int, method: str, extra: dict | None = None) -> dict:
+    """The sweep every point gets: the rules' sampling, ``task.samples`` answers per prompt, mapping ``method``."""
     sampling = {**SAMPLING, "max_new_tokens": new_tokens(base), "batch_size": 32, **(extra or {})}
-    return {
-        "class_path": "ric.evaluation.PreferenceSweep",
-        "init_args": {
-            "preferences": PREFERENCES,
-            "samples_per_prompt": task.samples,
-            "seed": seed,
-            "sampling": sampling,
-            "output_dir": str(dest),
-            "label": dest.name,
-            "marker_responses": 0,
-            "method": method,
-        },
-    }
+    return sweep_callback(dest, seed, task.samples, sampling, marker_responses=0, method=method)
 
 
 def run_cli(args: list[str]) -> None:
@@ -262,10 +252,11 @@ def ric_runs(out: Path, task: Task, base: dict, seed: int) -> dict[str, Path]:
         ):
             dest = out / "sweeps" / f"{name}-k{k}"
             if not (dest / "metrics.json").is_file():
-                cfg = run_config(base, dest, seed, {}, [sweep_callback(dest, task, base, seed, method, extra)])
+                cfg = run_config(base, dest, seed, {}, [sweep(dest, task, base, seed, method, extra)])
                 run_cli(["test", "--config", str(write_config(dest / "test.yaml", cfg)), "--ckpt_path", str(ckpt)])
             if not (dest / "point.json").is_file():
-                info = {"arm": "ric", "curve": name, "k": k, "ckpt": str(ckpt), "ledger": checkpoint_ledger(ckpt)}
+                info = {"arm": "ric", "curve": name, "k": k, "ckpt": str(ckpt), "ledger": checkpoint_ledger(ckpt),
+                        "offline_left_out_cut": left_out_cut(offline / "ckpt" / "last.ckpt")}  # fmt: skip
                 write_point(dest, {**info, **ric_generations(online, k), "scored": scored(offline)})
             points[f"{name}-k{k}"] = dest
     return points
@@ -279,10 +270,11 @@ def offline_stage(out: Path, base: dict, seed: int) -> Path:
     return folder / "ckpt" / "last.ckpt"
 
 
-def choose_range(out: Path, task: Task, base: dict, seed: int, ref: dict) -> dict:
+def choose_range(out: Path, task: Task, base: dict, seed: int, ref: dict, z: np.ndarray) -> dict:
     """The reward range of the online targets and the sweeps, chosen once on validation prompts (the training
     side of the split): the offline checkpoint swept at p = inf within each of :data:`RANGES`; the larger
-    hypervolume from the fixed reference point wins. Kept in ``out/range_choice.json``."""
+    hypervolume from the fixed reference point wins. ``z``: the training scores in the reward space's units
+    (:func:`normalized_train_scores`), which a data-quantile range is read from. Kept in ``out/range_choice.json``."""
     path = out / "range_choice.json"
     if path.is_file():
         return json.loads(path.read_text())
@@ -293,7 +285,6 @@ def choose_range(out: Path, task: Task, base: dict, seed: int, ref: dict) -> dic
     ckpt = offline_stage(out / f"seed{seed}", base, seed)
     dm = build_data_module(rooted(base)["data"])
     val = list(dict.fromkeys(json.dumps(r["prompt"]) for r in dm.split(dm.dataset.load())[1]))[: task.prompts]
-    z = normalized_train_scores(base)
     steering.EVAL["max_new_tokens"] = new_tokens(base)
     measured = {}
     for name, overrides in RANGES.items():
@@ -321,6 +312,14 @@ def checkpoint_ledger(ckpt: Path) -> dict:
     from ric.cost import LEDGER_KEY
 
     return dict(torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get(LEDGER_KEY, {}))
+
+
+def left_out_cut(ckpt: Path) -> int | None:
+    """The examples the training set of a checkpoint left out as longer than a row (``None``: not recorded)."""
+    import torch
+
+    state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("RelabelDataModule", {})
+    return state.get("cut_examples", {}).get("train")
 
 
 def write_point(dest: Path, info: dict) -> None:
@@ -355,10 +354,7 @@ def sft_model(out: Path, base: dict, seed: int) -> tuple[Path, dict]:
     folder = out / "sft"
     steps = int(get(base, "trainer.max_steps"))
     fit(folder, run_config(base, folder, seed, {"model.init_args.conditioned": False}, [checkpoints(folder, steps)]))
-    export = folder / "merged"
-    if not (export / "ric.json").is_file():
-        shutil.rmtree(export, ignore_errors=True)
-        run_cli(["export", str(folder / "ckpt" / "last.ckpt"), str(export)])
+    export = export_once(folder / "ckpt" / "last.ckpt", folder / "merged")
     return export, checkpoint_ledger(folder / "ckpt" / "last.ckpt")
 
 
@@ -385,12 +381,12 @@ def baseline_runs(name: str, out: Path, task: Task, base: dict, seed: int) -> di
     for b in range(every, steps + 1, every):
         dest = out / "sweeps" / f"{name}-step{b}"
         if not (dest / "metrics.json").is_file():
-            sweep = sweep_callback(out / "sweeps" / name, task, base, seed, MAPPINGS[0])
+            evaluation = sweep(out / "sweeps" / name, task, base, seed, MAPPINGS[0])
             spec = {
                 "policy": policy,
                 "data": {"class_path": "ric.data.RelabelDataModule", "init_args": cfg["data"]},
                 "grpo": grpo,
-                "sweep": sweep,
+                "sweep": evaluation,
                 "output_dir": str(folder),
                 "max_train_prompts": None,
                 "at_step": b,
@@ -427,10 +423,9 @@ def normalized_train_scores(base: dict) -> np.ndarray:
     return (raw - raw.mean(axis=0)) / raw.std(axis=0)
 
 
-def reference(base: dict) -> dict[str, Any]:
+def reference(z: np.ndarray) -> dict[str, Any]:
     """The fixed reference point and clipping range, before any run: quantiles of each reward over the
-    training examples, in the reward space's units."""
-    z = normalized_train_scores(base)
+    training examples ``z``, in the reward space's units (:func:`normalized_train_scores`)."""
     return {
         "reference_point": np.quantile(z, REFERENCE_QUANTILE, axis=0).tolist(),
         "clip_high": np.quantile(z, CLIP_QUANTILE, axis=0).tolist(),
@@ -684,12 +679,14 @@ def main(argv: list[str] | None = None) -> None:
     if recorded.is_file() and json.loads(recorded.read_text()) != json.loads(json.dumps(now)):
         raise SystemExit(f"{out} holds runs made under other rules ({recorded}); choose another --out")
     recorded.write_text(json.dumps(now, indent=2, default=float))
-    ref = previous.get("reference") or reference(base)
+    choice = previous.get("range_choice")
+    # the training scores are read once, and only where the reference point or the range is still to be fixed
+    z = None if previous.get("reference") and (choice or args.report) else normalized_train_scores(base)
+    ref = previous.get("reference") or reference(z)
     names = list(get(base, "model.init_args.reward_names"))
     started = time.perf_counter()
-    choice = previous.get("range_choice")
     if not args.report:
-        choice = choice or choose_range(out, task, base, task.seeds[0], ref)
+        choice = choice or choose_range(out, task, base, task.seeds[0], ref, z)
         base = override(base, RANGES[choice["chosen"]])
         for seed in seeds:
             folder = out / f"seed{seed}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -148,6 +149,25 @@ def cached(path: Path, compute: Callable[..., dict], *args: Any) -> dict:
     value = compute(*args)
     path.write_text(json.dumps(value, indent=2))
     return value
+
+
+def sweep_callback(
+    dest: Path, seed: int, samples: int, sampling: Mapping[str, Any], **init_args: Any
+) -> dict[str, Any]:
+    """The ``PreferenceSweep`` callback a study evaluates a run with: the study's preferences, ``samples``
+    answers per prompt, written to ``dest`` and labeled with its name."""
+    return {"class_path": "ric.evaluation.PreferenceSweep", "init_args": {
+        "preferences": PREFERENCES, "samples_per_prompt": samples, "seed": seed, "sampling": dict(sampling),
+        "output_dir": str(dest), "label": dest.name, **init_args}}  # fmt: skip
+
+
+def export_once(ckpt: Path, export: Path) -> Path:
+    """``ric export`` of ``ckpt`` (its LoRA merged) into ``export``, unless a finished export is there; a
+    killed export, without its ``ric.json``, is written again."""
+    if not (export / "ric.json").is_file():
+        shutil.rmtree(export, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "ric.cli", "export", str(ckpt), str(export)], check=True, cwd=ROOT)
+    return export
 
 
 def run_dir(out: Path, study: str, name: str, seed: int) -> Path:

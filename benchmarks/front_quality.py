@@ -25,9 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,10 +39,12 @@ from benchmarks.experiment import (
     RESULTS,
     ROOT,
     command,
+    export_once,
     flatten,
     get,
     load_config,
     override,
+    sweep_callback,
     write_config,
     write_results,
 )
@@ -116,9 +115,7 @@ def recipe_settings(scale: Scale) -> dict[str, Any]:
 def sweep(dest: Path, scale: Scale, seed: int, **extra: Any) -> dict:
     """The sweep every arm gets: 5 preferences, the recipe's sampling, ``samples`` answers per prompt."""
     sampling = {**recipe.EVAL, "max_new_tokens": scale.new_tokens, "batch_size": recipe.BATCH}
-    return {"class_path": "ric.evaluation.PreferenceSweep", "init_args": {
-        "preferences": PREFERENCES, "samples_per_prompt": scale.samples, "seed": seed, "sampling": sampling,
-        "output_dir": str(dest), "label": dest.name, "marker_responses": 64, **extra}}  # fmt: skip
+    return sweep_callback(dest, seed, scale.samples, sampling, marker_responses=64, **extra)
 
 
 def fit_config(folder: Path, overrides: dict, seed: int, callbacks: list[dict] = ()) -> dict:
@@ -204,13 +201,8 @@ def train_arm(folder: Path, s: dict, scale: Scale, seed: int, arm: str, recorded
 
 def sft_model(folder: Path, s: dict) -> Path:
     """The SFT arm's final checkpoint as a standalone model folder (LoRA merged), exported once."""
-    export = folder / "merged"
-    if not (export / "ric.json").is_file():
-        shutil.rmtree(export, ignore_errors=True)  # a killed export: write it again
-        steps = s["trainer.max_steps"]
-        ckpt = recipe.checkpoint_at(folder, steps, steps)
-        subprocess.run([sys.executable, "-m", "ric.cli", "export", str(ckpt), str(export)], check=True, cwd=ROOT)
-    return export
+    steps = s["trainer.max_steps"]
+    return export_once(recipe.checkpoint_at(folder, steps, steps), folder / "merged")
 
 
 def baseline(name: str, out: Path, s: dict, scale: Scale, seed: int, start: Path) -> Path:

@@ -211,7 +211,8 @@ class RelabelDataModule(L.LightningDataModule):
             runs that differ only in it train on the same split in another order.
 
     Conditioned examples whose training row would be cut (:meth:`ConditionalPolicy.fits`) are left out and
-    counted in ``cut_examples``: a cut response keeps the rewards of the whole one.
+    counted per split in ``cut_examples`` (``train``: the current training set, offline or online; ``val``), kept
+    in checkpoints: a cut response keeps the rewards of the whole one.
     """
 
     def __init__(
@@ -275,7 +276,7 @@ class RelabelDataModule(L.LightningDataModule):
         self.output_dir = output_dir
         self.seed = seed
         self.shuffle_seed = seed if shuffle_seed is None else shuffle_seed
-        self.cut_examples = 0
+        self.cut_examples: dict[str, int] = {}
         self.marker_dropout = marker_dropout
         self.marker_dropout_reference = marker_dropout_reference
         self.num_workers = num_workers
@@ -395,10 +396,10 @@ class RelabelDataModule(L.LightningDataModule):
         return space
 
     def examples(
-        self, records: Sequence[dict[str, Any]], scores: np.ndarray, normalized: bool = False
+        self, records: Sequence[dict[str, Any]], scores: np.ndarray, normalized: bool = False, split: str = "train"
     ) -> list[dict[str, Any]]:
         """Conditioned training examples: each prompt carries the normalized rewards its response earned
-        (``scores`` are raw unless ``normalized``)."""
+        (``scores`` are raw unless ``normalized``); those left out are counted as ``split``'s."""
         if len(records) != len(scores):
             raise ValueError(f"{len(records)} records but {len(scores)} score rows")
         z = np.asarray(scores, dtype=float) if normalized or not len(records) else self.space.normalize(scores)
@@ -414,15 +415,15 @@ class RelabelDataModule(L.LightningDataModule):
             for r, v in zip(records, values)
         ]
         kept = [ex for ex in examples if self.policy.fits(ex["prompt"], ex["response"])]
-        self.cut_examples = len(examples) - len(kept)
-        if self.cut_examples:
-            log.info("left out %d of %d examples whose training row would be cut", self.cut_examples, len(examples))
+        cut = self.cut_examples[split] = len(examples) - len(kept)
+        if cut:
+            log.info("left out %d of %d %s examples whose row would be cut", cut, len(examples), split)
         if not kept:
             raise ValueError(f"every one of {len(examples)} training examples is longer than a training row")
         return kept
 
     def state_dict(self) -> dict[str, Any]:
-        return {"pool_version": self.pool_version}
+        return {"pool_version": self.pool_version, "cut_examples": dict(self.cut_examples)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # the pool itself is rebuilt from the on-disk buffer by the online loop
@@ -456,7 +457,7 @@ class RelabelDataModule(L.LightningDataModule):
         if not self.val_records:
             return []
         return DataLoader(
-            self.examples(self.val_records, self.val_scores),
+            self.examples(self.val_records, self.val_scores, split="val"),
             batch_size=self.batch_size,
             collate_fn=self.policy.collate,
             num_workers=self.num_workers,

@@ -322,7 +322,7 @@ class OnlineLoop(RangeSettingsMoved, L.Callback):
             "mean_obtained": dict(zip(names, np.mean(z, axis=0).tolist())) if len(z) else {},
             "buffer_online": online,
             "buffer_original": original,
-            "left_out_cut": trainer.datamodule.cut_examples,
+            "left_out_cut": trainer.datamodule.cut_examples["train"],
             "seconds_generating": gen_time,
             "seconds_generating_all_runs": sum(
                 float(r.get("seconds", 0.0)) for r in self.round_rows(trainer, round_idx)
@@ -336,7 +336,7 @@ class OnlineLoop(RangeSettingsMoved, L.Callback):
             (self.folder(trainer) / f"round{round_idx}" / "summary.json").write_text(json.dumps(summary, indent=2))
             print(
                 f"online round {round_idx + 1}: generated {total}, kept {len(kept)} by MORS, buffer "
-                f"{online} online + {original} original ({trainer.datamodule.cut_examples} left out, longer than a "
+                f"{online} online + {original} original ({summary['left_out_cut']} left out, longer than a "
                 f"training row), {gen_time:.1f}s generating, {train_time:.1f}s training"
             )
         metrics = {f"online/{k}": float(v) for k, v in summary.items() if isinstance(v, (int, float))}

@@ -81,7 +81,7 @@ def test_reference_point_comes_from_the_training_data(comparison, monkeypatch):
     rng = np.random.default_rng(0)
     raw = rng.normal([10.0, 50.0], [2.0, 5.0], size=(1000, 2))
     monkeypatch.setattr(comparison, "train_scores", lambda base: raw)
-    ref = comparison.reference({})
+    ref = comparison.reference(comparison.normalized_train_scores({}))
     z = (raw - raw.mean(0)) / raw.std(0)
     np.testing.assert_allclose(ref["reference_point"], np.quantile(z, 0.01, axis=0))
     np.testing.assert_allclose(ref["clip_high"], np.quantile(z, 0.99, axis=0))

@@ -219,7 +219,7 @@ def test_baselines_start_from_the_sft_model(front_quality, tmp_path, monkeypatch
         Path(config["sweep"]["init_args"]["output_dir"]).mkdir(parents=True)
         return 0
 
-    monkeypatch.setattr(front_quality.subprocess, "run", export)
+    monkeypatch.setattr("benchmarks.experiment.subprocess.run", export)
     monkeypatch.setattr("ric.baselines.methods.main", run_baseline)
     out = tmp_path / "seed0"
     arms = front_quality.run_seed(out, front_quality.SCALES["smoke"], 0, ("morlhf", "soups"), frozenset({"sft"}))

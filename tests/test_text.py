@@ -432,7 +432,10 @@ def test_examples_whose_training_row_would_be_cut_are_left_out(policy, tmp_path)
     dm.trainer = SimpleNamespace(lightning_module=policy)
     records = [{"prompt": "a question", "response": "word " * n} for n in (2, 1500, 5, 900)]
     kept = dm.examples(records, np.zeros((4, 2)), normalized=True)
-    assert [len(ex["response"].split()) for ex in kept] == [2, 5] and dm.cut_examples == 2
+    assert [len(ex["response"].split()) for ex in kept] == [2, 5] and dm.cut_examples == {"train": 2}
+    dm.examples(records[:2], np.zeros((2, 2)), normalized=True, split="val")
+    # validation rows are counted apart: the training count an online round reports stays the training set's
+    assert dm.cut_examples == {"train": 2, "val": 1} and dm.state_dict()["cut_examples"] == dm.cut_examples
     rows = policy.training_rows(kept)
     assert all(labels[-1] == policy.tokenizer.eos_token_id for _, labels in rows)  # every end is seen
     with pytest.raises(ValueError, match="every one of 1 training examples is longer than a training row"):

@@ -120,20 +120,26 @@ def train_adapter(
         if extra in lm.peft_config:
             lm.delete_adapter(extra)
     lm.set_adapter("default")
-    history = trainer.state.log_history
-    tokens = max((float(e.get("num_tokens", 0)) for e in history), default=0.0)
-    cost = {
-        "train_seconds": so_far["seconds"],
-        "steps": trainer.state.global_step,
-        "resumed_from": last,
-        "generated_samples": trainer.state.global_step * batch,
-        "reward_calls": so_far["reward_calls"],
-        "reward_seconds": so_far["reward_seconds"],
-        "training_tokens": tokens,
-        "weights": [float(w) for w in weights],
-    }
+    cost = run_cost(trainer.state.global_step, batch, so_far, trainer.state.log_history, weights)
+    cost["resumed_from"] = last
     done.write_text(json.dumps(cost, indent=2))
     return cost
+
+
+def run_cost(
+    steps: int, batch: int, spent: dict[str, float], history: Sequence[dict[str, Any]], weights: Sequence[float]
+) -> dict[str, Any]:
+    """The cost record of one RL run after ``steps`` optimizer steps of ``batch`` completions each, from what its
+    :class:`CostLedger` counted (``spent``) and TRL's log history (the tokens it trained on)."""
+    return {
+        "train_seconds": spent["seconds"],
+        "steps": steps,
+        "generated_samples": steps * batch,
+        "reward_calls": spent["reward_calls"],
+        "reward_seconds": spent["reward_seconds"],
+        "training_tokens": max((float(e.get("num_tokens", 0)) for e in history), default=0.0),
+        "weights": [float(w) for w in weights],
+    }
 
 
 class CostLedger(TrainerCallback):

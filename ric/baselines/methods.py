@@ -131,23 +131,14 @@ def checkpoint_cost(folder: Path, name: str, weights: np.ndarray) -> tuple[dict[
     """The cost of one RL run up to a TRL checkpoint (what its ledger wrote there) and the adapter saved in it."""
     import json
 
-    from ric.baselines.grpo import CostLedger
+    from ric.baselines.grpo import CostLedger, run_cost
 
     adapter, ledger, state = folder / name, folder / CostLedger.FILE, folder / "trainer_state.json"
     if not (adapter / "adapter_config.json").is_file() or not ledger.is_file() or not state.is_file():
         raise FileNotFoundError(f"no finished checkpoint with adapter {name!r} and its cost in {folder}")
     spent, trainer_state = json.loads(ledger.read_text()), json.loads(state.read_text())
-    history = trainer_state.get("log_history", [])
     batch = trainer_state.get("train_batch_size") or 0
-    cost = {
-        "train_seconds": spent["seconds"],
-        "steps": trainer_state["global_step"],
-        "generated_samples": trainer_state["global_step"] * batch,
-        "reward_calls": spent["reward_calls"],
-        "reward_seconds": spent["reward_seconds"],
-        "training_tokens": max((float(e.get("num_tokens", 0)) for e in history), default=0.0),
-        "weights": [float(w) for w in weights],
-    }
+    cost = run_cost(trainer_state["global_step"], batch, spent, trainer_state.get("log_history", []), weights)
     return cost, str(adapter)
 
 
