@@ -518,11 +518,17 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
 
 
+def best_within(curve: dict[str, dict], seconds: float, key: str = "hv") -> dict | None:
+    """A curve's best point reached within ``seconds`` of training (a method can stop at any of its
+    checkpoints), ``None`` before its first."""
+    reached = [row for row in curve.values() if row["train_seconds"] <= seconds * 1.0001]
+    return max(reached, key=lambda row: row[key]) if reached else None
+
+
 def interpolate(curve: dict[str, dict], seconds: float, key: str = "hv") -> float | None:
-    """A curve's hypervolume at ``seconds`` of training: the best point reached by then (a method can stop at
-    any of its checkpoints), ``None`` before its first."""
-    reached = [row[key] for row in curve.values() if row["train_seconds"] <= seconds * 1.0001]
-    return max(reached) if reached else None
+    """A curve's hypervolume at ``seconds`` of training: its best point's within them (:func:`best_within`)."""
+    row = best_within(curve, seconds, key)
+    return None if row is None else row[key]
 
 
 def goals(summary: dict[str, dict], names: list[str]) -> dict[str, dict]:
@@ -579,7 +585,8 @@ def complete_seeds(records: dict[str, dict[str, dict]]) -> list[str]:
 
 # ---- output -------------------------------------------------------------------------------------------
 def plot(summary: dict, names: list[str], ref: dict, stem: Path) -> list[Path]:
-    """Hypervolume against training seconds, generations and reward calls; the fronts at matched budgets."""
+    """Hypervolume against training seconds, generations and reward calls; the fronts at a matched budget (RiC's
+    final training seconds) and at each method's largest."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.3))
     for ax, field, label in zip(
@@ -598,16 +605,24 @@ def plot(summary: dict, names: list[str], ref: dict, stem: Path) -> list[Path]:
     axes[0].legend(fontsize=8)
     fig.suptitle("hypervolume against training cost, mean ± sd over seeds")
     paths = [save_figure(fig, stem.with_name(stem.name + "_cost.png"))]
-    fig, ax = plt.subplots(figsize=(6.5, 5))
-    for curve, rows in summary.items():
-        last = rows[max(rows, key=int)]
-        pts = np.array(last["obtained_mean"])
-        ax.plot(pts[:, 0], pts[:, 1], marker="o", label=f"{LABELS.get(curve, curve)}, {last['train_seconds']:.0f} s")
-    ax.scatter(*ref["reference_point"], marker="x", color="k", label="reference point")
-    ax.set_xlabel(f"{names[0]} (normalized)")
-    ax.set_ylabel(f"{names[1]} (normalized)")
-    ax.set_title("fronts at each method's largest budget (seed means)")
-    ax.legend(fontsize=7)
+    ric = summary.get(MAPPINGS[0])
+    matched = ric[max(ric, key=int)]["train_seconds"] if ric else None
+    panels = [("at each method's largest budget", lambda rows: rows[max(rows, key=int)])]
+    if matched is not None:  # the matched budget: RiC's final training seconds, each method's best point within
+        panels.insert(0, (f"within RiC's {matched:.0f} training seconds", lambda rows: best_within(rows, matched)))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5), squeeze=False)
+    for ax, (title, pick) in zip(axes[0], panels):
+        for curve, rows in summary.items():
+            row = pick(rows)
+            if row is None:  # no point within the budget: no front there
+                continue
+            pts = np.array(row["obtained_mean"])
+            ax.plot(pts[:, 0], pts[:, 1], marker="o", label=f"{LABELS.get(curve, curve)}, {row['train_seconds']:.0f} s")
+        ax.scatter(*ref["reference_point"], marker="x", color="k", label="reference point")
+        ax.set_xlabel(f"{names[0]} (normalized)")
+        ax.set_ylabel(f"{names[1]} (normalized)")
+        ax.set_title(f"fronts {title} (seed means)")
+        ax.legend(fontsize=7)
     paths.append(save_figure(fig, stem.with_suffix(".png")))
     return paths
 

@@ -44,7 +44,7 @@ def point(arm: str, curve: str, at: int, obtained: list, seconds: float, spearma
             "steering": {n: {"spearman": spearman, "spread_ratio": 0.5} for n in NAMES}}  # fmt: skip
 
 
-def test_curves_goals_and_clipping(comparison):
+def test_curves_goals_and_clipping(comparison, monkeypatch, tmp_path):
     ref = {"reference_point": [-1.0, -1.0], "clip_high": [1.0, 1.0]}
     records = {}
     for seed, lift in ((0, 0.0), (1, 0.2)):
@@ -72,6 +72,15 @@ def test_curves_goals_and_clipping(comparison):
     assert cost["ratio_to_reach_ric_best"] == {"morlhf": pytest.approx(4.5), "soups": None}
     # Soups never reached it, but its largest budget was 0.6x RiC's: the budgets run cannot decide the goal
     assert cost["ratio_of_largest_budget"]["soups"] == pytest.approx(0.6) and cost["met"] is None
+    # the fronts are drawn at the matched budget (RiC's 200 s: MORLHF's 4-step front, not its 900 s one) and at
+    # each method's largest budget
+    figures = []
+    monkeypatch.setattr(comparison, "save_figure", lambda fig, path: figures.append(fig) or path)
+    comparison.plot(summary, NAMES, ref, tmp_path / "comparison_hh")
+    matched, largest = figures[1].axes[:2]
+    drawn = {line.get_label().split(",")[0]: line.get_xydata().tolist() for line in matched.get_lines()}
+    assert drawn["MORLHF"] == [[0.2, 0.2]] and "200 training seconds" in matched.get_title()
+    assert [line.get_xydata().tolist() for line in largest.get_lines()][1] == [[3.0, 3.0]]
     # goals compare positions over the same seeds: a seed missing a point is left out of them
     del records["seed1"]["soups-step4"]
     assert comparison.complete_seeds(records) == ["seed0"]
