@@ -94,10 +94,11 @@ def rooted(config: dict[str, Any], keys: Iterable[str] = PATH_KEYS) -> dict[str,
 
 def checkpoints(folder: Path, every: int) -> dict[str, Any]:
     """A ModelCheckpoint keeping a checkpoint every ``every`` steps (``step<N>.ckpt``) and the last one, in
-    ``folder/ckpt``."""
+    ``folder/ckpt``; also where a stop (SIGTERM) ends training, so a killed run resumes from there."""
     return {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
             "init_args": {"dirpath": str(folder / "ckpt"), "filename": "step{step}", "every_n_train_steps": every,
-                          "save_top_k": -1, "save_last": True, "auto_insert_metric_name": False}}  # fmt: skip
+                          "save_top_k": -1, "save_last": True, "auto_insert_metric_name": False,
+                          "save_on_exception": True}}  # fmt: skip
 
 
 def write_config(path: Path, config: Mapping[str, Any]) -> Path:

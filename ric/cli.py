@@ -13,11 +13,13 @@ from __future__ import annotations
 import importlib
 import os
 import re
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ric.data import RelabelDataModule
 from ric.interfaces import ConditionalPolicy
@@ -211,6 +213,9 @@ def fit_validate_test(command: str, args: list[str], verbose: bool, from_command
             raise
         print(f"ric {command}: error: {err}\n(add --verbose, or set RIC_VERBOSE=1, for the traceback)", file=sys.stderr)
         return 2
+    except SIGTERMException:  # Lightning's stop at the next batch exits 0, as if the fit had finished: it did not
+        print(f"ric {command}: stopped by SIGTERM before the run finished", file=sys.stderr)
+        return 128 + signal.SIGTERM
     return 0
 
 

@@ -98,3 +98,28 @@ def test_sigterm_in_a_sweep_keeps_finished_preferences(tmp_path, trained):
     assert len((sweep / "samples.jsonl").read_text().splitlines()) == 11 * 4 * len(
         {json.loads(line)["prompt"] for line in (sweep / "samples.jsonl").read_text().splitlines()}
     )
+
+
+def test_sigterm_in_a_plain_fit_leaves_a_checkpoint_to_resume(tmp_path, tiny_llama, text_data):
+    """The studies' checkpoints (``benchmarks.experiment.checkpoints``) save where a SIGTERM stops training, so a
+    long offline stage killed between its periodic checkpoints resumes from there rather than from scratch."""
+    from benchmarks.experiment import checkpoints
+
+    progress = {
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {"dirpath": str(tmp_path / "progress"), "every_n_train_steps": 3, "save_top_k": -1},
+    }
+    tested = checkpoints(tmp_path / "run", 10**6)  # no periodic save before the stop: only the stop's own
+    config = tiny_cli_config(tmp_path, tiny_llama, text_data, {"verbosity": "Verbosity"}, [progress, tested],
+                             max_steps=10**6, limit_val_batches=0)  # fmt: skip
+    proc = _launch(["fit", "--config", config])
+    _wait_for(lambda: any((tmp_path / "progress").glob("*.ckpt")), proc)
+    code, out, _ = _stop(proc)
+    assert code == 128 + signal.SIGTERM and "stopped by SIGTERM" in out, out[-3000:]  # not a finished fit
+    last = tmp_path / "run" / "ckpt" / "last.ckpt"
+    step = torch.load(last, weights_only=False)["global_step"]
+    assert step >= 3, out[-3000:]
+    proc = _launch(["fit", "--config", config, "--ckpt_path", last, "--trainer.max_steps", step + 1])
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    assert torch.load(last, weights_only=False)["global_step"] == step + 1
