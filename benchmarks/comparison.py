@@ -242,6 +242,7 @@ def ric_runs(out: Path, task: Task, base: dict, seed: int) -> dict[str, Path]:
         fit(online, config, ckpt_path=offline / "ckpt" / "last.ckpt")
     points = {}
     guidance, reference = task.guidance
+    offline_cut = left_out_cut(offline / "ckpt" / "last.ckpt")
     for k in range(task.rounds + 1):
         ckpt = (
             offline / "ckpt" / "last.ckpt" if k == 0 else online / "ckpt" / f"step{steps + k * task.online_steps}.ckpt"
@@ -256,7 +257,7 @@ def ric_runs(out: Path, task: Task, base: dict, seed: int) -> dict[str, Path]:
                 run_cli(["test", "--config", str(write_config(dest / "test.yaml", cfg)), "--ckpt_path", str(ckpt)])
             if not (dest / "point.json").is_file():
                 info = {"arm": "ric", "curve": name, "k": k, "ckpt": str(ckpt), "ledger": checkpoint_ledger(ckpt),
-                        "offline_left_out_cut": left_out_cut(offline / "ckpt" / "last.ckpt")}  # fmt: skip
+                        "offline_left_out_cut": offline_cut}  # fmt: skip
                 write_point(dest, {**info, **ric_generations(online, k), "scored": scored(offline)})
             points[f"{name}-k{k}"] = dest
     return points
@@ -305,21 +306,25 @@ def choose_range(out: Path, task: Task, base: dict, seed: int, ref: dict, z: np.
     return choice
 
 
-def checkpoint_ledger(ckpt: Path) -> dict:
-    """The training's cost a checkpoint carries (seconds, steps, tokens): what reaching it cost."""
+def checkpoint_entry(ckpt: Path, key: str) -> dict:
+    """One top-level entry of a checkpoint (memory-mapped: the weights are not read)."""
     import torch
 
+    return dict(torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get(key, {}))
+
+
+def checkpoint_ledger(ckpt: Path) -> dict:
+    """The training's cost a checkpoint carries (seconds, steps, tokens): what reaching it cost."""
     from ric.cost import LEDGER_KEY
 
-    return dict(torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get(LEDGER_KEY, {}))
+    return checkpoint_entry(ckpt, LEDGER_KEY)
 
 
 def left_out_cut(ckpt: Path) -> int | None:
     """The examples the training set of a checkpoint left out as longer than a row (``None``: not recorded)."""
-    import torch
+    from ric.data import RelabelDataModule
 
-    state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("RelabelDataModule", {})
-    return state.get("cut_examples", {}).get("train")
+    return checkpoint_entry(ckpt, RelabelDataModule.__qualname__).get("cut_examples", {}).get("train")
 
 
 def write_point(dest: Path, info: dict) -> None:
