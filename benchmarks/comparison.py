@@ -148,6 +148,8 @@ RANGES = {
     "normal": {"data.reward_range": "normal"},
     "data 5-95%": {"data.reward_range": "data", "data.range_quantiles": [0.05, 0.95]},
 }
+#: where the run folder keeps that choice, so a later part never measures it again
+RANGE_CHOICE = "range_choice.json"
 MAPPINGS = ("p_inf", "linear")
 GUIDED = "p_inf+guidance"
 BASELINES = ("morlhf", "soups")
@@ -276,7 +278,7 @@ def choose_range(out: Path, task: Task, base: dict, seed: int, ref: dict, z: np.
     side of the split): the offline checkpoint swept at p = inf within each of :data:`RANGES`; the larger
     hypervolume from the fixed reference point wins. ``z``: the training scores in the reward space's units
     (:func:`normalized_train_scores`), which a data-quantile range is read from. Kept in ``out/range_choice.json``."""
-    path = out / "range_choice.json"
+    path = out / RANGE_CHOICE
     if path.is_file():
         return json.loads(path.read_text())
     from benchmarks import steering
@@ -699,7 +701,8 @@ def main(argv: list[str] | None = None) -> None:
     if recorded.is_file() and json.loads(recorded.read_text()) != json.loads(json.dumps(now)):
         raise SystemExit(f"{out} holds runs made under other rules ({recorded}); choose another --out")
     recorded.write_text(json.dumps(now, indent=2, default=float))
-    choice = previous.get("range_choice")
+    kept = out / RANGE_CHOICE
+    choice = previous.get("range_choice") or (json.loads(kept.read_text()) if kept.is_file() else None)
     # the training scores are read once, and only where the reference point or the range is still to be fixed
     z = None if previous.get("reference") and (choice or args.report) else normalized_train_scores(base)
     ref = previous.get("reference") or reference(z)
