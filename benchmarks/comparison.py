@@ -148,6 +148,8 @@ RANGES = {
     "normal": {"data.reward_range": "normal"},
     "data 5-95%": {"data.reward_range": "data", "data.range_quantiles": [0.05, 0.95]},
 }
+#: the training runs' progress bar: refreshed every few steps, so a log file gets a line per refresh, not per step
+PROGRESS = {"class_path": "lightning.pytorch.callbacks.TQDMProgressBar", "init_args": {"refresh_rate": 10}}
 #: where the run folder keeps that choice, so a later part never measures it again
 RANGE_CHOICE = "range_choice.json"
 MAPPINGS = ("p_inf", "linear")
@@ -197,11 +199,11 @@ def run_config(base: dict, folder: Path, seed: int, overrides: dict, callbacks: 
         "seed_everything": seed,
         "data.shuffle_seed": seed,
         "trainer.default_root_dir": str(folder),
-        "trainer.enable_progress_bar": False,
         "data.output_dir": str(folder),
         "data.progress": False,
-        # the training's cost in every checkpoint: what reaching each point of a curve took
-        "trainer.callbacks": [*callbacks, {"class_path": "ric.cost.TrainingCost"}],
+        # the training's cost in every checkpoint: what reaching each point of a curve took; and a step count
+        # in the log every few steps (PROGRESS), so a half-hour fit is not silent
+        "trainer.callbacks": [*callbacks, {"class_path": "ric.cost.TrainingCost"}, PROGRESS],
     }
     return rooted(override(base, {**overrides, **run}))
 

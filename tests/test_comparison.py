@@ -30,6 +30,9 @@ def test_every_seed_changes_all_but_the_split(comparison, task, tmp_path):
         assert config["seed_everything"] == get(config, "data.shuffle_seed") == seed
         assert get(config, "data.val_fraction") == comparison.VAL_FRACTION
         assert get(config, "data.max_test_prompts") == comparison.TASKS[task].prompts
+        # a training run reports its steps in the log (the shipped configs leave the bar on)
+        assert comparison.PROGRESS in get(config, "trainer.callbacks")
+        assert get(config, "trainer.enable_progress_bar", None) is not False
     rules = comparison.rules(comparison.TASKS[task], base)
     # one scaling rule: every learning rate is the paper's times the recipe's factor
     factor = get(base, "model.init_args.learning_rate") / comparison.PAPER["offline_lr"]
@@ -115,3 +118,21 @@ def test_unknown_arm_is_refused(comparison, capsys):
     with pytest.raises(SystemExit):
         comparison.main(["--task", "hh", "--arms", "ppo"])
     assert "unknown arm(s) ['ppo']" in capsys.readouterr().err
+
+
+def test_a_kept_range_choice_is_reported_without_reading_the_training_data(comparison, monkeypatch, tmp_path):
+    from benchmarks import experiment
+
+    for module in (comparison, experiment):
+        monkeypatch.setattr(module, "RESULTS", tmp_path)
+    monkeypatch.setattr(comparison, "normalized_train_scores", lambda base: pytest.fail("read the training data"))
+    base = comparison.base_config(comparison.TASKS["hh"])
+    ref = {"reference_point": [-1.0, -1.0], "clip_high": [1.0, 1.0]}
+    results = {"rules": comparison.rules(comparison.TASKS["hh"], base), "reference": ref, "points": {}}
+    (tmp_path / "comparison_hh.json").write_text(json.dumps(results, default=float))
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    choice = {"chosen": "normal", "measured": {}}
+    (runs / comparison.RANGE_CHOICE).write_text(json.dumps(choice))
+    comparison.main(["--task", "hh", "--report", "--out", str(runs)])
+    assert json.loads((tmp_path / "comparison_hh.json").read_text())["range_choice"] == choice
