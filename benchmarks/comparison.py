@@ -279,10 +279,8 @@ def choose_range(out: Path, task: Task, base: dict, seed: int, ref: dict, z: np.
     """The reward range of the online targets and the sweeps, chosen once on validation prompts (the training
     side of the split): the offline checkpoint swept at p = inf within each of :data:`RANGES`; the larger
     hypervolume from the fixed reference point wins. ``z``: the training scores in the reward space's units
-    (:func:`normalized_train_scores`), which a data-quantile range is read from. Kept in ``out/range_choice.json``."""
-    path = out / RANGE_CHOICE
-    if path.is_file():
-        return json.loads(path.read_text())
+    (:func:`normalized_train_scores`), which a data-quantile range is read from. Kept in ``out/`` as
+    :data:`RANGE_CHOICE`, which :func:`main` reads instead of calling this again."""
     from benchmarks import steering
     from ric.mapping import RewardRange
     from ric.pareto import hypervolume
@@ -306,7 +304,7 @@ def choose_range(out: Path, task: Task, base: dict, seed: int, ref: dict, z: np.
         }
     chosen = max(measured, key=lambda n: measured[n]["hypervolume"])
     choice = {"chosen": chosen, "seed": seed, "validation_prompts": len(val), "measured": measured}
-    path.write_text(json.dumps(choice, indent=2, default=float))
+    (out / RANGE_CHOICE).write_text(json.dumps(choice, indent=2, default=float))
     return choice
 
 
