@@ -156,7 +156,9 @@ class ExamplePool(IterableDataset):
     """One shuffled pass over the DataModule's current training examples per epoch.
 
     When the online loop replaces the pool, the running pass ends early, so the next batches come from the
-    new data without rebuilding the loader. Under DDP each rank takes an equal share of the pass."""
+    new data without rebuilding the loader. Under DDP each rank takes an equal share of the pass. A run resumed
+    in the middle of an epoch goes on where that epoch's pass stopped: the order is a pure function of the
+    seed, the epoch and the pool, and the trainer's progress says how many batches of it were trained on."""
 
     def __init__(self, datamodule: RelabelDataModule) -> None:
         self.dm = datamodule
@@ -174,10 +176,31 @@ class ExamplePool(IterableDataset):
         epoch = self.dm.trainer.current_epoch if self.dm.trainer is not None else 0
         order = np.random.default_rng([self.dm.shuffle_seed, epoch, version]).permutation(len(examples))
         rank, world, share = self._share(len(examples))
-        for i in order[rank::world][:share]:
+        done = self.dm.batches_done_this_epoch() * self.dm.batch_size
+        for i in order[rank::world][done:share]:
             if self.dm.pool_version != version:
                 return
             yield examples[i]
+
+
+class PoolLoader(DataLoader):
+    """The training loader: resumable in the middle of an epoch, as Lightning's ``state_dict`` interface
+    declares. Its state names the pass a checkpoint was in; the position within it is the trainer's own
+    progress, which :class:`ExamplePool` reads, so there is one count and not two."""
+
+    def state_dict(self) -> dict[str, int]:
+        dm = self.dataset.dm
+        return {"epoch": dm.trainer.current_epoch if dm.trainer is not None else 0, "pool_version": dm.pool_version}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        dm = self.dataset.dm
+        saved = int(state_dict.get("pool_version", dm.pool_version))
+        if saved != dm.pool_version:
+            log.warning(
+                "the checkpoint was trained on data pool %d but pool %d is loaded: its epoch's order is not replayed",
+                saved,
+                dm.pool_version,
+            )
 
 
 class RelabelDataModule(L.LightningDataModule):
@@ -429,13 +452,28 @@ class RelabelDataModule(L.LightningDataModule):
         # the pool itself is rebuilt from the on-disk buffer by the online loop
         self.pool_version = int(state_dict.get("pool_version", 0))
 
-    def set_train_pool(self, records: Sequence[dict[str, Any]], scores: np.ndarray, normalized: bool = False) -> None:
+    def set_train_pool(
+        self,
+        records: Sequence[dict[str, Any]],
+        scores: np.ndarray,
+        normalized: bool = False,
+        version: int | None = None,
+    ) -> None:
         """Replace the training examples (the online loop's buffer): each record is relabeled with the rewards
-        it obtained; ``scores`` are raw unless ``normalized``."""
+        it obtained; ``scores`` are raw unless ``normalized``. ``version`` numbers the pool (default: the next
+        number); it seeds the pool's order and marker dropout, so a resumed run that rebuilds the same pool under
+        the same number draws them as the run it resumes did."""
         if not records:
             raise ValueError("the new training pool is empty")
+        self.pool_version = self.pool_version + 1 if version is None else int(version)
         self._pool = self.examples(records, scores, normalized)
-        self.pool_version += 1
+
+    def batches_done_this_epoch(self) -> int:
+        """Training batches of the current epoch already trained on: zero when an epoch starts, and where the
+        checkpoint stopped when a run resumes in the middle of one."""
+        if self.trainer is None:
+            return 0
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.completed
 
     def train_examples(self) -> list[dict[str, Any]]:
         """The current training examples: the online pool once there is one, else the relabeled data set."""
@@ -446,7 +484,7 @@ class RelabelDataModule(L.LightningDataModule):
         return self._offline_examples
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
+        return PoolLoader(
             ExamplePool(self),
             batch_size=self.batch_size,
             collate_fn=self.policy.collate,

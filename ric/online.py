@@ -276,7 +276,7 @@ class OnlineLoop(RangeSettingsMoved, L.Callback):
             want = min(len(z_orig), int(round(self.original_ratio * len(records))))
             pick = np.sort(rng.choice(len(z_orig), size=want, replace=False))
         records += [dm.train_records[i] for i in pick]
-        dm.set_train_pool(records, np.vstack([online_scores, z_orig[pick]]), normalized=True)
+        dm.set_train_pool(records, np.vstack([online_scores, z_orig[pick]]), normalized=True, version=rounds)
         return len(records) - len(pick), len(pick)
 
     def constant_lr(self, trainer: L.Trainer) -> None:

@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -420,3 +421,48 @@ def test_sweep_runs_when_a_finished_fit_is_resumed(tmp_path, tiny_llama, text_da
     for key in ("training_steps", "training_tokens"):  # the cost is the first fit's, as its last checkpoint kept it
         assert again[key] == first[key] > 0, key
     assert 0 < again["train_seconds"] <= first["train_seconds"] and again["counted_from_step"] == 0
+
+
+def record_batches(monkeypatch, crash_at: int | None = None) -> list[tuple]:
+    """The token rows of every training batch, in order; with ``crash_at``, that step (1-based) raises, as a
+    kill in the middle of an epoch would."""
+    from ric.text.policy import TextPolicy
+
+    seen: list[tuple] = []
+    original = TextPolicy.training_step
+
+    def recording(self, batch, batch_idx):
+        if crash_at is not None and len(seen) + 1 == crash_at:
+            raise RuntimeError("simulated kill")
+        seen.append(tuple(map(tuple, batch["input_ids"].tolist())))
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(TextPolicy, "training_step", recording)
+    return seen
+
+
+@pytest.mark.parametrize("stage", ["offline", "online"])
+def test_a_run_killed_mid_epoch_resumes_the_same_data_order(tmp_path, tiny_llama, text_data, monkeypatch, stage):
+    # offline: 7 steps inside the first epoch, killed at step 5; online: 2 offline steps, then a round whose
+    # pool trains 4 steps, killed at the online stage's second step
+    offline, online, crash = (7, {"iterations": 0}, 5) if stage == "offline" else (2, {"steps_per_iteration": 4}, 5)
+    (tmp_path / "whole").mkdir()
+    (tmp_path / "parts").mkdir()
+    whole = record_batches(monkeypatch)
+    RiCCLI(args=["fit", "--config", str(_config(tmp_path / "whole", tiny_llama, text_data, offline_steps=offline,
+                                                 online=online))])  # fmt: skip
+    monkeypatch.undo()
+    config = _config(tmp_path / "parts", tiny_llama, text_data, offline_steps=offline, online=online)
+    first = record_batches(monkeypatch, crash_at=crash)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        RiCCLI(args=["fit", "--config", str(config)])
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "parts" / "ckpt" / "last.ckpt", weights_only=False)["global_step"] == crash - 1
+    second = record_batches(monkeypatch)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        RiCCLI(args=["fit", "--config", str(config), "--ckpt_path", str(tmp_path / "parts" / "ckpt" / "last.ckpt")])
+    assert len(whole) == 7 if stage == "offline" else 6
+    # the resumed run trains on the batches the killed one had not reached, not on its epoch's first ones again
+    assert first + second == whole
+    assert not [w for w in caught if "dataloader is not resumable" in str(w.message)]
