@@ -162,6 +162,8 @@ class ExamplePool(IterableDataset):
 
     def __init__(self, datamodule: RelabelDataModule) -> None:
         self.dm = datamodule
+        self.running: int | None = None  # the pool of the pass in progress
+        self.resumed_pass: int | None = None  # the pool of the pass a resumed checkpoint was in
 
     def _share(self, n: int) -> tuple[int, int, int]:
         rank, world = rank_and_world()
@@ -172,6 +174,10 @@ class ExamplePool(IterableDataset):
 
     def __iter__(self):
         version = self.dm.pool_version
+        resumed, self.resumed_pass = self.resumed_pass, None
+        if resumed is not None and resumed != version:
+            return  # the checkpoint's pass had ended with its pool's replacement, so this one ends too
+        self.running = version
         examples = self.dm.train_examples()
         epoch = self.dm.trainer.current_epoch if self.dm.trainer is not None else 0
         order = np.random.default_rng([self.dm.shuffle_seed, epoch, version]).permutation(len(examples))
@@ -185,22 +191,15 @@ class ExamplePool(IterableDataset):
 
 class PoolLoader(DataLoader):
     """The training loader: resumable in the middle of an epoch, as Lightning's ``state_dict`` interface
-    declares. Its state names the pass a checkpoint was in; the position within it is the trainer's own
-    progress, which :class:`ExamplePool` reads, so there is one count and not two."""
+    declares. Its state names the pool of the pass a checkpoint was in; the position within the pass is the
+    trainer's own progress, which :class:`ExamplePool` reads, so there is one count and not two."""
 
     def state_dict(self) -> dict[str, int]:
-        dm = self.dataset.dm
-        return {"epoch": dm.trainer.current_epoch if dm.trainer is not None else 0, "pool_version": dm.pool_version}
+        pool = self.dataset
+        return {"pool_version": pool.dm.pool_version if pool.running is None else pool.running}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        dm = self.dataset.dm
-        saved = int(state_dict.get("pool_version", dm.pool_version))
-        if saved != dm.pool_version:
-            log.warning(
-                "the checkpoint was trained on data pool %d but pool %d is loaded: its epoch's order is not replayed",
-                saved,
-                dm.pool_version,
-            )
+        self.dataset.resumed_pass = int(state_dict["pool_version"])
 
 
 class RelabelDataModule(L.LightningDataModule):
@@ -230,6 +229,8 @@ class RelabelDataModule(L.LightningDataModule):
         marker_dropout_reference: what a dropped example's prompt carries instead: ``none`` (no markers) or
             ``neutral`` (every reward at the space's neutral point, 0).
         seed: the split into train, validation and held-out prompts.
+        num_workers: loader processes for the validation examples (the training pool is served in the main
+            process, where the online loop replaces it).
         shuffle_seed: the order of the training examples and the marker-dropout draws (default: ``seed``);
             runs that differ only in it train on the same split in another order.
 
@@ -419,16 +420,22 @@ class RelabelDataModule(L.LightningDataModule):
         return space
 
     def examples(
-        self, records: Sequence[dict[str, Any]], scores: np.ndarray, normalized: bool = False, split: str = "train"
+        self,
+        records: Sequence[dict[str, Any]],
+        scores: np.ndarray,
+        normalized: bool = False,
+        split: str = "train",
+        version: int = 0,
     ) -> list[dict[str, Any]]:
         """Conditioned training examples: each prompt carries the normalized rewards its response earned
-        (``scores`` are raw unless ``normalized``); those left out are counted as ``split``'s."""
+        (``scores`` are raw unless ``normalized``); those left out are counted as ``split``'s. ``version``, the
+        pool's number (0: the data set), seeds the marker-dropout draws."""
         if len(records) != len(scores):
             raise ValueError(f"{len(records)} records but {len(scores)} score rows")
         z = np.asarray(scores, dtype=float) if normalized or not len(records) else self.space.normalize(scores)
         values: list[np.ndarray | None] = list(z)
         if self.marker_dropout > 0:  # (none drawn at 0: the paper's examples exactly)
-            draw = np.random.default_rng([self.shuffle_seed, self.pool_version]).random(len(records))
+            draw = np.random.default_rng([self.shuffle_seed, version]).random(len(records))
             dropped = draw < self.marker_dropout
             blank = None if self.marker_dropout_reference == "none" else np.zeros(z.shape[1])
             values = [blank if drop else v for v, drop in zip(values, dropped)]
@@ -466,12 +473,12 @@ class RelabelDataModule(L.LightningDataModule):
         if not records:
             raise ValueError("the new training pool is empty")
         self.pool_version = self.pool_version + 1 if version is None else int(version)
-        self._pool = self.examples(records, scores, normalized)
+        self._pool = self.examples(records, scores, normalized, version=self.pool_version)
 
     def batches_done_this_epoch(self) -> int:
         """Training batches of the current epoch already trained on: zero when an epoch starts, and where the
         checkpoint stopped when a run resumes in the middle of one."""
-        if self.trainer is None:
+        if self.trainer is None or not self.trainer.training:  # e.g. the loader read by hand after a fit
             return 0
         return self.trainer.fit_loop.epoch_loop.batch_progress.current.completed
 
@@ -484,12 +491,8 @@ class RelabelDataModule(L.LightningDataModule):
         return self._offline_examples
 
     def train_dataloader(self) -> DataLoader:
-        return PoolLoader(
-            ExamplePool(self),
-            batch_size=self.batch_size,
-            collate_fn=self.policy.collate,
-            num_workers=self.num_workers,
-        )
+        # served in the main process: worker copies would not see the online loop replace the pool
+        return PoolLoader(ExamplePool(self), batch_size=self.batch_size, collate_fn=self.policy.collate)
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_records:

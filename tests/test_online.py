@@ -441,11 +441,14 @@ def record_batches(monkeypatch, crash_at: int | None = None) -> list[tuple]:
     return seen
 
 
-@pytest.mark.parametrize("stage", ["offline", "online"])
-def test_a_run_killed_mid_epoch_resumes_the_same_data_order(tmp_path, tiny_llama, text_data, monkeypatch, stage):
-    # offline: 7 steps inside the first epoch, killed at step 5; online: 2 offline steps, then a round whose
-    # pool trains 4 steps, killed at the online stage's second step
-    offline, online, crash = (7, {"iterations": 0}, 5) if stage == "offline" else (2, {"steps_per_iteration": 4}, 5)
+@pytest.mark.parametrize(("stage", "crash"), [("offline", 5), ("online", 4), ("online", 5)])
+def test_a_run_killed_mid_epoch_resumes_the_same_data_order(tmp_path, tiny_llama, text_data, monkeypatch, stage, crash):
+    # offline: 7 steps inside the first epoch, killed at step 5. online: 2 offline steps, then a round whose pool
+    # trains 4 steps; the round runs before step 3, which still trains on the offline pass, so a kill at step 4
+    # resumes from the checkpoint of that last offline batch, and one at step 5 in the new pool's first pass
+    # (64 prompts, so that the new pool's pass is longer than the 3 batches its epoch could wrongly skip)
+    online = {"steps_per_iteration": 4, "prompts_per_iteration": 64, "chunk_size": 16}
+    offline, online = (7, {"iterations": 0}) if stage == "offline" else (2, online)
     (tmp_path / "whole").mkdir()
     (tmp_path / "parts").mkdir()
     whole = record_batches(monkeypatch)
@@ -462,7 +465,7 @@ def test_a_run_killed_mid_epoch_resumes_the_same_data_order(tmp_path, tiny_llama
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         RiCCLI(args=["fit", "--config", str(config), "--ckpt_path", str(tmp_path / "parts" / "ckpt" / "last.ckpt")])
-    assert len(whole) == 7 if stage == "offline" else 6
+    assert len(whole) == (7 if stage == "offline" else 6)
     # the resumed run trains on the batches the killed one had not reached, not on its epoch's first ones again
     assert first + second == whole
     assert not [w for w in caught if "dataloader is not resumable" in str(w.message)]
