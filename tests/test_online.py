@@ -1,5 +1,6 @@
 import json
 import os
+import signal
 import subprocess
 import sys
 import warnings
@@ -423,9 +424,9 @@ def test_sweep_runs_when_a_finished_fit_is_resumed(tmp_path, tiny_llama, text_da
     assert 0 < again["train_seconds"] <= first["train_seconds"] and again["counted_from_step"] == 0
 
 
-def record_batches(monkeypatch, crash_at: int | None = None) -> list[tuple]:
+def record_batches(monkeypatch, crash_at: int | None = None, sigterm_at: int | None = None) -> list[tuple]:
     """The token rows of every training batch, in order; with ``crash_at``, that step (1-based) raises, as a
-    kill in the middle of an epoch would."""
+    kill in the middle of an epoch would; with ``sigterm_at``, the process sends itself SIGTERM in that step."""
     from ric.text.policy import TextPolicy
 
     seen: list[tuple] = []
@@ -434,6 +435,8 @@ def record_batches(monkeypatch, crash_at: int | None = None) -> list[tuple]:
     def recording(self, batch, batch_idx):
         if crash_at is not None and len(seen) + 1 == crash_at:
             raise RuntimeError("simulated kill")
+        if sigterm_at is not None and len(seen) + 1 == sigterm_at:
+            os.kill(os.getpid(), signal.SIGTERM)
         seen.append(tuple(map(tuple, batch["input_ids"].tolist())))
         return original(self, batch, batch_idx)
 
@@ -469,3 +472,30 @@ def test_a_run_killed_mid_epoch_resumes_the_same_data_order(tmp_path, tiny_llama
     # the resumed run trains on the batches the killed one had not reached, not on its epoch's first ones again
     assert first + second == whole
     assert not [w for w in caught if "dataloader is not resumable" in str(w.message)]
+
+
+def test_a_run_stopped_by_sigterm_mid_epoch_resumes_the_same_data_order(tmp_path, tiny_llama, text_data, monkeypatch):
+    """The studies' stop: Lightning finishes the step under way, and their checkpoint saves where it stopped."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from benchmarks.experiment import checkpoints
+
+    (tmp_path / "whole").mkdir()
+    (tmp_path / "parts").mkdir()
+
+    def config(folder):
+        return tiny_cli_config(folder, tiny_llama, text_data, {"verbosity": "Verbosity"},
+                               [checkpoints(folder, 10**6)], max_steps=7, limit_val_batches=0)  # fmt: skip
+
+    whole = record_batches(monkeypatch)
+    RiCCLI(args=["fit", "--config", str(config(tmp_path / "whole"))])
+    monkeypatch.undo()
+    first = record_batches(monkeypatch, sigterm_at=4)
+    with pytest.raises(SIGTERMException):
+        RiCCLI(args=["fit", "--config", str(config(tmp_path / "parts"))])
+    monkeypatch.undo()
+    last = tmp_path / "parts" / "ckpt" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == len(first) == 4
+    second = record_batches(monkeypatch)
+    RiCCLI(args=["fit", "--config", str(config(tmp_path / "parts")), "--ckpt_path", str(last)])
+    assert len(whole) == 7 and first + second == whole
