@@ -18,11 +18,13 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import lightning as L
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ric.data import RelabelDataModule
 from ric.interfaces import ConditionalPolicy
+from ric.progress import resumable_bars
 from ric.strategies import check_packages, check_strategy, setting
 
 #: subcommands that LightningCLI runs
@@ -90,6 +92,11 @@ class RiCCLI(LightningCLI):
             except (ValueError, FileNotFoundError) as err:
                 raise ConfigError(f"--ckpt_path: {err}") from err
         super()._parse_ckpt_path()
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        # Lightning's TQDM bar, replaced by one that is right in an epoch resumed mid-way
+        callbacks = resumable_bars({**self._get(self.config_init, "trainer", default={}), **kwargs}.get("callbacks"))
+        return super().instantiate_trainer(**{**kwargs, **({"callbacks": callbacks} if callbacks is not None else {})})
 
     def instantiate_classes(self) -> None:
         try:

@@ -71,3 +71,16 @@ def test_ric_compare_is_a_subcommand(tmp_path, capsys):
     assert hv["base"] < hv["RiC"] and f"hypervolume {hv['RiC']:.4f}" in printed
     assert main(["compare", *runs, "--labels", "only-one"]) == 2
     assert "1 labels for 2 runs" in capsys.readouterr().err
+
+
+def test_lightnings_tqdm_bar_is_swapped_for_the_resumable_one_with_its_settings():
+    from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+
+    from ric.progress import ResumableProgressBar, resumable_bars
+
+    checkpoint = ModelCheckpoint()
+    swapped = resumable_bars([checkpoint, TQDMProgressBar(refresh_rate=5, leave=True)])
+    assert swapped[0] is checkpoint and type(swapped[1]) is ResumableProgressBar
+    assert (swapped[1].refresh_rate, swapped[1]._leave) == (5, True)
+    assert type(resumable_bars(TQDMProgressBar())[0]) is ResumableProgressBar  # one callback, not a list
+    assert resumable_bars(None) is None and resumable_bars([checkpoint]) is None

@@ -484,8 +484,10 @@ def test_a_run_stopped_by_sigterm_mid_epoch_resumes_the_same_data_order(tmp_path
     (tmp_path / "parts").mkdir()
 
     def config(folder):
+        bar = {"class_path": "lightning.pytorch.callbacks.TQDMProgressBar", "init_args": {"refresh_rate": 1}}
         return tiny_cli_config(folder, tiny_llama, text_data, {"verbosity": "Verbosity"},
-                               [checkpoints(folder, 10**6)], max_steps=7, limit_val_batches=0)  # fmt: skip
+                               [checkpoints(folder, 10**6), bar], max_steps=7, limit_val_batches=0,
+                               enable_progress_bar=True)  # fmt: skip
 
     whole = record_batches(monkeypatch)
     RiCCLI(args=["fit", "--config", str(config(tmp_path / "whole"))])
@@ -497,5 +499,8 @@ def test_a_run_stopped_by_sigterm_mid_epoch_resumes_the_same_data_order(tmp_path
     last = tmp_path / "parts" / "ckpt" / "last.ckpt"
     assert torch.load(last, weights_only=False)["global_step"] == len(first) == 4
     second = record_batches(monkeypatch)
-    RiCCLI(args=["fit", "--config", str(config(tmp_path / "parts")), "--ckpt_path", str(last)])
+    resumed = RiCCLI(args=["fit", "--config", str(config(tmp_path / "parts")), "--ckpt_path", str(last)])
     assert len(whole) == 7 and first + second == whole
+    # the resumed epoch's bar knows its number, its length (the 7 steps) and where it started, as a fresh one does
+    bar = resumed.trainer.progress_bar_callback.train_progress_bar
+    assert (bar.desc, bar.initial, bar.n, bar.total) == ("Epoch 0: ", 4, 7, 7)

@@ -1,0 +1,55 @@
+"""The training progress bar, right in an epoch resumed from a mid-epoch checkpoint.
+
+Lightning (2.5 and later) does not call ``on_train_epoch_start`` when a fit resumes in the middle of an epoch,
+and its TQDM bar only learns the epoch's length and number there, so a resumed run showed ``Training: n/?``
+with no time left until the epoch ended (Lightning issue 20603). Our runs resume mid-epoch often: every
+SIGTERM, kill and online round checkpoints where it stopped."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
+
+
+class ResumableProgressBar(TQDMProgressBar):
+    """Lightning's TQDM bar, which sets the resumed epoch's length, number and position at its first batch."""
+
+    def __init__(self, refresh_rate: int = 1, process_position: int = 0, leave: bool = False) -> None:
+        super().__init__(refresh_rate=refresh_rate, process_position=process_position, leave=leave)
+        self._epoch_started = False
+
+    def on_train_start(self, *args: Any) -> None:
+        super().on_train_start(*args)
+        self._epoch_started = False
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self._epoch_started = True
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(trainer, module, batch, batch_idx)
+        if self._epoch_started:
+            return
+        self._epoch_started = True
+        # the batches done before the stop, and those left, capped by the steps left when max_steps ends the fit
+        total = min(trainer.num_training_batches, batch_idx + self.total_train_batches)
+        bar = self.train_progress_bar
+        bar.reset()
+        bar.total = convert_inf(total)
+        bar.initial = bar.n = batch_idx  # the rate and the time left count this run's batches only
+        bar.set_description(f"Epoch {trainer.current_epoch}")
+
+
+def resumable_bars(callbacks: Any) -> list[Any] | None:
+    """The trainer's callbacks with each plain :class:`TQDMProgressBar` (our configs name it) swapped for a
+    :class:`ResumableProgressBar` of the same settings, or None where there is none to swap."""
+    given = [] if callbacks is None else list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+    if not any(type(c) is TQDMProgressBar for c in given):
+        return None
+    return [
+        ResumableProgressBar(c.refresh_rate, c.process_position, c._leave) if type(c) is TQDMProgressBar else c
+        for c in given
+    ]
