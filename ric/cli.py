@@ -95,8 +95,8 @@ class RiCCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         # Lightning's TQDM bar, replaced by one that is right in an epoch resumed mid-way
-        callbacks = resumable_bars({**self._get(self.config_init, "trainer", default={}), **kwargs}.get("callbacks"))
-        return super().instantiate_trainer(**{**kwargs, **({"callbacks": callbacks} if callbacks is not None else {})})
+        callbacks = {**self._get(self.config_init, "trainer", default={}), **kwargs}.get("callbacks")
+        return super().instantiate_trainer(**{**kwargs, "callbacks": resumable_bars(callbacks)})
 
     def instantiate_classes(self) -> None:
         try:

@@ -43,12 +43,10 @@ class ResumableProgressBar(TQDMProgressBar):
         bar.set_description(f"Epoch {trainer.current_epoch}")
 
 
-def resumable_bars(callbacks: Any) -> list[Any] | None:
+def resumable_bars(callbacks: Any) -> list[Any]:
     """The trainer's callbacks with each plain :class:`TQDMProgressBar` (our configs name it) swapped for a
-    :class:`ResumableProgressBar` of the same settings, or None where there is none to swap."""
+    :class:`ResumableProgressBar` of the same settings."""
     given = [] if callbacks is None else list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
-    if not any(type(c) is TQDMProgressBar for c in given):
-        return None
     return [
         ResumableProgressBar(c.refresh_rate, c.process_position, c._leave) if type(c) is TQDMProgressBar else c
         for c in given

@@ -83,4 +83,4 @@ def test_lightnings_tqdm_bar_is_swapped_for_the_resumable_one_with_its_settings(
     assert swapped[0] is checkpoint and type(swapped[1]) is ResumableProgressBar
     assert (swapped[1].refresh_rate, swapped[1]._leave) == (5, True)
     assert type(resumable_bars(TQDMProgressBar())[0]) is ResumableProgressBar  # one callback, not a list
-    assert resumable_bars(None) is None and resumable_bars([checkpoint]) is None
+    assert resumable_bars(None) == [] and resumable_bars([checkpoint]) == [checkpoint]
