@@ -482,6 +482,13 @@ class RelabelDataModule(L.LightningDataModule):
             return 0
         return self.trainer.fit_loop.epoch_loop.batch_progress.current.completed
 
+    def batches_left_in_pass(self, trainer: L.Trainer, batches_done: int) -> int:
+        """Batches left in the running pass over the current pool, for the progress bar: Lightning counts the
+        loader's length once, when the fit starts, and the online loop's pools differ in size from it. At least
+        the batch in hand, which a round that has just replaced the pool still trains on."""
+        share = len(self.train_examples()) // rank_and_world()[1]
+        return max(-(-share // self.batch_size) - batches_done, 1)
+
     def train_examples(self) -> list[dict[str, Any]]:
         """The current training examples: the online pool once there is one, else the relabeled data set."""
         if self._pool is not None:

@@ -140,6 +140,18 @@ class OnlineLoop(RangeSettingsMoved, L.Callback):
         """Global steps at which each round's generation happens."""
         return [self._resolved_offline + i * self.steps_per_iteration for i in range(self.iterations)]
 
+    def batches_left_in_pass(self, trainer: L.Trainer, batches_done: int) -> int | None:
+        """Batches left in the running pass (for the progress bar): the next round replaces the pool at its step,
+        after the batch already drawn from this pass, which still trains. ``None`` once every round has run."""
+        if self._resolved_offline is None or self.iterations == 0:
+            return None
+        bounds, step = self.boundaries(), trainer.global_step
+        if self.phase > 0 and bounds[self.phase - 1] == step:
+            return 1  # this step's round has run (a resume at a round, with this hook first): its batch ends the pass
+        if self.phase >= self.iterations:
+            return None
+        return max(bounds[self.phase] - step, 0) * trainer.accumulate_grad_batches + 1
+
     def folder(self, trainer: L.Trainer) -> Path:
         return (
             Path(self.buffer_dir) if self.buffer_dir else Path(trainer.log_dir or trainer.default_root_dir) / "online"

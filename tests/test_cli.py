@@ -84,3 +84,23 @@ def test_lightnings_tqdm_bar_is_swapped_for_the_resumable_one_with_its_settings(
     assert (swapped[1].refresh_rate, swapped[1]._leave) == (5, True)
     assert type(resumable_bars(TQDMProgressBar())[0]) is ResumableProgressBar  # one callback, not a list
     assert resumable_bars(None) == [] and resumable_bars([checkpoint]) == [checkpoint]
+
+
+def test_the_epoch_after_a_resumed_one_starts_its_bar_from_zero(monkeypatch):
+    """The resumed epoch's bar started at its checkpoint's batch; the next epoch's must not draw from there."""
+    import io
+    from types import SimpleNamespace
+
+    from tqdm import tqdm
+
+    from ric.progress import ResumableProgressBar
+
+    bar = ResumableProgressBar()
+    bar._trainer = SimpleNamespace(current_epoch=2, max_epochs=-1, max_steps=20, global_step=9, num_training_batches=6,
+                                   callbacks=[], datamodule=None)  # fmt: skip
+    bar.train_progress_bar = tqdm(file=io.StringIO(), total=7, initial=4)  # a resumed epoch, ended at batch 7
+    drawn = []
+    monkeypatch.setattr(tqdm, "refresh", lambda self, *a, **k: drawn.append((self.n, self.initial)))
+    bar.on_train_epoch_start(bar._trainer)
+    assert drawn and all(initial == 0 for _, initial in drawn)  # tqdm's rate is (n - initial) / time
+    assert (bar.train_progress_bar.total, bar.train_progress_bar.desc) == (6, "Epoch 2: ")

@@ -504,3 +504,50 @@ def test_a_run_stopped_by_sigterm_mid_epoch_resumes_the_same_data_order(tmp_path
     # the resumed epoch's bar knows its number, its length (the 7 steps) and where it started, as a fresh one does
     bar = resumed.trainer.progress_bar_callback.train_progress_bar
     assert (bar.desc, bar.initial, bar.n, bar.total) == ("Epoch 0: ", 4, 7, 7)
+
+
+@pytest.mark.parametrize("case", ["rounds", "resumed at a round", "pools shorter than a round"])
+def test_each_epochs_bar_ends_where_its_pass_ends(tmp_path, tiny_llama, text_data, monkeypatch, case):
+    """Lightning counts the loader once, but each online pool has its own size, and a round ends the running pass
+    early: each epoch's bar has its pass's length, also in a run resumed at a round (killed while generating),
+    where the round runs before the bar's first batch."""
+    from ric.progress import ResumableProgressBar
+    from ric.text.policy import TextPolicy
+
+    ended = []
+    original = ResumableProgressBar.on_train_epoch_end
+
+    def record(self, trainer, module):
+        ended.append((self.train_progress_bar.n, self.train_progress_bar.total))
+        original(self, trainer, module)
+
+    monkeypatch.setattr(ResumableProgressBar, "on_train_epoch_end", record)
+    online = {"iterations": 2, "steps_per_iteration": 4, "prompts_per_iteration": 64, "chunk_size": 16}
+    if case == "pools shorter than a round":
+        online = {"iterations": 1, "steps_per_iteration": 8, "prompts_per_iteration": 8, "chunk_size": 8}
+    path = _config(tmp_path, tiny_llama, text_data, offline_steps=2, online=online)
+    config = json.loads(path.read_text())
+    config["trainer"]["enable_progress_bar"] = True
+    config["trainer"]["callbacks"].append({"class_path": "lightning.pytorch.callbacks.TQDMProgressBar"})
+    path.write_text(json.dumps(config))
+    args = ["fit", "--config", str(path)]
+    if case == "resumed at a round":
+        with monkeypatch.context() as patch:
+            crash_on_chunk(patch, TextPolicy, 6)  # round 2's second chunk (round 1 has 4)
+            with pytest.raises(RuntimeError, match="simulated crash"):
+                RiCCLI(args=args)
+        assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["global_step"] == 6
+        ended.clear()
+        args += ["--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt")]
+    cli = RiCCLI(args=args)
+    assert cli.trainer.global_step == 10
+    assert all(n == total for n, total in ended), ended
+    # offline: steps 0-2 (round 1 at step 2 comes after that batch was drawn); round 1's pool: 3-6; round 2's: 7-9
+    if case == "rounds":
+        assert ended == [(3, 3), (4, 4), (3, 3)]
+    elif case == "resumed at a round":
+        assert ended == [(4, 4), (3, 3)]
+    else:  # the pool of 8 samples' kept share is 1 or 2 batches of 4, so the round's 8 steps take several passes
+        pool = len(cli.datamodule.train_examples())
+        assert pool <= 8 and ended[1:-1] == [(-(-pool // 4),) * 2] * (len(ended) - 2) and len(ended) >= 4
+        assert sum(n for n, _ in ended) == 10
