@@ -486,7 +486,7 @@ class RelabelDataModule(L.LightningDataModule):
         """Batches left in the running pass over the current pool, for the progress bar: Lightning counts the
         loader's length once, when the fit starts, and the online loop's pools differ in size from it. At least
         the batch in hand, which a round that has just replaced the pool still trains on."""
-        share = len(self.train_examples()) // rank_and_world()[1]
+        share = len(ExamplePool(self))  # this rank's examples of the pass
         return max(-(-share // self.batch_size) - batches_done, 1)
 
     def train_examples(self) -> list[dict[str, Any]]:
