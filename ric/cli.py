@@ -95,8 +95,9 @@ class RiCCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         # Lightning's TQDM bar, replaced by one that is right in an epoch resumed mid-way
-        callbacks = {**self._get(self.config_init, "trainer", default={}), **kwargs}.get("callbacks")
-        return super().instantiate_trainer(**{**kwargs, "callbacks": resumable_bars(callbacks)})
+        settings = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        bars = resumable_bars(settings.get("callbacks"), settings.get("enable_progress_bar") is not False)
+        return super().instantiate_trainer(**{**kwargs, "callbacks": bars})
 
     def instantiate_classes(self) -> None:
         try:

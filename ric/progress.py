@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, Protocol, runtime_checkable
 
 import lightning as L
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
 
 
@@ -71,11 +71,14 @@ class ResumableProgressBar(TQDMProgressBar):
         bar.set_description(f"Epoch {trainer.current_epoch}")
 
 
-def resumable_bars(callbacks: Any) -> list[Any]:
+def resumable_bars(callbacks: Any, enabled: bool = True) -> list[Any]:
     """The trainer's callbacks with each plain :class:`TQDMProgressBar` (our configs name it) swapped for a
-    :class:`ResumableProgressBar` of the same settings."""
+    :class:`ResumableProgressBar` of the same settings, and one added where the bar is on and none is named:
+    Lightning's own default is its Rich bar where ``rich`` is installed, which has neither fix."""
     given = [] if callbacks is None else list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
-    return [
+    swapped = [
         ResumableProgressBar(c.refresh_rate, c.process_position, c._leave) if type(c) is TQDMProgressBar else c
         for c in given
     ]
+    named = any(isinstance(c, ProgressBar) for c in swapped)
+    return swapped if named or not enabled else [*swapped, ResumableProgressBar()]

@@ -83,7 +83,23 @@ def test_lightnings_tqdm_bar_is_swapped_for_the_resumable_one_with_its_settings(
     assert swapped[0] is checkpoint and type(swapped[1]) is ResumableProgressBar
     assert (swapped[1].refresh_rate, swapped[1]._leave) == (5, True)
     assert type(resumable_bars(TQDMProgressBar())[0]) is ResumableProgressBar  # one callback, not a list
-    assert resumable_bars(None) == [] and resumable_bars([checkpoint]) == [checkpoint]
+    assert resumable_bars(None, enabled=False) == [] and resumable_bars([checkpoint], False) == [checkpoint]
+
+
+def test_a_config_that_names_no_bar_gets_the_resumable_one_not_lightnings_rich_default():
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+
+    from ric.progress import ResumableProgressBar, resumable_bars
+
+    checkpoint = ModelCheckpoint()
+    added = resumable_bars([checkpoint])
+    assert added[0] is checkpoint and [type(c) for c in added[1:]] == [ResumableProgressBar]
+    assert [type(c) for c in resumable_bars(None)] == [ResumableProgressBar]
+    rich = RichProgressBar()
+    assert resumable_bars([rich]) == [rich]  # a bar the config names is kept
+    trainer = L.Trainer(accelerator="cpu", logger=False, callbacks=resumable_bars([checkpoint]))
+    assert type(trainer.progress_bar_callback) is ResumableProgressBar
 
 
 def test_the_epoch_after_a_resumed_one_starts_its_bar_from_zero(monkeypatch):
